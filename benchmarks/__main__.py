@@ -1,0 +1,26 @@
+"""``python -m benchmarks [--family NAME] [--quick]``: runs every family's benchmarks, or one."""
+import argparse
+
+import torch
+
+from benchmarks import bench_varlen
+
+FAMILIES = {"varlen": bench_varlen.run}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="one family only")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a first look")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("No GPU here: timing the CPU backends at CPU sizes; GPU figures need a GPU.\n")
+    for name, run in FAMILIES.items():
+        if args.family in (None, name):
+            print(f"== {name}")
+            run(device, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Benchmarks of kernel family 1 (packed sequences): gather_rows against index_select and the reference.
+
+    python -m benchmarks --family varlen [--quick]
+
+On the CPU: 10^5 rows x 257 float32 from three sources. On a GPU: 10^6 rows x 4096 from three sources in
+fp32, fp16 and bf16, in GB/s next to the measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import (Row, copy_bandwidth_gbps, print_rows, print_speedups, time_ms,
+                                write_results)
+from sphinx_kernels.backends import Request
+from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS, gather_rows
+
+INPUT_SETS = 3
+
+
+def gather_inputs(num_rows, width, dtype, device, source_rows, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sources = [torch.randn(n, width, generator=gen).to(dtype).to(device) for n in source_rows]
+    source_ids = torch.randint(len(source_rows), (num_rows,), generator=gen, dtype=torch.int32)
+    limit = torch.tensor(source_rows)[source_ids.long()]
+    row_ids = (torch.rand(num_rows, generator=gen) * limit).int()
+    return sources, source_ids.to(device), row_ids.to(device)
+
+
+def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+    if device.type == "cuda":
+        num_rows, width, dtypes = (10**5 if quick else 10**6), 4096, (torch.float32, torch.float16,
+                                                                      torch.bfloat16)
+    else:
+        num_rows, width, dtypes = (10**4 if quick else 10**5), 257, (torch.float32,)
+    source_rows = (32000, num_rows // 2, 3)  # embedding table, visual rows, special vectors
+    rows = []
+    for dtype in dtypes:
+        sets = [gather_inputs(num_rows, width, dtype, device, source_rows, seed)
+                for seed in range(INPUT_SETS)]
+        moved = 2 * num_rows * width * sets[0][0][0].element_size()  # each row read once, written once
+        shape = f"T={num_rows} D={width} S=3"
+        dtype_name = str(dtype).removeprefix("torch.")
+        request = Request(device, dtype)
+        for backend in GATHER_ROWS_BACKENDS.backends:
+            if backend.not_supported_reasons(request):
+                continue
+            if backend.name == "triton" and device.type == "cpu":
+                continue  # the interpreter is a correctness tool, not a CPU backend to time
+            ms = time_ms(lambda a, b=backend.name: gather_rows(*a, backend=b), sets, device)
+            rows.append(_row("gather_rows", shape, dtype_name, backend.name, ms, moved, ceiling_gbps))
+        # The peer: one index_select from a single table of the same rows (no source choice to make).
+        single = [(torch.cat(s[0]), s[2].long()) for s in sets]
+        ms = time_ms(lambda a: a[0].index_select(0, a[1]), single, device)
+        rows.append(_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
+                         ceiling_gbps))
+    return rows
+
+
+def _row(op, shape, dtype, backend, ms, moved_bytes, ceiling_gbps):
+    gbps = moved_bytes / ms / 1e6
+    return Row(op, shape, dtype, backend, ms, gbps=gbps,
+               fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
+
+
+def run(device: torch.device, quick: bool) -> list[Row]:
+    ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
+    rows = bench_gather_rows(device, quick, ceiling)
+    print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
+    print_rows(rows)
+    print_speedups(rows, ("cuda", "cpp"), ("reference", "torch.index_select", "triton"))
+    path = write_results("varlen", device, rows, {"copy_gbps": ceiling})
+    print(f"results: {path}")
+    return rows

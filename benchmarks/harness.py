@@ -1,0 +1,122 @@
+"""The one harness every benchmark uses: timing, the device's copy ceiling, and result rows.
+
+Timing: warm-up calls, then the median of many timed calls (CUDA events on a GPU, perf_counter on the
+CPU), each call on the next of several input sets so caches do not flatter. Results are JSON rows
+(op, shape, dtype, backend, ms, GB/s or TFLOP/s, fraction of the ceiling, device, versions, commit,
+date) written to ``benchmarks/results/<family>-<device>.json``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    backend: str
+    ms: float
+    gbps: float | None = None
+    tflops: float | None = None
+    fraction_of_ceiling: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: torch.device, *,
+            warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of ``fn(inputs[i % len(inputs)])`` over ``repeats`` calls."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    samples = []
+    for i in range(repeats):
+        args = inputs[i % len(inputs)]
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(args)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn(args)
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device: torch.device, megabytes: int = 1024) -> float:
+    """The device's measured copy ceiling: GB/s (read + write) of one large tensor copy."""
+    numel = megabytes * 2**20 // 4
+    sources = [torch.empty(numel, device=device) for _ in range(2)]
+    dest = torch.empty_like(sources[0])
+    ms = time_ms(lambda src: dest.copy_(src), sources, device, warmup=2, repeats=10)
+    return 2 * numel * 4 / ms / 1e6
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "commit": commit or "unknown",
+            "date": datetime.date.today().isoformat()}
+
+
+def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilings: dict) -> str:
+    """Writes the rows with the environment and ceilings; returns the path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+    path = os.path.join(RESULTS_DIR, f"{family}-{slug}.json")
+    payload = {"environment": environment(device), "ceilings": ceilings,
+               "rows": [asdict(r) for r in rows]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    print(f"{'op':<14} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s':>8} "
+          f"{'of ceiling':>10}")
+    for r in rows:
+        gbps = f"{r.gbps:8.1f}" if r.gbps is not None else " " * 8
+        frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
+        print(f"{r.op:<14} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
+
+
+def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequence[str]) -> None:
+    """For each (op, shape, dtype): how many times faster each subject backend is than each baseline."""
+    by_case: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        by_case.setdefault((r.op, r.shape, r.dtype), {})[r.backend] = r.ms
+    for (op, shape, dtype), times in by_case.items():
+        for subject in (s for s in subjects if s in times):
+            ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines if b in times)
+            print(f"{op} {shape} {dtype}: {subject} is {ratios}")

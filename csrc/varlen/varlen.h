@@ -1,0 +1,49 @@
+// Kernels of the packed-sequence family (see sphinx_kernels/varlen.py for the op contracts).
+//
+// Plain C++ types only: no torch headers, so the .cu file compiles in seconds with nvcc alone and the
+// kernels can be built and tested without the binding layer (csrc/registration.cpp).
+#pragma once
+#include <cstdint>
+
+namespace sphinx_kernels {
+
+// The most source tables one gather_rows call takes: the CUDA kernel receives the table by value.
+constexpr int kMaxGatherSources = 16;
+
+// Row-major source tables of one gather: row r of source s starts at base[s] + r * row_stride_bytes[s].
+struct GatherSources {
+  const void* base[kMaxGatherSources];
+  int64_t row_stride_bytes[kMaxGatherSources];
+  int64_t rows[kMaxGatherSources];
+  int count;
+};
+
+// A byte pattern repeated to fill an output row whose (source, row) index is out of range: the bits of
+// NaN in the element type, so a bad index that slipped past validation shows up instead of reading or
+// writing out of bounds.
+struct PoisonPattern {
+  uint8_t bytes[16];
+};
+
+enum class FloatKind { kFloat16, kBFloat16, kFloat32, kFloat64 };
+
+// out[t] = sources[source_ids[t]][row_ids[t]] for t < num_rows, row_bytes bytes each; a negative
+// source id gives a zero row. Index types: both int32 or both int64 (index_is_int64).
+void gather_rows_cpu(const GatherSources& sources, const void* source_ids, const void* row_ids,
+                     bool index_is_int64, int64_t num_rows, int64_t row_bytes,
+                     const PoisonPattern& poison, void* out);
+void gather_rows_cuda(const GatherSources& sources, const void* source_ids, const void* row_ids,
+                      bool index_is_int64, int64_t num_rows, int64_t row_bytes,
+                      const PoisonPattern& poison, void* out, void* stream);
+
+// out[r] = sum over i in [offsets[r], offsets[r+1]) of rows[order[i]], for r < num_segments, each a
+// row of width elements; accumulated in float (double for kFloat64) in ascending i, rounded once.
+// The order is fixed by the inputs, so the result is bitwise reproducible: this is the deterministic
+// backward of every gather. order and offsets are int64.
+void segment_sum_rows_cpu(FloatKind kind, const void* rows, const int64_t* order,
+                          const int64_t* offsets, int64_t num_segments, int64_t width, void* out);
+void segment_sum_rows_cuda(FloatKind kind, const void* rows, const int64_t* order,
+                           const int64_t* offsets, int64_t num_segments, int64_t width, void* out,
+                           void* stream);
+
+}  // namespace sphinx_kernels

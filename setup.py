@@ -1,0 +1,118 @@
+"""Builds sphinx_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and a
+CUDA toolkit is found. Without a compiler or a toolkit the install still succeeds with what it could build
+(the Triton and reference backends need no extension) and says so in one line.
+
+Environment: CUDA_HOME (else the toolkit behind `nvcc` on the PATH), TORCH_CUDA_ARCH_LIST (default
+"8.0;9.0"), MAX_JOBS (parallel compile jobs), SPHINX_KERNELS_NO_CUDA=1 (build the CPU kernels only).
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def find_cuda_home():
+    """The CUDA toolkit root (holding bin/nvcc and lib64/libcudart*), or None."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    # `nvcc` may be a wrapper script outside the toolkit: ask the real one where it lives.
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (dry.stderr + dry.stdout).splitlines():
+            if line.startswith("#$ TOP="):
+                return os.path.realpath(line[len("#$ TOP="):].strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def say(message):
+    print(f"sphinx-kernels: {message}", file=sys.stderr, flush=True)
+
+
+def extension_modules():
+    try:
+        import torch  # the build needs the torch it will run with: pip install --no-build-isolation
+    except ImportError:
+        say("torch is not importable at build time; building without sphinx_kernels._C")
+        return [], {}
+    cuda_home = None
+    if torch.version.cuda and not os.environ.get("SPHINX_KERNELS_NO_CUDA"):
+        cuda_home = find_cuda_home()
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header and runs serially without it.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
+    if cuda_home:
+        nvidia_include = _nvidia_wheel_include()
+        if nvidia_include and not os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+            # torch's CUDA headers include cuBLAS/cuSPARSE headers this toolkit lacks; the nvidia
+            # wheels that came with torch have them. -idirafter: never shadow the toolkit's own.
+            cxx += ["-idirafter", nvidia_include]
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        ext = cpp_extension.CUDAExtension(
+            "sphinx_kernels._C",
+            sources + sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)),
+            define_macros=[("SPHINX_KERNELS_WITH_CUDA", None),
+                           ("SPHINX_KERNELS_CUDA_ARCHS", f'"{archs}"')],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+            extra_link_args=link,
+        )
+        say(f"building C++ CPU and CUDA kernels (CUDA_HOME={cuda_home}, archs {archs})")
+    else:
+        why = ("torch is a CPU build" if not torch.version.cuda else
+               "SPHINX_KERNELS_NO_CUDA is set" if os.environ.get("SPHINX_KERNELS_NO_CUDA") else
+               "no CUDA toolkit found (set CUDA_HOME or put nvcc on the PATH)")
+        say(f"building C++ CPU kernels only: {why}")
+        ext = cpp_extension.CppExtension("sphinx_kernels._C", sources,
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
+    return [ext], {"build_ext": _tolerant(build_ext)}
+
+
+def _nvidia_wheel_include():
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations if spec else []):
+        for candidate in sorted(glob.glob(os.path.join(base, "cu*", "include"))):
+            return candidate
+    return None
+
+
+def _tolerant(build_ext):
+    """build_ext that reports a failed compile in one line and installs the pure-Python package."""
+
+    class TolerantBuildExt(build_ext):
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # compiler missing or failing: Triton and reference still work
+                if os.environ.get("SPHINX_KERNELS_REQUIRE_EXTENSION"):
+                    raise
+                say(f"building sphinx_kernels._C failed, installing without it: {error}")
+
+    return TolerantBuildExt
+
+
+ext_modules, cmdclass = extension_modules()
+setup(
+    packages=find_packages(include=["sphinx_kernels", "sphinx_kernels.*",
+                                    "sphinx_model", "sphinx_model.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

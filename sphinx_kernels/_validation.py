@@ -1,0 +1,51 @@
+"""Input checks shared by every op: they run before any launch and name the argument at fault.
+
+Metadata (types, dtypes, shapes, devices) is always checked. Index *values* (ranges, monotonic offsets)
+are checked when the tensors are on the CPU, where it is free; on a GPU reading them back would cost a
+host synchronisation per call, so there they are checked only with ``SPHINX_KERNELS_CHECK_INPUTS=1``
+(a debugging switch, like ``CUDA_LAUNCH_BLOCKING``), and the kernels stay in bounds regardless. Value
+checks are skipped while ``torch.compile`` traces (the values are not known then).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+ENV_CHECK_INPUTS = "SPHINX_KERNELS_CHECK_INPUTS"
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def require_tensor(name: str, value, *, dims: int | None = None,
+                   dtypes: Iterable[torch.dtype] | None = None) -> torch.Tensor:
+    """``value`` as a tensor of ``dims`` dimensions and one of ``dtypes``, else TypeError/ValueError."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            allowed = ", ".join(dtype_name(d) for d in dtypes)
+            raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def require_device(name: str, value: torch.Tensor, device: torch.device, other: str) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but {other} is on {device}; "
+                         "all tensors of one call must be on one device")
+
+
+def should_check_values(*tensors: torch.Tensor) -> bool:
+    """Whether to read index values back for validation (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    if os.environ.get(ENV_CHECK_INPUTS) == "1":
+        return True
+    return all(t.device.type == "cpu" for t in tensors)

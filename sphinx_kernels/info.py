@@ -1,0 +1,59 @@
+"""``python -m sphinx_kernels.info``: what is built and which backend serves what on this machine."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+import sphinx_kernels
+from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
+from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS
+
+# Every public op's backends, with the dtype each is probed with.
+OPS: tuple[OpBackends, ...] = (GATHER_ROWS_BACKENDS,)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    lines = [
+        f"sphinx_kernels {sphinx_kernels.__version__} ({_version('sphinx-kernels')} installed)",
+        f"python         {platform.python_version()}",
+        f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton         {_version('triton')}"
+        + (" (interpreter: TRITON_INTERPRET=1)" if triton_interpreted() else ""),
+    ]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            lines.append(f"gpu {i}          {torch.cuda.get_device_name(i)} "
+                         f"(compute capability {cap[0]}.{cap[1]})")
+        devices.append(torch.device("cuda"))
+    else:
+        lines.append("gpu            none")
+    ext = native_extension()
+    if ext is None:
+        lines.append("_C             not built (Triton and reference backends only)")
+    else:
+        cuda = f"CUDA kernels for sm {ext.cuda_archs}" if ext.with_cuda else "no CUDA kernels"
+        lines.append(f"_C             C++ CPU kernels, {cuda}")
+    lines.append("")
+    lines.append("op / device: backend status, in priority order")
+    for op in OPS:
+        for device in devices:
+            reasons = op.reasons(Request(device, torch.float32))
+            status = ", ".join(f"{name} {'ok' if not why else '(' + '; '.join(why) + ')'}"
+                               for name, why in reasons.items())
+            lines.append(f"  {op.op} / {device.type}: {status}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

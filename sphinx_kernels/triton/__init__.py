@@ -1,0 +1,1 @@
+"""Triton kernels, one module per kernel family. Imported on first use, after TRITON_INTERPRET is set."""

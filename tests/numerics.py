@@ -1,0 +1,29 @@
+"""The tolerance rule of DESIGN.md: against a float64 reference, a kernel's error may be at most
+``factor`` times the error of the same computation done by PyTorch in the kernel's dtype (2 for outputs,
+3 for gradients)."""
+from __future__ import annotations
+
+import torch
+
+FORWARD_FACTOR = 2.0
+GRADIENT_FACTOR = 3.0
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return float((actual.double() - expected.double()).abs().max())
+
+
+def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor,
+                              torch_same_dtype: torch.Tensor, factor: float, what: str) -> None:
+    """``actual`` (kernel, low precision) vs ``expected64`` (float64 reference), judged against the
+    error of ``torch_same_dtype`` (PyTorch's own result in the kernel's dtype). Where PyTorch happens
+    to be exact, one rounding of the expected value in the kernel's dtype is still allowed."""
+    assert actual.shape == expected64.shape, f"{what}: shape {actual.shape} != {expected64.shape}"
+    baseline = max_error(torch_same_dtype, expected64)
+    rounding = max_error(expected64.to(actual.dtype), expected64)
+    limit = factor * max(baseline, rounding)
+    error = max_error(actual, expected64)
+    assert error <= limit, (f"{what}: max error {error:.3g} exceeds {factor}x PyTorch's own "
+                            f"{str(actual.dtype).removeprefix('torch.')} error ({baseline:.3g})")

@@ -68,6 +68,6 @@ def run(device: torch.device, quick: bool) -> list[Row]:
     print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
     print_rows(rows)
     print_speedups(rows, ("cuda", "cpp"), ("reference", "torch.index_select", "triton"))
-    path = write_results("varlen", device, rows, {"copy_gbps": ceiling})
+    path = write_results("varlen", device, rows, {"copy_gbps": ceiling}, quick)
     print(f"results: {path}")
     return rows

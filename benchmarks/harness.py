@@ -88,11 +88,13 @@ def environment(device: torch.device) -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilings: dict) -> str:
-    """Writes the rows with the environment and ceilings; returns the path."""
+def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilings: dict,
+                  quick: bool) -> str:
+    """Writes the rows with the environment and ceilings; returns the path. Quick runs go to a
+    ``-quick`` file (git-ignored), so a first look never replaces published results."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
-    path = os.path.join(RESULTS_DIR, f"{family}-{slug}.json")
+    path = os.path.join(RESULTS_DIR, f"{family}-{slug}{'-quick' if quick else ''}.json")
     payload = {"environment": environment(device), "ceilings": ceilings,
                "rows": [asdict(r) for r in rows]}
     tmp = path + ".tmp"

@@ -1,18 +1,20 @@
-"""Benchmarks of kernel family 1 (packed sequences): gather_rows against index_select and the reference.
+"""Benchmarks of kernel family 1 (packed sequences), in GB/s next to the measured copy bandwidth.
 
     python -m benchmarks --family varlen [--quick]
 
-On the CPU: 10^5 rows x 257 float32 from three sources. On a GPU: 10^6 rows x 4096 from three sources in
-fp32, fp16 and bf16, in GB/s next to the measured copy bandwidth.
+gather_rows against index_select on one table and the reference: on the CPU 10^5 rows x 257 float32
+from three sources; on a GPU 10^6 rows x 4096 in fp32, fp16 and bf16.
+find_padding_tiles against the reference: a batch of images of 3x3 tiles of 448 px (fewer on the CPU).
 """
 from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import (Row, copy_bandwidth_gbps, print_rows, print_speedups, time_ms,
-                                write_results)
+from benchmarks.harness import (Row, backends_to_time, copy_bandwidth_gbps, print_rows,
+                                print_speedups, time_ms, write_results)
 from sphinx_kernels.backends import Request
-from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS, gather_rows
+from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
+                                   find_padding_tiles, gather_rows)
 
 INPUT_SETS = 3
 
@@ -40,12 +42,7 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
         moved = 2 * num_rows * width * sets[0][0][0].element_size()  # each row read once, written once
         shape = f"T={num_rows} D={width} S=3"
         dtype_name = str(dtype).removeprefix("torch.")
-        request = Request(device, dtype)
-        for backend in GATHER_ROWS_BACKENDS.backends:
-            if backend.not_supported_reasons(request):
-                continue
-            if backend.name == "triton" and device.type == "cpu":
-                continue  # the interpreter is a correctness tool, not a CPU backend to time
+        for backend in backends_to_time(GATHER_ROWS_BACKENDS, Request(device, dtype)):
             ms = time_ms(lambda a, b=backend.name: gather_rows(*a, backend=b), sets, device)
             rows.append(_row("gather_rows", shape, dtype_name, backend.name, ms, moved, ceiling_gbps))
         # The peer: one index_select from a single table of the same rows (no source choice to make).
@@ -56,6 +53,23 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
     return rows
 
 
+def bench_find_padding_tiles(device: torch.device, quick: bool,
+                             ceiling_gbps: float | None) -> list[Row]:
+    num = (4 if quick else 16) if device.type == "cuda" else 2
+    tile, dtype = 448, torch.bfloat16 if device.type == "cuda" else torch.float32
+    sets = []
+    for seed in range(INPUT_SETS):
+        images = torch.randn(num, 3, 3 * tile, 3 * tile, generator=torch.Generator().manual_seed(seed))
+        images[:, :, tile:] = 0.0  # the lower two rows of tiles are padding: those are read whole
+        sets.append(images.to(dtype).to(device))
+    moved = sets[0].numel() * sets[0].element_size()
+    shape = f"N={num} 3x{3 * tile}x{3 * tile} tile={tile}"
+    return [_row("find_padding_tiles", shape, str(dtype).removeprefix("torch."), backend.name,
+                 time_ms(lambda x, b=backend.name: find_padding_tiles(x, tile, 0.0, backend=b),
+                         sets, device), moved, ceiling_gbps)
+            for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, Request(device, dtype))]
+
+
 def _row(op, shape, dtype, backend, ms, moved_bytes, ceiling_gbps):
     gbps = moved_bytes / ms / 1e6
     return Row(op, shape, dtype, backend, ms, gbps=gbps,
@@ -64,7 +78,7 @@ def _row(op, shape, dtype, backend, ms, moved_bytes, ceiling_gbps):
 
 def run(device: torch.device, quick: bool) -> list[Row]:
     ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
-    rows = bench_gather_rows(device, quick, ceiling)
+    rows = bench_gather_rows(device, quick, ceiling) + bench_find_padding_tiles(device, quick, ceiling)
     print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
     print_rows(rows)
     print_speedups(rows, ("cuda", "cpp"), ("reference", "torch.index_select", "triton"))

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from sphinx_kernels.backends import Backend, OpBackends, Request, triton_interpreted
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -55,6 +57,13 @@ def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: to
             fn(args)
             samples.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(samples)
+
+
+def backends_to_time(op: OpBackends, request: Request) -> list[Backend]:
+    """The op's backends that can serve ``request`` here, less the Triton interpreter (a correctness
+    tool, not a backend worth timing)."""
+    return [b for b in op.backends if not b.not_supported_reasons(request)
+            and not (b.name == "triton" and triton_interpreted())]
 
 
 def copy_bandwidth_gbps(device: torch.device, megabytes: int = 1024) -> float:
@@ -105,12 +114,12 @@ def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilin
 
 
 def print_rows(rows: Sequence[Row]) -> None:
-    print(f"{'op':<14} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s':>8} "
+    print(f"{'op':<18} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s':>8} "
           f"{'of ceiling':>10}")
     for r in rows:
         gbps = f"{r.gbps:8.1f}" if r.gbps is not None else " " * 8
         frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
-        print(f"{r.op:<14} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
+        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
 
 
 def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequence[str]) -> None:

@@ -130,12 +130,35 @@ at::Tensor segment_sum_rows_native(const at::Tensor& rows, const at::Tensor& ord
   return out;
 }
 
+#ifdef SPHINX_KERNELS_WITH_CUDA
+at::Tensor find_padding_tiles_native(const at::Tensor& images, const at::Tensor& pad,
+                                     int64_t tile_h, int64_t tile_w) {
+  TORCH_CHECK(images.dim() == 4 && tile_h > 0 && tile_w > 0 && images.size(2) % tile_h == 0 &&
+                  images.size(3) % tile_w == 0,
+              "find_padding_tiles_native: images must be [N, C, H, W] with H, W multiples of the tile");
+  TORCH_CHECK(pad.scalar_type() == at::kFloat && pad.dim() == 1 && pad.size(0) == images.size(1) &&
+                  pad.device() == images.device(),
+              "find_padding_tiles_native: pad must be float32 [C] on the images' device");
+  const ImageLayout layout{images.size(0),  images.size(1),   images.size(2) / tile_h,
+                           images.size(3) / tile_w, tile_h, tile_w, images.stride(0),
+                           images.stride(1), images.stride(2), images.stride(3)};
+  const at::Tensor pad_values = pad.contiguous();
+  at::Tensor flags = at::empty({layout.num_images, layout.tiles_h, layout.tiles_w},
+                               images.options().dtype(at::kBool));
+  const c10::cuda::CUDAGuard guard(images.device());
+  find_padding_tiles_cuda(float_kind(images.scalar_type()), images.data_ptr(), layout,
+                          pad_values.data_ptr<float>(), flags.data_ptr<bool>(), stream_for(images));
+  return flags;
+}
+#endif
+
 }  // namespace
 }  // namespace sphinx_kernels
 
 TORCH_LIBRARY(sphinx_kernels, m) {
   m.def("gather_rows_native(Tensor[] sources, Tensor source_ids, Tensor row_ids) -> Tensor");
   m.def("segment_sum_rows_native(Tensor rows, Tensor order, Tensor offsets) -> Tensor");
+  m.def("find_padding_tiles_native(Tensor images, Tensor pad, int tile_h, int tile_w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
@@ -147,6 +170,7 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
 TORCH_LIBRARY_IMPL(sphinx_kernels, CUDA, m) {
   m.impl("gather_rows_native", &sphinx_kernels::gather_rows_native);
   m.impl("segment_sum_rows_native", &sphinx_kernels::segment_sum_rows_native);
+  m.impl("find_padding_tiles_native", &sphinx_kernels::find_padding_tiles_native);
 }
 #endif
 

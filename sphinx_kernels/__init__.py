@@ -3,12 +3,13 @@
 Public ops (each a ``torch.library`` custom op with autograd, usable under ``torch.compile``):
 
     gather_rows(sources, source_ids, row_ids)   assemble packed rows from several tables
+    find_padding_tiles(images, tile, pad_value)  which tiles of pre-padded images are pure padding
 
 Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
 backends are available here. Importing the package touches neither CUDA nor the compiled extension.
 """
 from sphinx_kernels.backends import BackendUnavailableError
-from sphinx_kernels.varlen import gather_rows
+from sphinx_kernels.varlen import find_padding_tiles, gather_rows
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "gather_rows"]
+__all__ = ["BackendUnavailableError", "find_padding_tiles", "gather_rows"]

@@ -8,10 +8,10 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
-from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS
+from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
 
-# Every public op's backends, with the dtype each is probed with.
-OPS: tuple[OpBackends, ...] = (GATHER_ROWS_BACKENDS,)
+# Every public op's backends (probed with float32 inputs).
+OPS: tuple[OpBackends, ...] = (GATHER_ROWS_BACKENDS, FIND_PADDING_TILES_BACKENDS)
 
 
 def _version(dist: str) -> str:

@@ -4,6 +4,8 @@ Ops:
     gather_rows: output row t is ``sources[source_ids[t]][row_ids[t]]``; assembles packed input
         embeddings (token-embedding rows, projected visual rows, learnable skip / begin / end vectors)
         in one pass. Backends: cuda, cpp, triton, reference.
+    find_padding_tiles: which tiles of pre-padded images are entirely padding (their sub-images are
+        then never encoded: one skip token stands in). Backends: cuda, triton, reference.
 
 Each op has a pure-PyTorch reference beside it (``*_reference``), which the tests compare against.
 """
@@ -18,7 +20,8 @@ from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device
 from sphinx_kernels.backends import (CPP, CUDA, FLOAT_DTYPES, REFERENCE, TRITON, Backend,
                                      OpBackends, Request, native_extension)
 
-__all__ = ["gather_rows", "gather_rows_reference", "GATHER_ROWS_BACKENDS", "MAX_GATHER_SOURCES"]
+__all__ = ["gather_rows", "gather_rows_reference", "GATHER_ROWS_BACKENDS", "MAX_GATHER_SOURCES",
+           "find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_TILES_BACKENDS"]
 
 # The CUDA kernel takes its table of sources by value (csrc/varlen/varlen.h: kMaxGatherSources).
 MAX_GATHER_SOURCES = 16
@@ -241,3 +244,104 @@ def _check_gather_rows(sources, source_ids, row_ids) -> None:
             t = int(bad.nonzero()[0, 0])
             raise ValueError(f"row_ids[{t}] = {int(row_ids[t])} is out of range for "
                              f"sources[{int(source_ids[t])}] with {int(limit[t])} rows")
+
+
+# ---------------------------------------------------------------------------------------------------
+# find_padding_tiles
+
+IMAGE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def find_padding_tiles(images: torch.Tensor, tile: int | tuple[int, int],
+                       pad_value: float | Sequence[float] | torch.Tensor = 0.0, *,
+                       backend: str | None = None) -> torch.Tensor:
+    """Which tiles of pre-padded images are pure padding: every pixel, in every channel, equals the pad.
+
+    Args:
+        images: ``[N, C, H, W]`` (or ``[C, H, W]``) float16, bfloat16 or float32, any strides
+            (channels-last included).
+        tile: the tile size, ``t`` or ``(th, tw)``; ``H`` and ``W`` must be multiples of it.
+        pad_value: the pad, one value for all channels or one per channel (a sequence or a ``[C]``
+            tensor), e.g. the normalised value of the padding colour. It is rounded to the images'
+            dtype before the exact comparison. A NaN pad matches nothing.
+        backend: force one of ``FIND_PADDING_TILES_BACKENDS.names``.
+
+    Returns:
+        bool ``[N, H // th, W // tw]`` (``[H // th, W // tw]`` for a single image), tiles in raster
+        order: True where the tile is entirely padding.
+    """
+    require_tensor("images", images)
+    if images.dim() not in (3, 4):
+        raise ValueError(f"images must be [N, C, H, W] or [C, H, W], got shape {tuple(images.shape)}")
+    single = images.dim() == 3
+    images = images[None] if single else images
+    tile_h, tile_w, pad = _check_find_padding_tiles(images, tile, pad_value)
+    chosen = FIND_PADDING_TILES_BACKENDS.select(Request(images.device, images.dtype), backend)
+    flags = _find_padding_tiles_op(images.detach(), pad, tile_h, tile_w, chosen.name)
+    return flags[0] if single else flags
+
+
+def find_padding_tiles_reference(images: torch.Tensor, pad: torch.Tensor, tile_h: int,
+                                 tile_w: int) -> torch.Tensor:
+    """Pure-PyTorch ``find_padding_tiles`` on ``[N, C, H, W]`` with ``pad`` float32 ``[C]``."""
+    num, channels, height, width = images.shape
+    equal = images.float() == pad.view(1, channels, 1, 1)
+    tiles = equal.view(num, channels, height // tile_h, tile_h, width // tile_w, tile_w)
+    return tiles.all(dim=5).all(dim=3).all(dim=1)
+
+
+def _native_find_padding_tiles(images, pad, tile_h, tile_w):
+    return _native_ops().find_padding_tiles_native(images, pad, tile_h, tile_w)
+
+
+def _triton_find_padding_tiles(images, pad, tile_h, tile_w):
+    return _triton_kernels().find_padding_tiles(images, pad, tile_h, tile_w)
+
+
+# No C++ CPU kernel: on the CPU the reference is one vectorised comparison, and data loading (where
+# pre-padded images are checked) runs there only when the GPU is busy elsewhere.
+FIND_PADDING_TILES_BACKENDS = OpBackends("find_padding_tiles", [
+    Backend(CUDA, _native_find_padding_tiles, IMAGE_DTYPES),
+    Backend(TRITON, _triton_find_padding_tiles, IMAGE_DTYPES),
+    Backend(REFERENCE, find_padding_tiles_reference, IMAGE_DTYPES),
+])
+
+
+@torch.library.custom_op("sphinx_kernels::find_padding_tiles", mutates_args=())
+def _find_padding_tiles_op(images: torch.Tensor, pad: torch.Tensor, tile_h: int, tile_w: int,
+                           backend: str) -> torch.Tensor:
+    return FIND_PADDING_TILES_BACKENDS[backend].impl(images, pad, tile_h, tile_w)
+
+
+@_find_padding_tiles_op.register_fake
+def _(images, pad, tile_h, tile_w, backend):
+    num, _, height, width = images.shape
+    return images.new_empty((num, height // tile_h, width // tile_w), dtype=torch.bool)
+
+
+def _check_find_padding_tiles(images, tile, pad_value) -> tuple[int, int, torch.Tensor]:
+    """Validates the call; returns the tile size and the pad as float32 ``[C]`` on the images' device."""
+    require_tensor("images", images, dims=4, dtypes=IMAGE_DTYPES)
+    sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    if len(sizes) != 2 or not all(isinstance(t, int) and t > 0 for t in sizes):
+        raise ValueError(f"tile must be a positive int or a pair of them, got {tile!r}")
+    tile_h, tile_w = sizes
+    _, channels, height, width = images.shape
+    if height % tile_h or width % tile_w:
+        raise ValueError(f"tile {sizes} must divide the image size {(height, width)}; pad the "
+                         "images to a multiple of the tile first")
+    if isinstance(pad_value, torch.Tensor):
+        require_device("pad_value", pad_value, images.device, "images")
+        pad = pad_value
+    else:
+        try:
+            pad = torch.tensor(pad_value, dtype=torch.float64)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"pad_value must be a float, a sequence of floats or a tensor, got "
+                            f"{pad_value!r}") from error
+    if pad.dim() > 1 or (pad.dim() == 1 and pad.shape[0] != channels):
+        raise ValueError(f"pad_value must be one value or one per channel ({channels}), got shape "
+                         f"{tuple(pad.shape)}")
+    # Rounded to the images' dtype first: the comparison is exact in that dtype.
+    pad = pad.to(images.dtype).to(torch.float32).expand(channels).contiguous()
+    return tile_h, tile_w, pad.to(images.device, non_blocking=True)

@@ -128,7 +128,57 @@ void launch_segment_sum_rows(const void* rows, const int64_t* order, const int64
   check_launch("segment_sum_rows_kernel");
 }
 
+// One block per tile: every thread checks a strided share of its pixels, then the block votes.
+template <typename T>
+__global__ void find_padding_tiles_kernel(const T* __restrict__ images, ImageLayout layout,
+                                          const float* __restrict__ pad, bool* __restrict__ flags) {
+  const int64_t tile = blockIdx.x;
+  const int64_t j = tile % layout.tiles_w;
+  const int64_t i = (tile / layout.tiles_w) % layout.tiles_h;
+  const int64_t n = tile / (layout.tiles_w * layout.tiles_h);
+  const int64_t pixels = layout.tile_h * layout.tile_w;
+  const T* base = images + n * layout.stride_n + i * layout.tile_h * layout.stride_h +
+                  j * layout.tile_w * layout.stride_w;
+  int all_pad = 1;
+  for (int64_t c = 0; c < layout.channels && all_pad; ++c) {
+    const float value = pad[c];
+    const T* plane = base + c * layout.stride_c;
+    for (int64_t p = threadIdx.x; p < pixels; p += blockDim.x) {
+      const int64_t r = p / layout.tile_w, col = p % layout.tile_w;
+      if (to_acc(plane[r * layout.stride_h + col * layout.stride_w]) != value) {
+        all_pad = 0;
+        break;
+      }
+    }
+  }
+  all_pad = __syncthreads_and(all_pad);
+  if (threadIdx.x == 0) flags[tile] = all_pad != 0;
+}
+
+template <typename T>
+void launch_find_padding_tiles(const void* images, const ImageLayout& layout, const float* pad,
+                               bool* flags, cudaStream_t stream) {
+  const int64_t tiles = layout.num_images * layout.tiles_h * layout.tiles_w;
+  if (tiles == 0) return;
+  find_padding_tiles_kernel<T><<<static_cast<unsigned>(tiles), 256, 0, stream>>>(
+      static_cast<const T*>(images), layout, pad, flags);
+  check_launch("find_padding_tiles_kernel");
+}
+
 }  // namespace
+
+void find_padding_tiles_cuda(FloatKind kind, const void* images, const ImageLayout& layout,
+                             const float* pad, bool* flags, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (kind) {
+    case FloatKind::kFloat16: launch_find_padding_tiles<__half>(images, layout, pad, flags, s); break;
+    case FloatKind::kBFloat16:
+      launch_find_padding_tiles<__nv_bfloat16>(images, layout, pad, flags, s);
+      break;
+    case FloatKind::kFloat32: launch_find_padding_tiles<float>(images, layout, pad, flags, s); break;
+    case FloatKind::kFloat64: launch_find_padding_tiles<double>(images, layout, pad, flags, s); break;
+  }
+}
 
 void gather_rows_cuda(const GatherSources& sources, const void* source_ids, const void* row_ids,
                       bool index_is_int64, int64_t num_rows, int64_t row_bytes,

@@ -46,4 +46,15 @@ void segment_sum_rows_cuda(FloatKind kind, const void* rows, const int64_t* orde
                            const int64_t* offsets, int64_t num_segments, int64_t width, void* out,
                            void* stream);
 
+// flags[(n * tiles_h + i) * tiles_w + j] = every pixel of tile (i, j) of image n, in every channel c,
+// equals pad[c] (compared as float: the pad values arrive rounded to the image dtype). images is
+// [N, C, H, W] read through its element strides, H = tiles_h * tile_h, W = tiles_w * tile_w; pad holds
+// C floats on the device; flags has N * tiles_h * tiles_w bytes (0 or 1).
+struct ImageLayout {
+  int64_t num_images, channels, tiles_h, tiles_w, tile_h, tile_w;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+};
+void find_padding_tiles_cuda(FloatKind kind, const void* images, const ImageLayout& layout,
+                             const float* pad, bool* flags, void* stream);
+
 }  // namespace sphinx_kernels

@@ -92,3 +92,42 @@ def segment_sum_rows(rows: torch.Tensor, order: torch.Tensor, offsets: torch.Ten
     _segment_sum_rows_kernel[(num_segments, triton.cdiv(width, block_d))](
         rows, order, offsets, out, width, ACC_DTYPE=acc, BLOCK_D=block_d)
     return out
+
+
+@triton.jit
+def _find_padding_tiles_kernel(images_ptr, pad_ptr, flags_ptr, channels, tiles_h, tiles_w,
+                               tile_h, tile_w, stride_n, stride_c, stride_h, stride_w,
+                               BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    tile = tl.program_id(0)
+    j = tile % tiles_w
+    i = (tile // tiles_w) % tiles_h
+    n = (tile // (tiles_w * tiles_h)).to(tl.int64)
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_W)
+    col_in = cols < tile_w
+    base = (images_ptr + n * stride_n + (i * tile_h).to(tl.int64) * stride_h
+            + (j * tile_w + cols).to(tl.int64)[None, :] * stride_w)
+    mismatches = 0
+    for c in range(channels):
+        pad = tl.load(pad_ptr + c)
+        for r0 in range(0, tile_h, BLOCK_R):
+            r = r0 + rows
+            inside = (r < tile_h)[:, None] & col_in[None, :]
+            pixels = tl.load(base + c * stride_c + r.to(tl.int64)[:, None] * stride_h, mask=inside,
+                             other=0).to(tl.float32)
+            mismatches += tl.sum(tl.where(inside & (pixels != pad), 1, 0))
+    tl.store(flags_ptr + tile, (mismatches == 0).to(tl.uint8))
+
+
+def find_padding_tiles(images: torch.Tensor, pad: torch.Tensor, tile_h: int,
+                       tile_w: int) -> torch.Tensor:
+    num, channels, height, width = images.shape
+    tiles_h, tiles_w = height // tile_h, width // tile_w
+    flags = torch.empty((num, tiles_h, tiles_w), dtype=torch.uint8, device=images.device)
+    if flags.numel() > 0:
+        block_w = triton.next_power_of_2(tile_w)
+        block_r = min(triton.next_power_of_2(tile_h), max(1, _TILE // block_w))
+        _find_padding_tiles_kernel[(flags.numel(),)](
+            images, pad, flags, channels, tiles_h, tiles_w, tile_h, tile_w, *images.stride(),
+            BLOCK_R=block_r, BLOCK_W=block_w)
+    return flags.view(torch.bool)

@@ -156,10 +156,11 @@ def _reference_topk_gating(logits, k, renormalize):
 
 
 def _triton_topk_gating(logits, k, renormalize):
+    # The kernel's partial sums are float64; the losses are rounded to float32 once, at the end.
     weights, expert_ids, prob_sums, counts, lse_square_sum = _triton_kernels().topk_gating(
         logits, k, renormalize)
     losses = _gating_losses(prob_sums, counts, lse_square_sum, logits.shape[0], k)
-    return weights, expert_ids, *losses, counts
+    return weights, expert_ids, *(loss.float() for loss in losses), counts
 
 
 def _triton_topk_gating_backward(*args):

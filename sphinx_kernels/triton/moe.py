@@ -40,7 +40,10 @@ def _softmax_rows(logits_ptr, t, e, num_tokens, num_experts):
                 other=float("-inf")).to(tl.float32)
     row_max = tl.max(x, axis=1)
     row_max = tl.where(t < num_tokens, row_max, 0.0)  # rows past the end: no inf - inf
-    exp = tl.where(valid, tl.exp(x - row_max[:, None]), 0.0)
+    # exp in float64, rounded once: the fast float32 exp (ex2.approx on GPUs, numpy's under the
+    # interpreter) is a few ulp off and biased, and the losses sum T * E of these values. There are
+    # only E per token, so the cost is negligible; everything else stays float32.
+    exp = tl.where(valid, tl.exp((x - row_max[:, None]).to(tl.float64)).to(tl.float32), 0.0)
     total = tl.sum(exp, axis=1)
     total = tl.where(t < num_tokens, total, 1.0)
     return exp / total[:, None], row_max + tl.log(total)
@@ -76,12 +79,14 @@ def _topk_gating_kernel(logits_ptr, weights_ptr, ids_ptr, prob_sums_ptr, counts_
     out_mask = t_in[:, None] & (slot < K)[None, :]
     tl.store(weights_ptr + out, weights, mask=out_mask)
     tl.store(ids_ptr + out, expert_ids, mask=out_mask)
-    # Per-block partial sums of the losses, reduced in a fixed order outside (no atomics).
+    # Per-block partial sums of the losses, reduced in a fixed order outside (no atomics), in float64:
+    # they sum T * E terms, and the two scalar losses are then rounded to float32 once.
     e_in = e < num_experts
     chosen = tl.where(t_in[:, None], chosen, 0)
-    tl.store(prob_sums_ptr + block * num_experts + e, tl.sum(probs, axis=0), mask=e_in)
+    tl.store(prob_sums_ptr + block * num_experts + e, tl.sum(probs.to(tl.float64), axis=0),
+             mask=e_in)
     tl.store(counts_ptr + block * num_experts + e, tl.sum(chosen, axis=0), mask=e_in)
-    tl.store(z_sums_ptr + block, tl.sum(tl.where(t_in, lse * lse, 0.0), axis=0))
+    tl.store(z_sums_ptr + block, tl.sum(tl.where(t_in, lse * lse, 0.0).to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -136,9 +141,9 @@ def topk_gating(logits: torch.Tensor, k: int, renormalize: bool):
     device = logits.device
     weights = torch.empty((num_tokens, k), dtype=torch.float32, device=device)
     expert_ids = torch.empty((num_tokens, k), dtype=torch.int32, device=device)
-    prob_sums = torch.zeros((num_blocks, num_experts), dtype=torch.float32, device=device)
+    prob_sums = torch.zeros((num_blocks, num_experts), dtype=torch.float64, device=device)
     counts = torch.zeros((num_blocks, num_experts), dtype=torch.int32, device=device)
-    z_sums = torch.zeros((num_blocks,), dtype=torch.float32, device=device)
+    z_sums = torch.zeros((num_blocks,), dtype=torch.float64, device=device)
     if num_blocks > 0:
         _topk_gating_kernel[(num_blocks,)](logits, weights, expert_ids, prob_sums, counts, z_sums,
                                            num_tokens, num_experts, K=k, RENORMALIZE=renormalize,

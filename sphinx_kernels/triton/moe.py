@@ -2,8 +2,9 @@
 routing plan (histogram, prefix sum, scatter) and the row permutations between token order and
 expert-grouped, block-padded order. Contracts: ``sphinx_kernels.moe``.
 
-Every kernel upcasts to float32 (float64 for float64 data) before any arithmetic, so none does bf16
-arithmetic (which the interpreter gets wrong), and none uses atomics: results are deterministic.
+Every kernel upcasts to float32 (float64 for float64 data; the router's softmax is float64) before
+any arithmetic, so none does bf16 arithmetic (which the interpreter gets wrong), and none uses
+atomics: results are deterministic.
 """
 from __future__ import annotations
 
@@ -34,16 +35,20 @@ def _acc_dtype(dtype: torch.dtype):
 
 @triton.jit
 def _softmax_rows(logits_ptr, t, e, num_tokens, num_experts):
-    """Probabilities ``[BLOCK_T, BLOCK_E]`` (0 outside the valid block) and logsumexp ``[BLOCK_T]``."""
+    """float64 probabilities ``[BLOCK_T, BLOCK_E]`` (0 outside the valid block) and logsumexp
+    ``[BLOCK_T]`` of a block of logit rows.
+
+    The router's softmax is evaluated in float64 and rounded to float32 once by the callers: it is E
+    values per token (negligible next to the experts), and it makes the gates and the losses, which
+    sum T * E probabilities, correctly rounded rather than a few ulp off (the fast float32 exp is
+    ex2.approx on GPUs, numpy's under the interpreter).
+    """
     valid = (t < num_tokens)[:, None] & (e < num_experts)[None, :]
     x = tl.load(logits_ptr + t[:, None].to(tl.int64) * num_experts + e[None, :], mask=valid,
-                other=float("-inf")).to(tl.float32)
+                other=float("-inf")).to(tl.float64)
     row_max = tl.max(x, axis=1)
     row_max = tl.where(t < num_tokens, row_max, 0.0)  # rows past the end: no inf - inf
-    # exp in float64, rounded once: the fast float32 exp (ex2.approx on GPUs, numpy's under the
-    # interpreter) is a few ulp off and biased, and the losses sum T * E of these values. There are
-    # only E per token, so the cost is negligible; everything else stays float32.
-    exp = tl.where(valid, tl.exp((x - row_max[:, None]).to(tl.float64)).to(tl.float32), 0.0)
+    exp = tl.where(valid, tl.exp(x - row_max[:, None]), 0.0)
     total = tl.sum(exp, axis=1)
     total = tl.where(t < num_tokens, total, 1.0)
     return exp / total[:, None], row_max + tl.log(total)
@@ -57,13 +62,15 @@ def _topk_gating_kernel(logits_ptr, weights_ptr, ids_ptr, prob_sums_ptr, counts_
     t = block * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     t_in = t < num_tokens
-    probs, lse = _softmax_rows(logits_ptr, t, e, num_tokens, num_experts)
-    # Top-k by k rounds of argmax; a tie goes to the lowest expert id, and a chosen expert is masked
-    # with -1 (below every probability) so padding columns and earlier picks are never chosen again.
+    probs64, lse = _softmax_rows(logits_ptr, t, e, num_tokens, num_experts)
+    probs = probs64.to(tl.float32)
+    # Top-k of the float32 probabilities by k rounds of argmax; a tie goes to the lowest expert id,
+    # and a chosen expert is masked with -1 (below every probability) so padding columns and
+    # earlier picks are never chosen again.
     candidates = tl.where((e < num_experts)[None, :], probs, -1.0)
     slot = tl.arange(0, BLOCK_K)
     chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
-    weights = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    gates = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float64)
     expert_ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(K):
         best = tl.max(candidates, axis=1)
@@ -71,22 +78,22 @@ def _topk_gating_kernel(logits_ptr, weights_ptr, ids_ptr, prob_sums_ptr, counts_
         hit = e[None, :] == expert[:, None]
         candidates = tl.where(hit, -1.0, candidates)
         chosen += hit.to(tl.int32)
-        weights = tl.where(slot[None, :] == j, best[:, None], weights)
+        gate = tl.sum(tl.where(hit, probs64, 0.0), axis=1)
+        gates = tl.where(slot[None, :] == j, gate[:, None], gates)
         expert_ids = tl.where(slot[None, :] == j, expert[:, None], expert_ids)
     if RENORMALIZE:
-        weights = weights / tl.where(t_in, tl.sum(weights, axis=1), 1.0)[:, None]
+        gates = gates / tl.where(t_in, tl.sum(gates, axis=1), 1.0)[:, None]
     out = t[:, None] * K + slot[None, :]
     out_mask = t_in[:, None] & (slot < K)[None, :]
-    tl.store(weights_ptr + out, weights, mask=out_mask)
+    tl.store(weights_ptr + out, gates.to(tl.float32), mask=out_mask)
     tl.store(ids_ptr + out, expert_ids, mask=out_mask)
-    # Per-block partial sums of the losses, reduced in a fixed order outside (no atomics), in float64:
-    # they sum T * E terms, and the two scalar losses are then rounded to float32 once.
+    # Per-block float64 partial sums of the losses, reduced in a fixed order outside (no atomics);
+    # the two scalar losses are rounded to float32 once, at the end.
     e_in = e < num_experts
     chosen = tl.where(t_in[:, None], chosen, 0)
-    tl.store(prob_sums_ptr + block * num_experts + e, tl.sum(probs.to(tl.float64), axis=0),
-             mask=e_in)
+    tl.store(prob_sums_ptr + block * num_experts + e, tl.sum(probs64, axis=0), mask=e_in)
     tl.store(counts_ptr + block * num_experts + e, tl.sum(chosen, axis=0), mask=e_in)
-    tl.store(z_sums_ptr + block, tl.sum(tl.where(t_in, lse * lse, 0.0).to(tl.float64), axis=0))
+    tl.store(z_sums_ptr + block, tl.sum(tl.where(t_in, lse * lse, 0.0), axis=0))
 
 
 @triton.jit
@@ -98,7 +105,8 @@ def _topk_gating_backward_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, g
     e = tl.arange(0, BLOCK_E)
     t_in = t < num_tokens
     e_in = e < num_experts
-    probs, lse = _softmax_rows(logits_ptr, t, e, num_tokens, num_experts)
+    probs64, lse64 = _softmax_rows(logits_ptr, t, e, num_tokens, num_experts)
+    probs, lse = probs64.to(tl.float32), lse64.to(tl.float32)
     # d(loss)/d(probs): the chosen weights' gradients (through the renormalisation), plus the
     # load-balancing term E * count_e / (T * k * T) for every token's probability of expert e.
     chosen_sum = tl.zeros([BLOCK_T], dtype=tl.float32)

@@ -230,7 +230,7 @@ def test_unpermute_and_gradients_within_tolerance_of_float64(backend, dtype, num
         y, w = y.detach().requires_grad_(True), w.detach().requires_grad_(True)
         out = unpermute(y, plan, w)
         out.backward(grad_out.to(out.dtype))
-        return out, y.grad, w.grad
+        return out.detach(), y.grad, w.grad
 
     got = run(y_grouped, weights,
               lambda y, p, w: sphinx_kernels.moe_unpermute(y, p, w, backend=backend))
@@ -239,9 +239,20 @@ def test_unpermute_and_gradients_within_tolerance_of_float64(backend, dtype, num
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
     padding = plan.row_to_pair < 0
     assert torch.equal(got[1][padding], torch.zeros_like(got[1][padding]))
-    for what, a, b, c, factor in zip(("out", "grad y_grouped", "grad weights"), got, expected,
-                                     same_dtype, (FORWARD_FACTOR, GRADIENT_FACTOR, GRADIENT_FACTOR)):
-        assert_within_torch_error(a, b, c, factor, f"{backend} {what}")
+    assert_within_torch_error(got[0], expected[0], same_dtype[0], FORWARD_FACTOR, f"{backend} out")
+    assert_within_torch_error(got[1], expected[1], same_dtype[1], GRADIENT_FACTOR,
+                              f"{backend} grad y_grouped")
+    if num_tokens * k >= 64:
+        assert_within_torch_error(got[2], expected[2], same_dtype[2], GRADIENT_FACTOR,
+                                  f"{backend} grad weights")
+    else:
+        # Too few dot products for PyTorch's max error to measure anything (a single one is often
+        # exact by luck): hold them to the worst-case bound of a float32 dot product of n terms
+        # (products of float16 inputs are exact in float32), n u / (1 - n u) * sum |terms|.
+        terms = y_grouped.double()[plan.position.long()] * grad_out.double()[:, None, :]
+        n, u = terms.shape[-1] + 1, torch.finfo(torch.float32).eps / 2
+        bound = n * u / (1 - n * u) * terms.abs().sum(-1)
+        assert ((got[2].double() - expected[2]).abs() <= bound).all(), f"{backend} grad weights"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import (Row, copy_bandwidth_gbps, print_rows, print_speedups, time_ms,
-                                write_results)
+from benchmarks.harness import (Row, backends_to_time, bandwidth_row, copy_bandwidth_gbps,
+                                print_rows, print_speedups, time_ms, write_results)
 from sphinx_kernels.backends import Request
 from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS, gather_rows
 
@@ -40,26 +40,16 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
         moved = 2 * num_rows * width * sets[0][0][0].element_size()  # each row read once, written once
         shape = f"T={num_rows} D={width} S=3"
         dtype_name = str(dtype).removeprefix("torch.")
-        request = Request(device, dtype)
-        for backend in GATHER_ROWS_BACKENDS.backends:
-            if backend.not_supported_reasons(request):
-                continue
-            if backend.name == "triton" and device.type == "cpu":
-                continue  # the interpreter is a correctness tool, not a CPU backend to time
-            ms = time_ms(lambda a, b=backend.name: gather_rows(*a, backend=b), sets, device)
-            rows.append(_row("gather_rows", shape, dtype_name, backend.name, ms, moved, ceiling_gbps))
+        for backend in backends_to_time(GATHER_ROWS_BACKENDS, Request(device, dtype)):
+            ms = time_ms(lambda a, b=backend: gather_rows(*a, backend=b), sets, device)
+            rows.append(bandwidth_row("gather_rows", shape, dtype_name, backend, ms, moved,
+                                      ceiling_gbps))
         # The peer: one index_select from a single table of the same rows (no source choice to make).
         single = [(torch.cat(s[0]), s[2].long()) for s in sets]
         ms = time_ms(lambda a: a[0].index_select(0, a[1]), single, device)
-        rows.append(_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
-                         ceiling_gbps))
+        rows.append(bandwidth_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
+                                  ceiling_gbps))
     return rows
-
-
-def _row(op, shape, dtype, backend, ms, moved_bytes, ceiling_gbps):
-    gbps = moved_bytes / ms / 1e6
-    return Row(op, shape, dtype, backend, ms, gbps=gbps,
-               fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:

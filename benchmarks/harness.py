@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from sphinx_kernels.backends import OpBackends, Request
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -33,6 +35,21 @@ class Row:
     tflops: float | None = None
     fraction_of_ceiling: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, moved_bytes: int,
+                  ceiling_gbps: float | None) -> Row:
+    """A row for a memory-bound op: GB/s from the bytes it must move, and the fraction of the ceiling."""
+    gbps = moved_bytes / ms / 1e6
+    return Row(op, shape, dtype, backend, ms, gbps=gbps,
+               fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
+
+
+def backends_to_time(op: OpBackends, request: Request) -> list[str]:
+    """The names of ``op``'s backends that serve ``request`` here, less Triton on the CPU: the
+    interpreter is a correctness tool, not a CPU backend to time."""
+    return [b.name for b in op.backends if not b.not_supported_reasons(request)
+            and not (b.name == "triton" and request.device.type == "cpu")]
 
 
 def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: torch.device, *,

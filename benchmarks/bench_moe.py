@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import (Row, backends_to_time, bandwidth_row, copy_bandwidth_gbps,
-                                print_rows, print_speedups, time_ms, write_results)
+from benchmarks.harness import Row, backends_to_time, bandwidth_row, run_family, time_ms
 from sphinx_kernels.backends import Request
 from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
                                 TOPK_GATING_BACKENDS, moe_permute, moe_routing, moe_unpermute,
@@ -103,11 +102,4 @@ def bench_moe(device: torch.device, quick: bool, ceiling_gbps: float | None) -> 
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
-    ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
-    rows = bench_moe(device, quick, ceiling)
-    print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
-    print_rows(rows)
-    print_speedups(rows, ("triton", "reference"), (EAGER,))
-    path = write_results("moe", device, rows, {"copy_gbps": ceiling})
-    print(f"results: {path}")
-    return rows
+    return run_family("moe", device, quick, bench_moe, ("triton", "reference"), (EAGER,))

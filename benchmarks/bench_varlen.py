@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import (Row, backends_to_time, bandwidth_row, copy_bandwidth_gbps,
-                                print_rows, print_speedups, time_ms, write_results)
+from benchmarks.harness import Row, backends_to_time, bandwidth_row, run_family, time_ms
 from sphinx_kernels.backends import Request
 from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS, gather_rows
 
@@ -53,11 +52,5 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
-    ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
-    rows = bench_gather_rows(device, quick, ceiling)
-    print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
-    print_rows(rows)
-    print_speedups(rows, ("cuda", "cpp"), ("reference", "torch.index_select", "triton"))
-    path = write_results("varlen", device, rows, {"copy_gbps": ceiling})
-    print(f"results: {path}")
-    return rows
+    return run_family("varlen", device, quick, bench_gather_rows, ("cuda", "cpp"),
+                      ("reference", "torch.index_select", "triton"))

@@ -128,6 +128,21 @@ def print_rows(rows: Sequence[Row]) -> None:
         print(f"{r.op:<14} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
 
 
+def run_family(family: str, device: torch.device, quick: bool,
+               bench: Callable[[torch.device, bool, float], list[Row]], subjects: Sequence[str],
+               baselines: Sequence[str]) -> list[Row]:
+    """One family's benchmark run: measures the copy ceiling, runs ``bench(device, quick, ceiling)``,
+    prints the rows and the speedups of ``subjects`` over ``baselines``, and writes the results."""
+    ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
+    rows = bench(device, quick, ceiling)
+    print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
+    print_rows(rows)
+    print_speedups(rows, subjects, baselines)
+    path = write_results(family, device, rows, {"copy_gbps": ceiling})
+    print(f"results: {path}")
+    return rows
+
+
 def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequence[str]) -> None:
     """For each (op, shape, dtype): how many times faster each subject backend is than each baseline."""
     by_case: dict[tuple, dict[str, float]] = {}

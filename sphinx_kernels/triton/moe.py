@@ -245,13 +245,25 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int, padded_offsets_of, n
 
 
 @triton.jit
+def _row_tile(num_rows, width, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's tile of a ``[num_rows, width]`` row-major grid: row and column indices and
+    their in-bounds masks."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return r, d, r < num_rows, d < width
+
+
+@triton.jit
+def _store_tile(out_ptr, values, r, d, r_in, d_in, width):
+    tl.store(out_ptr + r[:, None].to(tl.int64) * width + d[None, :],
+             values.to(out_ptr.dtype.element_ty), mask=r_in[:, None] & d_in[None, :])
+
+
+@triton.jit
 def _permute_rows_kernel(x_ptr, row_to_pair_ptr, scale_ptr, out_ptr, num_rows, num_pairs, width,
                          K: tl.constexpr, HAS_SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    r_in = r < num_rows
-    d_in = d < width
+    r, d, r_in, d_in = _row_tile(num_rows, width, BLOCK_R, BLOCK_H)
     pair = tl.load(row_to_pair_ptr + r, mask=r_in, other=-1)
     placed = (pair >= 0) & (pair < num_pairs)  # padding rows (-1) are zero
     token = tl.where(placed, pair // K, 0).to(tl.int64)
@@ -259,19 +271,15 @@ def _permute_rows_kernel(x_ptr, row_to_pair_ptr, scale_ptr, out_ptr, num_rows, n
                    other=0)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + pair, mask=placed, other=0).to(ACC_DTYPE)
-        rows = (rows.to(ACC_DTYPE) * scale[:, None]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + r[:, None].to(tl.int64) * width + d[None, :], rows,
-             mask=r_in[:, None] & d_in[None, :])
+        rows = rows.to(ACC_DTYPE) * scale[:, None]
+    _store_tile(out_ptr, rows, r, d, r_in, d_in, width)
 
 
 @triton.jit
 def _unpermute_rows_kernel(y_ptr, position_ptr, weights_ptr, out_ptr, num_tokens, num_rows, width,
                            K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    t_in = t < num_tokens
-    d_in = d < width
+    t, d, t_in, d_in = _row_tile(num_tokens, width, BLOCK_T, BLOCK_H)
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC_DTYPE)
     for j in tl.static_range(K):  # slot order: the same summation order as the reference
         row = tl.load(position_ptr + t * K + j, mask=t_in, other=-1)
@@ -281,8 +289,7 @@ def _unpermute_rows_kernel(y_ptr, position_ptr, weights_ptr, out_ptr, num_tokens
         if HAS_WEIGHTS:
             y *= tl.load(weights_ptr + t * K + j, mask=t_in, other=0).to(ACC_DTYPE)[:, None]
         acc += y
-    tl.store(out_ptr + t[:, None].to(tl.int64) * width + d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=t_in[:, None] & d_in[None, :])
+    _store_tile(out_ptr, acc, t, d, t_in, d_in, width)
 
 
 @triton.jit

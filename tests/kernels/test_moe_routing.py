@@ -181,6 +181,16 @@ def test_routing_all_tokens_to_one_expert(backend):
     assert_plan_invariants(plan, expert_ids, 8, 64)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_routing_kernel_places_an_unchecked_bad_id_nowhere(backend):
+    """Kernels stay in bounds on ids that reach them unchecked (a GPU without value checks)."""
+    expert_ids = torch.tensor([[0, 1], [7, 1], [-1, 0]], dtype=torch.int32, device=DEVICE)
+    tokens_per_expert, _, position, row_to_pair = _moe_routing_op(expert_ids, 2, 4, backend)
+    assert tokens_per_expert.tolist() == [2, 2]
+    assert position[1, 0] == -1 and position[2, 0] == -1
+    assert sorted(row_to_pair[row_to_pair >= 0].tolist()) == [0, 1, 3, 5]
+
+
 # ---------------------------------------------------------------------------------------------------
 # moe_permute / moe_unpermute
 
@@ -301,14 +311,15 @@ def test_kernel_backends_agree_bitwise_and_are_deterministic():
 
 
 def bad_call(op, **changes):
-    """One call of ``op`` on valid inputs, with ``changes`` applied."""
-    logits = torch.randn(6, 4, device=DEVICE)
-    expert_ids = torch.tensor([[0, 1], [3, 2], [1, 0]], dtype=torch.int32, device=DEVICE)
+    """One call of ``op`` on valid CPU inputs (where index values are checked too), with ``changes``
+    applied."""
+    logits = torch.randn(6, 4)
+    expert_ids = torch.tensor([[0, 1], [3, 2], [1, 0]], dtype=torch.int32)
     plan = sphinx_kernels.moe_routing(expert_ids, 4, block_size=4)
     args = {"logits": logits, "k": 2, "expert_ids": expert_ids, "num_experts": 4, "block_size": 4,
-            "x": torch.randn(3, 5, device=DEVICE), "plan": plan,
-            "y_grouped": torch.randn(plan.num_padded_rows, 5, device=DEVICE),
-            "weights": torch.rand(3, 2, device=DEVICE)}
+            "x": torch.randn(3, 5), "plan": plan,
+            "y_grouped": torch.randn(plan.num_padded_rows, 5),
+            "weights": torch.rand(3, 2)}
     args.update({name: change(args) for name, change in changes.items()})
     calls = {
         "gating": lambda a: sphinx_kernels.topk_gating(a["logits"], a["k"]),

@@ -91,9 +91,9 @@ def topk_gating(logits: torch.Tensor, k: int, *, renormalize: bool = True,
         backend: force one of ``TOPK_GATING_BACKENDS.names``.
 
     Returns:
-        :class:`Gating`. Probabilities are ``softmax(logits)`` in float32 (at least: the Triton kernel
-        evaluates them in float64 and rounds once); the k experts of a token are
-        its k largest probabilities in descending order, a tie going to the lower expert id.
+        :class:`Gating`. Probabilities are ``softmax(logits)`` in float32 (at least: the Triton
+        kernel evaluates them in float64 and rounds once); the k experts of a token are its k
+        largest probabilities in descending order, a tie going to the lower expert id.
         ``load_balancing_loss = E * sum_e f_e * P_e`` with ``f_e`` the fraction of the ``T * k`` pairs
         routed to ``e`` and ``P_e`` the mean probability of ``e`` over tokens;
         ``z_loss = mean_t logsumexp(logits[t])^2``. Both are 0 for ``T == 0``.

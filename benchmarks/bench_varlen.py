@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import (Row, backends_to_time, copy_bandwidth_gbps, print_rows,
-                                print_speedups, time_ms, write_results)
+from benchmarks.harness import Row, backends_to_time, bandwidth_row, run_family, time_ms
 from sphinx_kernels.backends import Request
 from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
                                    find_padding_tiles, gather_rows)
@@ -43,13 +42,14 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
         shape = f"T={num_rows} D={width} S=3"
         dtype_name = str(dtype).removeprefix("torch.")
         for backend in backends_to_time(GATHER_ROWS_BACKENDS, Request(device, dtype)):
-            ms = time_ms(lambda a, b=backend.name: gather_rows(*a, backend=b), sets, device)
-            rows.append(_row("gather_rows", shape, dtype_name, backend.name, ms, moved, ceiling_gbps))
+            ms = time_ms(lambda a, b=backend: gather_rows(*a, backend=b), sets, device)
+            rows.append(bandwidth_row("gather_rows", shape, dtype_name, backend, ms, moved,
+                                      ceiling_gbps))
         # The peer: one index_select from a single table of the same rows (no source choice to make).
         single = [(torch.cat(s[0]), s[2].long()) for s in sets]
         ms = time_ms(lambda a: a[0].index_select(0, a[1]), single, device)
-        rows.append(_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
-                         ceiling_gbps))
+        rows.append(bandwidth_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
+                                  ceiling_gbps))
     return rows
 
 
@@ -64,24 +64,17 @@ def bench_find_padding_tiles(device: torch.device, quick: bool,
         sets.append(images.to(dtype).to(device))
     moved = sets[0].numel() * sets[0].element_size()
     shape = f"N={num} 3x{3 * tile}x{3 * tile} tile={tile}"
-    return [_row("find_padding_tiles", shape, str(dtype).removeprefix("torch."), backend.name,
-                 time_ms(lambda x, b=backend.name: find_padding_tiles(x, tile, 0.0, backend=b),
-                         sets, device), moved, ceiling_gbps)
+    return [bandwidth_row("find_padding_tiles", shape, str(dtype).removeprefix("torch."), backend,
+                          time_ms(lambda x, b=backend: find_padding_tiles(x, tile, 0.0, backend=b),
+                                  sets, device), moved, ceiling_gbps)
             for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, Request(device, dtype))]
 
 
-def _row(op, shape, dtype, backend, ms, moved_bytes, ceiling_gbps):
-    gbps = moved_bytes / ms / 1e6
-    return Row(op, shape, dtype, backend, ms, gbps=gbps,
-               fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
+def bench_family(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+    return (bench_gather_rows(device, quick, ceiling_gbps)
+            + bench_find_padding_tiles(device, quick, ceiling_gbps))
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
-    ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
-    rows = bench_gather_rows(device, quick, ceiling) + bench_find_padding_tiles(device, quick, ceiling)
-    print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
-    print_rows(rows)
-    print_speedups(rows, ("cuda", "cpp"), ("reference", "torch.index_select", "triton"))
-    path = write_results("varlen", device, rows, {"copy_gbps": ceiling}, quick)
-    print(f"results: {path}")
-    return rows
+    return run_family("varlen", device, quick, bench_family, ("cuda", "cpp"),
+                      ("reference", "torch.index_select", "triton"))

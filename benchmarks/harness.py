@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sphinx_kernels.backends import Backend, OpBackends, Request, triton_interpreted
+from sphinx_kernels.backends import OpBackends, Request
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -35,6 +35,21 @@ class Row:
     tflops: float | None = None
     fraction_of_ceiling: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, moved_bytes: int,
+                  ceiling_gbps: float | None) -> Row:
+    """A row for a memory-bound op: GB/s from the bytes it must move, and the fraction of the ceiling."""
+    gbps = moved_bytes / ms / 1e6
+    return Row(op, shape, dtype, backend, ms, gbps=gbps,
+               fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
+
+
+def backends_to_time(op: OpBackends, request: Request) -> list[str]:
+    """The names of ``op``'s backends that serve ``request`` here, less Triton on the CPU: the
+    interpreter is a correctness tool, not a CPU backend to time."""
+    return [b.name for b in op.backends if not b.not_supported_reasons(request)
+            and not (b.name == "triton" and request.device.type == "cpu")]
 
 
 def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: torch.device, *,
@@ -57,13 +72,6 @@ def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: to
             fn(args)
             samples.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(samples)
-
-
-def backends_to_time(op: OpBackends, request: Request) -> list[Backend]:
-    """The op's backends that can serve ``request`` here, less the Triton interpreter (a correctness
-    tool, not a backend worth timing)."""
-    return [b for b in op.backends if not b.not_supported_reasons(request)
-            and not (b.name == "triton" and triton_interpreted())]
 
 
 def copy_bandwidth_gbps(device: torch.device, megabytes: int = 1024) -> float:
@@ -120,6 +128,21 @@ def print_rows(rows: Sequence[Row]) -> None:
         gbps = f"{r.gbps:8.1f}" if r.gbps is not None else " " * 8
         frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
         print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
+
+
+def run_family(family: str, device: torch.device, quick: bool,
+               bench: Callable[[torch.device, bool, float], list[Row]], subjects: Sequence[str],
+               baselines: Sequence[str]) -> list[Row]:
+    """One family's benchmark run: measures the copy ceiling, runs ``bench(device, quick, ceiling)``,
+    prints the rows and the speedups of ``subjects`` over ``baselines``, and writes the results."""
+    ceiling = copy_bandwidth_gbps(device, 256 if quick else 1024)
+    rows = bench(device, quick, ceiling)
+    print(f"device: {device}, measured copy bandwidth {ceiling:.1f} GB/s")
+    print_rows(rows)
+    print_speedups(rows, subjects, baselines)
+    path = write_results(family, device, rows, {"copy_gbps": ceiling}, quick)
+    print(f"results: {path}")
+    return rows
 
 
 def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequence[str]) -> None:

@@ -8,10 +8,19 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
+from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
+                                TOPK_GATING_BACKENDS)
 from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
 
-# Every public op's backends (probed with float32 inputs).
-OPS: tuple[OpBackends, ...] = (GATHER_ROWS_BACKENDS, FIND_PADDING_TILES_BACKENDS)
+# Every public op's backends, with the dtype each is probed with (its main input's).
+OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
+    (GATHER_ROWS_BACKENDS, torch.float32),
+    (FIND_PADDING_TILES_BACKENDS, torch.float32),
+    (TOPK_GATING_BACKENDS, torch.float32),
+    (MOE_ROUTING_BACKENDS, torch.int32),
+    (MOE_PERMUTE_BACKENDS, torch.float32),
+    (MOE_UNPERMUTE_BACKENDS, torch.float32),
+)
 
 
 def _version(dist: str) -> str:
@@ -46,9 +55,9 @@ def report() -> str:
         lines.append(f"_C             C++ CPU kernels, {cuda}")
     lines.append("")
     lines.append("op / device: backend status, in priority order")
-    for op in OPS:
+    for op, dtype in OPS:
         for device in devices:
-            reasons = op.reasons(Request(device, torch.float32))
+            reasons = op.reasons(Request(device, dtype))
             status = ", ".join(f"{name} {'ok' if not why else '(' + '; '.join(why) + ')'}"
                                for name, why in reasons.items())
             lines.append(f"  {op.op} / {device.type}: {status}")

@@ -9,14 +9,28 @@ Public ops (each a ``torch.library`` custom op with autograd, usable under ``tor
     moe_permute(x, plan)                        token rows to expert-grouped order
     moe_unpermute(y_grouped, plan, weights)     expert rows back to tokens, gate-weighted
 
+CPU-side batch preparation (torch.library ops too, on CPU tensors; no autograd):
+
+    plan_layout(inputs, tokens_per_view)        packed layout of a batch: cu_seqlens, positions,
+                                                gather_rows sources/rows, labels, visual rows
+    pack_by_token_budget(lengths, budget)       first-fit-decreasing packing into token budgets
+
 Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
 backends are available here. Importing the package touches neither CUDA nor the compiled extension.
 """
 from sphinx_kernels.backends import BackendUnavailableError
+from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
+                                   SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
+                                   PackedLayout, Packing, SampleSpec, layout_inputs,
+                                   pack_by_token_budget, plan_layout)
 from sphinx_kernels.moe import (Gating, RoutingPlan, moe_permute, moe_routing, moe_unpermute,
                                 topk_gating)
 from sphinx_kernels.varlen import find_padding_tiles, gather_rows
 
 __version__ = "0.1.0"
 __all__ = ["BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
-           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating"]
+           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating",
+           # layout planning
+           "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING", "SOURCE_SKIP",
+           "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs", "PackedLayout", "Packing",
+           "SampleSpec", "layout_inputs", "pack_by_token_budget", "plan_layout"]

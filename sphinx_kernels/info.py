@@ -8,6 +8,7 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
+from sphinx_kernels.layout import PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS
 from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
                                 TOPK_GATING_BACKENDS)
 from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
@@ -20,6 +21,8 @@ OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
     (MOE_ROUTING_BACKENDS, torch.int32),
     (MOE_PERMUTE_BACKENDS, torch.float32),
     (MOE_UNPERMUTE_BACKENDS, torch.float32),
+    (PLAN_LAYOUT_BACKENDS, torch.int64),
+    (PACK_BY_TOKEN_BUDGET_BACKENDS, torch.int64),
 )
 
 

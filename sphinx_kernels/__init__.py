@@ -8,6 +8,7 @@ Public ops (each a ``torch.library`` custom op with autograd, usable under ``tor
     moe_routing(expert_ids, num_experts)        routing plan: per-expert block-padded row order
     moe_permute(x, plan)                        token rows to expert-grouped order
     moe_unpermute(y_grouped, plan, weights)     expert rows back to tokens, gate-weighted
+    apply_rotary(x or (q, k), cos, sin, pos)    rotary embedding of packed tokens (HF layout)
 
 CPU-side batch preparation (torch.library ops too, on CPU tensors; no autograd):
 
@@ -23,13 +24,14 @@ from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAG
                                    SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
                                    PackedLayout, Packing, SampleSpec, layout_inputs,
                                    pack_by_token_budget, plan_layout)
+from sphinx_kernels.rotary import apply_rotary
 from sphinx_kernels.moe import (Gating, RoutingPlan, moe_permute, moe_routing, moe_unpermute,
                                 topk_gating)
 from sphinx_kernels.varlen import find_padding_tiles, gather_rows
 
 __version__ = "0.1.0"
 __all__ = ["BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
-           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating",
+           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating", "apply_rotary",
            # layout planning
            "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING", "SOURCE_SKIP",
            "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs", "PackedLayout", "Packing",

@@ -11,6 +11,7 @@ from sphinx_kernels.backends import OpBackends, Request, native_extension, trito
 from sphinx_kernels.layout import PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS
 from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
                                 TOPK_GATING_BACKENDS)
+from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS
 from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
 
 # Every public op's backends, with the dtype each is probed with (its main input's).
@@ -21,6 +22,7 @@ OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
     (MOE_ROUTING_BACKENDS, torch.int32),
     (MOE_PERMUTE_BACKENDS, torch.float32),
     (MOE_UNPERMUTE_BACKENDS, torch.float32),
+    (APPLY_ROTARY_BACKENDS, torch.float32),
     (PLAN_LAYOUT_BACKENDS, torch.int64),
     (PACK_BY_TOKEN_BUDGET_BACKENDS, torch.int64),
 )

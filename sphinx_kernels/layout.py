@@ -160,7 +160,8 @@ def plan_layout(inputs: LayoutInputs, tokens_per_view: int, *, pad_multiple: int
         ``view_starts[:, None] + arange(tokens_per_view)`` flattened.
 
     All input values are validated (ValueError naming the argument) before any backend runs. Data
-    only: no autograd.
+    only: no autograd, and not for ``torch.compile`` (the output sizes come from the input values;
+    this runs in the data loader).
     """
     args, total = _check_plan_layout(inputs, tokens_per_view, pad_multiple, length)
     chosen = PLAN_LAYOUT_BACKENDS.select(Request(torch.device("cpu"), torch.int64), backend)
@@ -410,7 +411,8 @@ def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
         backend: force one of ``PACK_BY_TOKEN_BUDGET_BACKENDS.names``.
 
     Returns:
-        :class:`Packing` of CPU int64 tensors (no bins for ``n == 0``). Deterministic.
+        :class:`Packing` of CPU int64 tensors (no bins for ``n == 0``). Deterministic. Data
+        preparation: no autograd, not for ``torch.compile`` (the number of bins comes from the values).
     """
     if not isinstance(lengths, torch.Tensor):
         lengths = torch.tensor(list(lengths), dtype=_LONG)

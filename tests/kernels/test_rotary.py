@@ -178,9 +178,11 @@ def test_out_of_table_position_past_validation_gives_nan_rows(backend):
 
 
 def _cases():
-    q = torch.randn(5, 2, 16, device=DEVICE)
-    cos, sin = hf_tables(8, 16, torch.float32)
-    return q, cos, sin, torch.arange(5, device=DEVICE)
+    """CPU tensors even on a GPU machine: position values are checked on the CPU (on a GPU only with
+    SPHINX_KERNELS_CHECK_INPUTS=1), and every other check runs before any backend is chosen."""
+    q = torch.randn(5, 2, 16)
+    cos, sin = hf_tables(8, 16, torch.float32, device="cpu")
+    return q, cos, sin, torch.arange(5)
 
 
 BAD_INPUTS = [

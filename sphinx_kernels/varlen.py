@@ -496,9 +496,14 @@ def _reference_attention(q, k, v, cu_q, cu_k, prefix, max_q, max_k, causal, scal
 
 def _reference_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, max_q, max_k, causal,
                                   scale, deterministic):
-    """The attention backward written out per sequence in the inputs' dtype (a custom op's impl runs
-    below autograd, so it cannot differentiate the forward): P = softmax(S), dV = P^T dO,
-    dS = P * (dO V^T - rowsum(dO V^T * P)), dQ = scale dS K, dK = scale dS^T Q."""
+    """The attention backward written out per sequence (a custom op's impl runs below autograd, so it
+    cannot differentiate the forward): P = softmax(S), dV = P^T dO,
+    dS = P * (dO V^T - rowsum(dO V^T * P)), dQ = scale dS K, dK = scale dS^T Q. In float32 for
+    float16 and bfloat16 inputs: these formulas in half precision lose more than PyTorch's own SDPA
+    backward does."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        grad, q, k, v = (t.float() for t in (grad, q, k, v))
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     kv_heads, group, head_dim = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
     offsets_q, offsets_k = cu_q.tolist(), cu_k.tolist()
@@ -518,7 +523,7 @@ def _reference_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, m
         per_head_dv = probs.transpose(1, 2) @ gb
         dk[k0:k1] = per_head_dk.view(kv_heads, group, k1 - k0, head_dim).sum(1).transpose(0, 1)
         dv[k0:k1] = per_head_dv.view(kv_heads, group, k1 - k0, head_dim).sum(1).transpose(0, 1)
-    return dq, dk, dv
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 def _triton_attention(q, k, v, cu_q, cu_k, prefix, max_q, max_k, causal, scale, deterministic):

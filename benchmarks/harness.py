@@ -45,6 +45,33 @@ def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, move
                fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
 
 
+def flops_row(op: str, shape: str, dtype: str, backend: str, ms: float, flops: int) -> Row:
+    """A row for a compute-bound op: TFLOP/s from the FLOPs it must do."""
+    return Row(op, shape, dtype, backend, ms, tflops=flops / ms / 1e9)
+
+
+def attention_flops(lens_q: Sequence[int], lens_k: Sequence[int], heads: int, head_dim: int, *,
+                    causal: bool = True, prefix_lens: Sequence[int] | None = None,
+                    backward: bool = False) -> int:
+    """FLOPs of attention over packed sequences, counting only the visible (query, key) pairs (the
+    mask of ``sphinx_kernels.varlen_attention``: bottom-right causal, optional prefix). Per pair and
+    query head: 2 FLOPs per multiply-add along ``head_dim`` in each of the forward's two matmuls
+    (Q K^T, P V); the backward adds five (Q K^T again, dV, dP, dQ, dK). Check by hand: one causal
+    sequence of L tokens has L (L + 1) / 2 pairs, so L = 4, H = 1, D = 1 gives 10 * 4 = 40 forward
+    FLOPs and 10 * 14 = 140 forward + backward."""
+    pairs = 0
+    for b, (len_q, len_k) in enumerate(zip(lens_q, lens_k)):
+        prefix = prefix_lens[b] if prefix_lens is not None else 0
+        for i in range(len_q):
+            pos = i + len_k - len_q
+            if not causal:
+                pairs += len_k
+            elif pos >= 0:
+                pairs += min(len_k, max(pos + 1, prefix))
+    matmuls = 2 + (5 if backward else 0)
+    return pairs * heads * head_dim * 2 * matmuls
+
+
 def backends_to_time(op: OpBackends, request: Request) -> list[str]:
     """The names of ``op``'s backends that serve ``request`` here, less Triton on the CPU: the
     interpreter is a correctness tool, not a CPU backend to time."""
@@ -123,11 +150,13 @@ def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilin
 
 def print_rows(rows: Sequence[Row]) -> None:
     print(f"{'op':<18} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s':>8} "
-          f"{'of ceiling':>10}")
+          f"{'of ceiling':>10} {'TFLOP/s':>8}")
     for r in rows:
         gbps = f"{r.gbps:8.1f}" if r.gbps is not None else " " * 8
-        frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
-        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
+        frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else " " * 10
+        tflops = f"{r.tflops:8.3f}" if r.tflops is not None else ""
+        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac} "
+              f"{tflops}")
 
 
 def run_family(family: str, device: torch.device, quick: bool,
@@ -152,5 +181,6 @@ def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequ
         by_case.setdefault((r.op, r.shape, r.dtype), {})[r.backend] = r.ms
     for (op, shape, dtype), times in by_case.items():
         for subject in (s for s in subjects if s in times):
-            ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines if b in times)
+            ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines
+                               if b in times and b != subject)
             print(f"{op} {shape} {dtype}: {subject} is {ratios}")

@@ -1,5 +1,6 @@
 """Triton kernels of the packed-sequence family: the multi-source row gather and its deterministic
-backward (a segment sum in a fixed order). Contracts: ``sphinx_kernels.varlen``."""
+backward (a segment sum in a fixed order), the padding-tile detector, and varlen flash attention
+(forward, and a backward without atomics). Contracts: ``sphinx_kernels.varlen``."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -381,12 +382,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int) -> torch.Tensor:
+def _tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
+                last_block_first: bool) -> torch.Tensor:
     """int32 ``[N, 2]``: program -> (sequence, block within it), from torch ops only (no host sync).
 
     ``N = min(cdiv(total, block) + B, B * cdiv(max_len, block))`` bounds the real tile count
     (``sum_b cdiv(L_b, block)``) from shapes alone; the rows past the real count hold sequence ``B``,
     which the kernels skip. Lengths are clamped exactly as the kernels' ``_seq_bounds`` clamps them.
+    ``last_block_first`` lists a sequence's blocks from the last: under a causal mask the last query
+    blocks see the most keys, and the GPU starts programs in order, so the long ones start first.
     """
     num_seqs = cu_seqlens.shape[0] - 1
     bound = min(triton.cdiv(total, block) + num_seqs, num_seqs * triton.cdiv(max_len, block))
@@ -397,7 +401,10 @@ def _tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int) 
     last = torch.cumsum(blocks, 0)
     pid = torch.arange(bound, device=cu.device)
     seq = torch.searchsorted(last, pid, right=True)
-    block_id = pid - (last - blocks)[seq.clamp(max=num_seqs - 1)]
+    seq_in = seq.clamp(max=num_seqs - 1)
+    block_id = pid - (last - blocks)[seq_in]
+    if last_block_first:
+        block_id = blocks[seq_in] - 1 - block_id
     return torch.stack([seq, block_id], dim=1).to(torch.int32)
 
 
@@ -412,7 +419,7 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, prefix, max_q, max_k, causal, 
         return out, lse
     cfg = _attention_config(head_dim, q.device)
     block_m, block_n = cfg["fwd"]
-    tiles = _tile_table(cu_q, total_q, block_m, max_q)
+    tiles = _tile_table(cu_q, total_q, block_m, max_q, last_block_first=True)
     if tiles.shape[0] == 0:
         return out, lse
     _attn_fwd_kernel[(tiles.shape[0], heads)](
@@ -452,12 +459,12 @@ def varlen_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, max_q
                grad.stride(0), grad.stride(1))
     sizes = (total_q, total_k, num_seqs, head_dim, scale, scale * 1.4426950408889634)
     prefix_arg = cu_q if prefix is None else prefix
-    key_tiles = _tile_table(cu_k, total_k, block_n, max_k)
+    key_tiles = _tile_table(cu_k, total_k, block_n, max_k, last_block_first=False)
     if key_tiles.shape[0] > 0:
         _attn_bwd_dkdv_kernel[(key_tiles.shape[0], kv_heads)](
             q, k, v, grad, lse, delta, dk, dv, cu_q, cu_k, prefix_arg, key_tiles, *strides, *sizes,
             **common)
-    query_tiles = _tile_table(cu_q, total_q, block_m, max_q)
+    query_tiles = _tile_table(cu_q, total_q, block_m, max_q, last_block_first=True)
     if query_tiles.shape[0] > 0:
         _attn_bwd_dq_kernel[(query_tiles.shape[0], heads)](
             q, k, v, grad, lse, delta, dq, cu_q, cu_k, prefix_arg, query_tiles, *strides, *sizes,

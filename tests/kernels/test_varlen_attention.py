@@ -255,6 +255,19 @@ def test_strided_views_of_a_fused_projection_give_the_same_bits():
     assert torch.equal(qkv.grad, fused_grad)
 
 
+@pytest.mark.parametrize("last_block_first", [False, True])
+def test_tile_table_lists_every_block_once(last_block_first):
+    from sphinx_kernels.triton.varlen import _tile_table
+    lengths = [130, 0, 1, 64, 65]
+    tiles = _tile_table(cu_seqlens(lengths), 300, 64, 130, last_block_first).cpu()
+    assert tiles.shape[0] == min(-(-300 // 64) + 5, 5 * 3)  # the static bound
+    real = [(b, i) for b, n in enumerate(lengths) for i in range(-(-n // 64))]
+    listed = [tuple(t) for t in tiles.tolist() if t[0] < len(lengths)]
+    assert sorted(listed) == real
+    assert all(t[0] == len(lengths) for t in tiles.tolist()[len(real):])  # idle tiles last
+    assert listed[0] == ((0, 2) if last_block_first else (0, 0))
+
+
 def test_empty_inputs():
     for backend in BACKENDS:
         q = torch.randn(0, 2, 16, device=DEVICE, requires_grad=True)

@@ -119,6 +119,7 @@ def naive_attention(q, k, v, lens_q, lens_k, causal, prefix, scale):
     """The definition, one (sequence, head, query) at a time in float64, from the docstring's words:
     query i sits at key position p = i + Lk - Lq and sees key j iff p >= 0 and (j <= p, or j and p
     both in the prefix); without causal every key of its sequence."""
+    q, k, v = (t.cpu().double() for t in (q, k, v))
     out = torch.zeros(q.shape, dtype=torch.float64)
     group = q.shape[1] // k.shape[1]
     q0 = k0 = 0
@@ -132,9 +133,9 @@ def naive_attention(q, k, v, lens_q, lens_k, causal, prefix, scale):
                 if not keys:
                     continue
                 rows = torch.tensor(keys) + k0
-                scores = (k[rows, h // group].double() @ q[q0 + i, h].double()) * scale
+                scores = (k[rows, h // group] @ q[q0 + i, h]) * scale
                 weights = torch.softmax(scores, dim=0)
-                out[q0 + i, h] = weights @ v[rows, h // group].double()
+                out[q0 + i, h] = weights @ v[rows, h // group]
         q0, k0 = q0 + len_q, k0 + len_k
     return out
 
@@ -152,7 +153,7 @@ def test_reference_matches_the_definition(mode, separate_keys):
                                           **case.kwargs())
     expected = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, case.causal,
                                case.prefix, case.head_dim ** -0.5)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=case.describe)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-12, atol=1e-12, msg=case.describe)
     assert lse.dtype == torch.float64 and lse.shape == (case.heads, case.q.shape[0])
 
 
@@ -357,7 +358,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make_bad,error,message", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(make_bad, error, message):
+def test_bad_input_raises_naming_the_argument(make_bad, error, message, monkeypatch):
+    monkeypatch.setenv("SPHINX_KERNELS_CHECK_INPUTS", "1")  # value checks on a GPU too
     with pytest.raises(error, match=re.escape(message)):
         sphinx_kernels.varlen_attention(**make_bad())
 

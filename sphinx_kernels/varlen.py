@@ -371,9 +371,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             with ``Hkv = 1``). ``D`` from 1 to 256 (Triton pads the block to a power of 2, at least
             16). Any strides with unit stride along ``D``: q, k, v may be views of one fused
             ``[T, (Hq + 2 Hkv) D]`` projection, e.g. ``qkv.view(T, -1, D).split([Hq, Hkv, Hkv], 1)``.
-        cu_seqlens_q: int32 ``[B + 1]``: sequence b owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``;
-            ``cu_seqlens_q[0] == 0``, non-decreasing, ``cu_seqlens_q[-1] <= Tq``. Zero-length
-            sequences are legal; rows past ``cu_seqlens_q[-1]`` are padding.
+        cu_seqlens_q: int32 ``[B + 1]``: sequence b owns the query rows from ``cu_seqlens_q[b]`` to
+            ``cu_seqlens_q[b + 1]``; ``cu_seqlens_q[0] == 0``, non-decreasing,
+            ``cu_seqlens_q[-1] <= Tq``. Zero-length sequences are legal; rows past
+            ``cu_seqlens_q[-1]`` are padding.
         cu_seqlens_k: int32 ``[B + 1]`` for the key rows, the same rules against ``Tk``; None: the
             same as ``cu_seqlens_q`` (self-attention, ``Tk == Tq`` required).
         max_seqlen_q, max_seqlen_k: optional upper bounds of the sequence lengths (host ints). They

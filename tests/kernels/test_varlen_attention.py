@@ -7,7 +7,6 @@ interpreter is slow); tensor values are fresh on every run, and the seed is in e
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 

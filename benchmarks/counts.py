@@ -15,16 +15,14 @@ def gemm_flops(m: int, n: int, k: int) -> int:
 
 
 def visible_keys(query: int, len_q: int, len_k: int, *, causal: bool, prefix_len: int = 0) -> int:
-    """How many keys query ``query`` of a ``len_q``-query, ``len_k``-key sequence attends to.
-
-    Causal masks are aligned bottom-right (query i sees keys ``j <= i + len_k - len_q``); the first
-    ``prefix_len`` positions (of a sequence with ``len_q == len_k``) see each other bidirectionally.
-    """
+    """How many keys query ``query`` of a ``len_q``-query, ``len_k``-key sequence attends to, under the
+    mask of ``sphinx_kernels.varlen_attention``: the query sits at key position
+    ``p = query + len_k - len_q`` (bottom-right alignment) and sees key j iff ``p >= 0`` and
+    (``j <= p`` or ``j < prefix_len``) when causal, every key otherwise."""
     if not causal:
         return len_k
-    if query < prefix_len:
-        return min(prefix_len, len_k)
-    return max(0, min(len_k, query + len_k - len_q + 1))
+    position = query + len_k - len_q
+    return 0 if position < 0 else min(len_k, max(position + 1, prefix_len))
 
 
 def attention_pairs(lens_q: Sequence[int], lens_k: Sequence[int] | None = None, *, causal: bool,
@@ -45,12 +43,12 @@ def attention_pairs(lens_q: Sequence[int], lens_k: Sequence[int] | None = None, 
 
 
 def attention_flops(lens_q: Sequence[int], lens_k: Sequence[int] | None = None, *, num_heads: int,
-                    head_dim: int, causal: bool, prefix_lens: Sequence[int] | None = None,
+                    head_dim: int, causal: bool = True, prefix_lens: Sequence[int] | None = None,
                     backward: bool = False) -> int:
     """Useful FLOPs of attention over a packed batch: per visible pair and query head, two dot products
-    of length ``head_dim`` (``q.k`` and ``p * v``), 4 * head_dim FLOPs. The backward does five such
-    products per pair (``q.k`` recomputed, dV, dP, dQ, dK): 2.5x the forward, the convention of
-    flash-attention's benchmarks."""
+    of length ``head_dim`` (``q.k`` and ``p * v``), 4 * head_dim FLOPs. ``backward=True`` counts the
+    backward alone: five such products per pair (``q.k`` recomputed, dV, dP, dQ, dK), 2.5x the
+    forward, the convention of flash-attention's benchmarks."""
     forward = 4 * head_dim * num_heads * attention_pairs(lens_q, lens_k, causal=causal,
                                                          prefix_lens=prefix_lens)
     return forward * 5 // 2 if backward else forward

@@ -199,9 +199,9 @@ def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilin
 
 def format_throughput(r: Row) -> str:
     if r.tflops is not None:
-        return f"{r.tflops:.1f} TFLOP/s"
+        return f"{r.tflops:.3g} TFLOP/s"
     if r.gbps is not None:
-        return f"{r.gbps:.1f} GB/s"
+        return f"{r.gbps:.3g} GB/s"
     return ""
 
 
@@ -248,5 +248,6 @@ def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequ
         by_case.setdefault((r.op, r.shape, r.dtype), {})[r.backend] = r.ms
     for (op, shape, dtype), times in by_case.items():
         for subject in (s for s in subjects if s in times):
-            ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines if b in times)
+            ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines
+                               if b in times and b != subject)
             print(f"{op} {shape} {dtype}: {subject} is {ratios}")

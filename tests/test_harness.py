@@ -27,6 +27,7 @@ def test_attention_pairs_by_hand():
     assert counts.attention_pairs([2], [5], causal=True) == 9     # bottom-right: 4 + 5
     assert counts.attention_pairs([3], [1], causal=True) == 1     # 0 + 0 + 1
     assert counts.attention_pairs([4], causal=True, prefix_lens=[2]) == 11  # 2 + 2 + 3 + 4
+    assert counts.attention_pairs([2], [5], causal=True, prefix_lens=[5]) == 10  # all 5 keys, twice
     # 2 heads of dim 8: 4 * 8 * 2 FLOPs per pair; the backward is 2.5 times the forward.
     assert counts.attention_flops([3], num_heads=2, head_dim=8, causal=True) == 384
     assert counts.attention_flops([3], num_heads=2, head_dim=8, causal=True, backward=True) == 960
@@ -35,12 +36,11 @@ def test_attention_pairs_by_hand():
 def test_attention_pairs_match_an_explicit_mask():
     rng = random.Random()
     for _ in range(50):
-        len_k = rng.randint(0, 12)
-        len_q = rng.randint(0, len_k)
-        prefix = rng.randint(0, len_q) if len_q == len_k else 0
-        i = torch.arange(len_q)[:, None]
+        len_q, len_k = rng.randint(0, 12), rng.randint(0, 12)
+        prefix = rng.randint(0, len_k)
+        position = torch.arange(len_q)[:, None] + len_k - len_q
         j = torch.arange(len_k)[None, :]
-        mask = (j <= i + len_k - len_q) | ((i < prefix) & (j < prefix))
+        mask = (position >= 0) & ((j <= position) | (j < prefix))
         got = counts.attention_pairs([len_q], [len_k], causal=True, prefix_lens=[prefix])
         assert got == int(mask.sum()), (len_q, len_k, prefix)
 

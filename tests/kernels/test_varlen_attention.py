@@ -357,8 +357,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make_bad,error,message", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(make_bad, error, message, monkeypatch):
-    monkeypatch.setenv("SPHINX_KERNELS_CHECK_INPUTS", "1")  # value checks on a GPU too
+@pytest.mark.usefixtures("value_checks_on")
+def test_bad_input_raises_naming_the_argument(make_bad, error, message):
     with pytest.raises(error, match=re.escape(message)):
         sphinx_kernels.varlen_attention(**make_bad())
 

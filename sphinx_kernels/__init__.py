@@ -4,6 +4,8 @@ Public ops (each a ``torch.library`` custom op with autograd, usable under ``tor
 
     gather_rows(sources, source_ids, row_ids)   assemble packed rows from several tables
     find_padding_tiles(images, tile, pad_value)  which tiles of pre-padded images are pure padding
+    varlen_attention(q, k, v, cu_seqlens_q, ...) flash attention over packed sequences (GQA, causal
+                                                 bottom-right, prefix-LM)
     topk_gating(logits, k)                      MoE router: softmax, top-k, auxiliary losses
     moe_routing(expert_ids, num_experts)        routing plan: per-expert block-padded row order
     moe_permute(x, plan)                        token rows to expert-grouped order
@@ -24,14 +26,15 @@ from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAG
                                    SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
                                    PackedLayout, Packing, SampleSpec, layout_inputs,
                                    pack_by_token_budget, plan_layout)
-from sphinx_kernels.rotary import apply_rotary
 from sphinx_kernels.moe import (Gating, RoutingPlan, moe_permute, moe_routing, moe_unpermute,
                                 topk_gating)
-from sphinx_kernels.varlen import find_padding_tiles, gather_rows
+from sphinx_kernels.rotary import apply_rotary
+from sphinx_kernels.varlen import find_padding_tiles, gather_rows, varlen_attention
 
 __version__ = "0.1.0"
 __all__ = ["BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
-           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating", "apply_rotary",
+           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating", "varlen_attention",
+           "apply_rotary",
            # layout planning
            "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING", "SOURCE_SKIP",
            "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs", "PackedLayout", "Packing",

@@ -178,11 +178,9 @@ def test_out_of_table_position_past_validation_gives_nan_rows(backend):
 
 
 def _cases():
-    """CPU tensors even on a GPU machine: position values are checked on the CPU (on a GPU only with
-    SPHINX_KERNELS_CHECK_INPUTS=1), and every other check runs before any backend is chosen."""
-    q = torch.randn(5, 2, 16)
-    cos, sin = hf_tables(8, 16, torch.float32, device="cpu")
-    return q, cos, sin, torch.arange(5)
+    q = torch.randn(5, 2, 16, device=DEVICE)
+    cos, sin = hf_tables(8, 16, torch.float32)
+    return q, cos, sin, torch.arange(5, device=DEVICE)
 
 
 BAD_INPUTS = [
@@ -211,7 +209,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make_bad,error,message", BAD_INPUTS)
-def test_bad_input_raises_naming_the_argument(make_bad, error, message):
+def test_bad_input_raises_naming_the_argument(make_bad, error, message, value_checks_on):
     with pytest.raises(error, match=re.escape(message)):
         sphinx_kernels.apply_rotary(*make_bad(*_cases()))
 

@@ -18,9 +18,14 @@ CPU-side batch preparation (torch.library ops too, on CPU tensors; no autograd):
                                                 gather_rows sources/rows, labels, visual rows
     pack_by_token_budget(lengths, budget)       first-fit-decreasing packing into token budgets
 
+Modules (``sphinx_kernels.nn``), drop-in layers over these ops:
+
+    VarlenSelfAttention(hidden, heads, kv_heads)  Llama attention on packed tokens (q/k/v/o_proj)
+
 Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
 backends are available here. Importing the package touches neither CUDA nor the compiled extension.
 """
+from sphinx_kernels import nn
 from sphinx_kernels.backends import BackendUnavailableError
 from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
                                    SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
@@ -32,7 +37,7 @@ from sphinx_kernels.rotary import apply_rotary
 from sphinx_kernels.varlen import find_padding_tiles, gather_rows, varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
+__all__ = ["nn", "BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
            "moe_permute", "moe_routing", "moe_unpermute", "topk_gating", "varlen_attention",
            "apply_rotary",
            # layout planning

@@ -5,7 +5,7 @@ Ops:
         (Switch load balancing, z-loss) from one pass over the logits. Backends: triton, reference.
     moe_routing: the routing plan: tokens per expert, block-padded expert segments and each
         (token, slot) pair's row in expert-grouped order, from a histogram, a prefix sum and a
-        scatter (no sort, no host sync, static shapes). Backends: triton, reference.
+        scatter (no sort, no host sync, static shapes). Backends: cuda, cpp, triton, reference.
     moe_permute / moe_unpermute: token order ``[T, H]`` to expert-grouped block-padded order
         ``[R, H]`` and back (the weighted sum over each token's k slots); each is the other's
         backward. Backends: triton, reference.
@@ -20,7 +20,8 @@ import torch
 
 from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
                                         should_check_values)
-from sphinx_kernels.backends import FLOAT_DTYPES, REFERENCE, TRITON, Backend, OpBackends, Request
+from sphinx_kernels.backends import (CPP, CUDA, FLOAT_DTYPES, REFERENCE, TRITON, Backend,
+                                     OpBackends, Request, native_extension)
 
 __all__ = ["Gating", "RoutingPlan", "topk_gating", "topk_gating_reference", "moe_routing",
            "moe_routing_reference", "moe_permute", "moe_permute_reference", "moe_unpermute",
@@ -269,7 +270,8 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int, *, block_size: int =
     pair with an out-of-range id that reaches a kernel is placed nowhere (position -1).
     """
     _check_moe_routing(expert_ids, num_experts, block_size)
-    chosen = MOE_ROUTING_BACKENDS.select(Request(expert_ids.device, expert_ids.dtype), backend)
+    request = Request(expert_ids.device, expert_ids.dtype, {"num_experts": num_experts})
+    chosen = MOE_ROUTING_BACKENDS.select(request, backend)
     return RoutingPlan(*_moe_routing_op(expert_ids, num_experts, block_size, chosen.name))
 
 
@@ -301,7 +303,26 @@ def _triton_moe_routing(expert_ids, num_experts, block_size):
         expert_ids, num_experts, lambda counts: _padded_offsets(counts, block_size), num_rows)
 
 
+def _native_moe_routing(expert_ids, num_experts, block_size):
+    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
+    num_rows = padded_rows_bound(expert_ids.numel(), num_experts, block_size)
+    return torch.ops.sphinx_kernels.moe_routing_native(expert_ids, num_experts, block_size, num_rows)
+
+
+# The compiled kernels keep a counter per expert in shared memory (csrc/moe/moe.h).
+MAX_NATIVE_ROUTING_EXPERTS = 8192
+
+
+def _native_routing_check(request: Request) -> list[str]:
+    experts = request.features.get("num_experts", 1)
+    if experts > MAX_NATIVE_ROUTING_EXPERTS:
+        return [f"num_experts {experts} > {MAX_NATIVE_ROUTING_EXPERTS}"]
+    return []
+
+
 MOE_ROUTING_BACKENDS = OpBackends("moe_routing", [
+    Backend(CUDA, _native_moe_routing, frozenset(INDEX_DTYPES), _native_routing_check),
+    Backend(CPP, _native_moe_routing, frozenset(INDEX_DTYPES), _native_routing_check),
     Backend(TRITON, _triton_moe_routing, frozenset(INDEX_DTYPES)),
     Backend(REFERENCE, lambda *args: tuple(moe_routing_reference(*args)), frozenset(INDEX_DTYPES)),
 ])

@@ -8,15 +8,18 @@ Public ops (each a ``torch.library`` custom op with autograd, usable under ``tor
     moe_routing(expert_ids, num_experts)        routing plan: per-expert block-padded row order
     moe_permute(x, plan)                        token rows to expert-grouped order
     moe_unpermute(y_grouped, plan, weights)     expert rows back to tokens, gate-weighted
+    moe_expert_mlp(x_grouped, w1, w3, w2, plan) every expert's SwiGLU MLP as grouped GEMMs
+
+Modules: ``sphinx_kernels.nn`` (``MoEMLP``, a Mixtral-style sparse MoE layer over these ops).
 
 Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
 backends are available here. Importing the package touches neither CUDA nor the compiled extension.
 """
 from sphinx_kernels.backends import BackendUnavailableError
-from sphinx_kernels.moe import (Gating, RoutingPlan, moe_permute, moe_routing, moe_unpermute,
-                                topk_gating)
+from sphinx_kernels.moe import (Gating, RoutingPlan, moe_expert_mlp, moe_permute, moe_routing,
+                                moe_unpermute, topk_gating)
 from sphinx_kernels.varlen import find_padding_tiles, gather_rows
 
 __version__ = "0.1.0"
 __all__ = ["BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
-           "moe_permute", "moe_routing", "moe_unpermute", "topk_gating"]
+           "moe_expert_mlp", "moe_permute", "moe_routing", "moe_unpermute", "topk_gating"]

@@ -8,8 +8,8 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
-from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
-                                TOPK_GATING_BACKENDS)
+from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
+                                MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS, TOPK_GATING_BACKENDS)
 from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
 
 # Every public op's backends, with the dtype each is probed with (its main input's).
@@ -20,6 +20,7 @@ OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
     (MOE_ROUTING_BACKENDS, torch.int32),
     (MOE_PERMUTE_BACKENDS, torch.float32),
     (MOE_UNPERMUTE_BACKENDS, torch.float32),
+    (MOE_EXPERT_MLP_BACKENDS, torch.float32),
 )
 
 

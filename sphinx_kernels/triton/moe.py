@@ -373,7 +373,7 @@ def pair_dots(grad, y, position, dtype):
 # SwiGLU-backward kernels hold two tiles of accumulators, hence a narrower BLOCK_N there.
 _GPU_TILES = {2: (128, 128, 64, 8, 3), 4: (64, 64, 32, 4, 3)}  # by element size (fp32: IEEE dots)
 # The interpreter's cost is per program: few, large tiles.
-_INTERPRETER_TILES = (64, 128, 64, 1, 1)
+_INTERPRETER_TILES = (64, 128, 128, 1, 1)
 _GROUP_M = 8
 
 

@@ -45,6 +45,15 @@ def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, move
                fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
 
 
+def compute_row(op: str, shape: str, dtype: str, backend: str, ms: float, flops: float,
+                ceiling_tflops: float | None) -> Row:
+    """A row for a compute-bound op: TFLOP/s from its useful FLOPs, and the fraction of the ceiling
+    (e.g. a dense GEMM of the same FLOPs)."""
+    tflops = flops / ms / 1e9
+    return Row(op, shape, dtype, backend, ms, tflops=tflops,
+               fraction_of_ceiling=tflops / ceiling_tflops if ceiling_tflops else None)
+
+
 def backends_to_time(op: OpBackends, request: Request) -> list[str]:
     """The names of ``op``'s backends that serve ``request`` here, less Triton on the CPU: the
     interpreter is a correctness tool, not a CPU backend to time."""
@@ -122,12 +131,14 @@ def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilin
 
 
 def print_rows(rows: Sequence[Row]) -> None:
-    print(f"{'op':<18} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s':>8} "
-          f"{'of ceiling':>10}")
+    print(f"{'op':<18} {'shape':<28} {'dtype':<9} {'backend':<31} {'ms':>9} {'GB/s':>8} "
+          f"{'TFLOP/s':>8} {'of ceiling':>10}")
     for r in rows:
         gbps = f"{r.gbps:8.1f}" if r.gbps is not None else " " * 8
+        tflops = f"{r.tflops:8.2f}" if r.tflops is not None else " " * 8
         frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
-        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
+        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<31} {r.ms:9.3f} {gbps} {tflops} "
+              f"{frac}")
 
 
 def run_family(family: str, device: torch.device, quick: bool,

@@ -83,7 +83,9 @@ class MoEMLP(nn.Module):
         grouped = moe_expert_mlp(grouped, self.w1, self.w3, self.w2, plan,
                                  recompute=self.recompute)
         y = moe_unpermute(grouped, plan, gating.weights)
-        return y.view(x.shape), MoEAux(gating.load_balancing_loss, gating.z_loss,
+        if x.dim() != 2:  # a view only when needed: FSDP2 warns about modules returning views
+            y = y.view(x.shape)
+        return y, MoEAux(gating.load_balancing_loss, gating.z_loss,
                                        gating.tokens_per_expert)
 
     def extra_repr(self) -> str:

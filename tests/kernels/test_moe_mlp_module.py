@@ -5,8 +5,11 @@ Hugging Face block in the low dtype); any leading shape; the conversion round tr
 torch.compile(fullgraph=True)."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from sphinx_kernels.backends import ENV_BACKEND
 from sphinx_kernels.moe import topk_gating_reference
@@ -207,3 +210,32 @@ def test_compiles_with_fullgraph_forward_and_backward():
     loss_of(torch.compile(compiled, fullgraph=True)).backward()
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_shards_the_layer_unchanged():
+    """fully_shard on a one-process gloo group: parameters become DTensors, the ops take the
+    gathered tensors, and output and gradients equal the unsharded layer's bit for bit."""
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        plain = make_module(4, 2, 48, 100, 16, torch.float32, gen).cpu()
+        sharded = MoEMLP(48, 100, 4, 2, block_size=16)
+        sharded.load_state_dict(plain.state_dict())
+        fully_shard(sharded)
+        x = torch.randn(33, 48, generator=gen)
+        results = []
+        for module in (plain, sharded):
+            y, aux = module(x)
+            (y.square().sum() + aux.load_balancing_loss).backward()
+            results.append((y.detach(), [p.grad for p in module.parameters()]))
+        assert torch.equal(results[0][0], results[1][0])
+        for a, b in zip(results[0][1], results[1][1]):
+            assert torch.equal(a, b.full_tensor())
+    finally:
+        dist.destroy_process_group()

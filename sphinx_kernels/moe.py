@@ -637,13 +637,12 @@ def moe_expert_mlp_reference(x_grouped, w1, w3, w2, tokens_per_expert, padded_of
 
 def _moe_expert_mlp_backward_reference(grad_y, x_grouped, w1, w3, w2, tokens_per_expert,
                                        padded_offsets, h1, h3):
-    """The reference's gradients, expert by expert (``h1``/``h3`` are recomputed: the reference
-    keeps no state between forward and backward beyond what it is handed)."""
+    """The reference's gradients, expert by expert, from the pre-activations h1, h3 ``[R, F]``."""
     grads = [x_grouped.new_zeros(x_grouped.shape)] + [torch.zeros_like(w) for w in (w1, w3, w2)]
     grad_x, grad_w1, grad_w3, grad_w2 = grads
     for e, start, end in _expert_segments(tokens_per_expert, padded_offsets):
         x, dy = x_grouped[start:end], grad_y[start:end]
-        gate, up = x @ w1[e].T, x @ w3[e].T
+        gate, up = h1[start:end], h3[start:end]
         sig = torch.sigmoid(gate)
         silu = gate * sig
         grad_act = dy @ w2[e]

@@ -121,9 +121,10 @@ void launch_routing(const Index* ids, int64_t num_pairs, int num_experts, int64_
                     cudaStream_t stream) {
   const int64_t num_chunks = (num_pairs + kRoutingChunk - 1) / kRoutingChunk;
   const size_t shared = static_cast<size_t>(num_experts) * sizeof(int32_t);
-  if (num_rows > 0) {
-    if (cudaMemsetAsync(row_to_pair, 0xFF, num_rows * sizeof(int32_t), stream) != cudaSuccess) {
-      check_launch("moe_routing memset");
+  if (num_rows > 0) {  // all bits set: -1, "no pair", for every row the scatter leaves alone
+    const cudaError_t err = cudaMemsetAsync(row_to_pair, 0xFF, num_rows * sizeof(int32_t), stream);
+    if (err != cudaSuccess) {
+      throw std::runtime_error(std::string("moe_routing memset: ") + cudaGetErrorString(err));
     }
   }
   if (num_chunks > 0) {

@@ -17,8 +17,13 @@ from benchmarks.harness import RESULTS_DIR
 
 README = os.path.join(os.path.dirname(RESULTS_DIR), os.pardir, "README.md")
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-# Our kernels; every other backend in a case (the reference, peers, eager chains) is a baseline.
-OURS = ("cuda", "cpp", "triton", "sphinx_kernels")
+# Our kernels (and layers named "sphinx ..."); every other backend in a case (the reference, peers,
+# eager chains) is a baseline.
+OURS = ("cuda", "cpp", "triton")
+
+
+def is_ours(backend: str) -> bool:
+    return backend in OURS or backend.startswith("sphinx")
 
 
 def _throughput(row: dict) -> str:
@@ -31,10 +36,10 @@ def _throughput(row: dict) -> str:
 
 def _ratios(row: dict, case_rows: list[dict]) -> str:
     """How many times faster ``row`` is than every baseline of its case (op, shape, dtype)."""
-    if row["backend"] not in OURS:
+    if not is_ours(row["backend"]):
         return ""
     return ", ".join(f"{other['ms'] / row['ms']:.2f}x {other['backend']}" for other in case_rows
-                     if other["backend"] not in OURS)
+                     if not is_ours(other["backend"]))
 
 
 def family_table(results: dict, png: str | None) -> list[str]:

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "moe/moe.h"
 #include "varlen/layout.h"
 #include "varlen/varlen.h"
 
@@ -213,6 +214,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_by_token_budget_
   return {bin_ids, order, bin_offsets, bin_tokens};
 }
 
+// Returns (tokens_per_expert, padded_offsets, position, row_to_pair), int32, as moe_routing does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_routing_native(
+    const at::Tensor& expert_ids, int64_t num_experts, int64_t block_size, int64_t num_rows) {
+  TORCH_CHECK(expert_ids.dim() == 2 &&
+                  (expert_ids.scalar_type() == at::kInt || expert_ids.scalar_type() == at::kLong),
+              "moe_routing_native: expert_ids must be [T, k] int32 or int64");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxRoutingExperts && block_size >= 1 &&
+                  num_rows >= 0 && num_rows < (int64_t{1} << 31),
+              "moe_routing_native: need 1 <= num_experts <= ", kMaxRoutingExperts,
+              ", block_size >= 1 and 0 <= num_rows < 2^31");
+  const at::Tensor ids = expert_ids.contiguous();
+  const int64_t num_pairs = ids.numel();
+  const auto options = ids.options().dtype(at::kInt);
+  at::Tensor tokens_per_expert = at::empty({num_experts}, options);
+  at::Tensor padded_offsets = at::empty({num_experts + 1}, options);
+  at::Tensor position = at::empty({ids.size(0), ids.size(1)}, options);
+  at::Tensor row_to_pair = at::empty({num_rows}, options);
+  const bool int64_ids = ids.scalar_type() == at::kLong;
+  if (ids.is_cuda()) {
+#ifdef SPHINX_KERNELS_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(ids.device());
+    at::Tensor scratch = at::empty({routing_scratch_ints(num_pairs, num_experts)}, options);
+    moe_routing_cuda(ids.data_ptr(), int64_ids, num_pairs, num_experts, block_size, num_rows,
+                     tokens_per_expert.data_ptr<int32_t>(), padded_offsets.data_ptr<int32_t>(),
+                     position.data_ptr<int32_t>(), row_to_pair.data_ptr<int32_t>(),
+                     scratch.data_ptr<int32_t>(), stream_for(ids));
+#endif
+  } else {
+    moe_routing_cpu(ids.data_ptr(), int64_ids, num_pairs, num_experts, block_size, num_rows,
+                    tokens_per_expert.data_ptr<int32_t>(), padded_offsets.data_ptr<int32_t>(),
+                    position.data_ptr<int32_t>(), row_to_pair.data_ptr<int32_t>());
+  }
+  return {tokens_per_expert, padded_offsets, position, row_to_pair};
+}
+
 #ifdef SPHINX_KERNELS_WITH_CUDA
 at::Tensor find_padding_tiles_native(const at::Tensor& images, const at::Tensor& pad,
                                      int64_t tile_h, int64_t tile_w) {
@@ -246,6 +282,8 @@ TORCH_LIBRARY(sphinx_kernels, m) {
         "Tensor images_per_sample, Tensor tile_grids, Tensor skipped_tiles, int tokens_per_view, "
         "int total) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("pack_by_token_budget_native(Tensor lengths, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_routing_native(Tensor expert_ids, int num_experts, int block_size, int num_rows) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
@@ -253,6 +291,7 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("segment_sum_rows_native", &sphinx_kernels::segment_sum_rows_native);
   m.impl("plan_layout_native", &sphinx_kernels::plan_layout_native);
   m.impl("pack_by_token_budget_native", &sphinx_kernels::pack_by_token_budget_native);
+  m.impl("moe_routing_native", &sphinx_kernels::moe_routing_native);
 }
 
 #ifdef SPHINX_KERNELS_WITH_CUDA
@@ -260,6 +299,7 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CUDA, m) {
   m.impl("gather_rows_native", &sphinx_kernels::gather_rows_native);
   m.impl("segment_sum_rows_native", &sphinx_kernels::segment_sum_rows_native);
   m.impl("find_padding_tiles_native", &sphinx_kernels::find_padding_tiles_native);
+  m.impl("moe_routing_native", &sphinx_kernels::moe_routing_native);
 }
 #endif
 

@@ -9,8 +9,8 @@ import torch
 import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
 from sphinx_kernels.layout import PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS
-from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
-                                TOPK_GATING_BACKENDS)
+from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
+                                MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS, TOPK_GATING_BACKENDS)
 from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS
 from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
                                    VARLEN_ATTENTION_BACKENDS)
@@ -27,6 +27,7 @@ OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
     (APPLY_ROTARY_BACKENDS, torch.float32),
     (PLAN_LAYOUT_BACKENDS, torch.int64),
     (PACK_BY_TOKEN_BUDGET_BACKENDS, torch.int64),
+    (MOE_EXPERT_MLP_BACKENDS, torch.float32),
 )
 
 

@@ -5,10 +5,20 @@ Ops:
         (Switch load balancing, z-loss) from one pass over the logits. Backends: triton, reference.
     moe_routing: the routing plan: tokens per expert, block-padded expert segments and each
         (token, slot) pair's row in expert-grouped order, from a histogram, a prefix sum and a
-        scatter (no sort, no host sync, static shapes). Backends: triton, reference.
+        scatter (no sort, no host sync, static shapes). Backends: cuda, cpp, triton, reference.
     moe_permute / moe_unpermute: token order ``[T, H]`` to expert-grouped block-padded order
         ``[R, H]`` and back (the weighted sum over each token's k slots); each is the other's
         backward. Backends: triton, reference.
+    moe_expert_mlp: every expert's SwiGLU MLP on its grouped rows: grouped GEMMs that skip padding
+        blocks, gate and up projections fused with the SwiGLU; forward and backward (optionally
+        recomputing the activation). Backends: triton, reference.
+
+Expert parallelism: the plan and the permutation are where it would enter. With experts sharded
+over ranks, the grouped rows of ``moe_permute`` are exchanged by an all-to-all (each rank sending
+``padded_offsets``-delimited segments to the rank owning those experts, after exchanging
+``tokens_per_expert``), ``moe_expert_mlp`` runs on the local experts' rows with a local plan, and
+the reverse all-to-all precedes ``moe_unpermute``. Nothing here assumes all experts are local
+beyond the shapes the caller passes.
 
 Each op has a pure-PyTorch reference beside it (``*_reference``), which the tests compare against.
 """
@@ -20,12 +30,14 @@ import torch
 
 from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
                                         should_check_values)
-from sphinx_kernels.backends import FLOAT_DTYPES, REFERENCE, TRITON, Backend, OpBackends, Request
+from sphinx_kernels.backends import (CPP, CUDA, FLOAT_DTYPES, REFERENCE, TRITON, Backend,
+                                     OpBackends, Request, native_extension)
 
 __all__ = ["Gating", "RoutingPlan", "topk_gating", "topk_gating_reference", "moe_routing",
            "moe_routing_reference", "moe_permute", "moe_permute_reference", "moe_unpermute",
            "moe_unpermute_reference", "padded_rows_bound", "TOPK_GATING_BACKENDS",
-           "MOE_ROUTING_BACKENDS", "MOE_PERMUTE_BACKENDS", "MOE_UNPERMUTE_BACKENDS"]
+           "MOE_ROUTING_BACKENDS", "MOE_PERMUTE_BACKENDS", "MOE_UNPERMUTE_BACKENDS",
+           "moe_expert_mlp", "moe_expert_mlp_reference", "MOE_EXPERT_MLP_BACKENDS"]
 
 GATING_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
@@ -269,7 +281,8 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int, *, block_size: int =
     pair with an out-of-range id that reaches a kernel is placed nowhere (position -1).
     """
     _check_moe_routing(expert_ids, num_experts, block_size)
-    chosen = MOE_ROUTING_BACKENDS.select(Request(expert_ids.device, expert_ids.dtype), backend)
+    request = Request(expert_ids.device, expert_ids.dtype, {"num_experts": num_experts})
+    chosen = MOE_ROUTING_BACKENDS.select(request, backend)
     return RoutingPlan(*_moe_routing_op(expert_ids, num_experts, block_size, chosen.name))
 
 
@@ -301,7 +314,26 @@ def _triton_moe_routing(expert_ids, num_experts, block_size):
         expert_ids, num_experts, lambda counts: _padded_offsets(counts, block_size), num_rows)
 
 
+def _native_moe_routing(expert_ids, num_experts, block_size):
+    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
+    num_rows = padded_rows_bound(expert_ids.numel(), num_experts, block_size)
+    return torch.ops.sphinx_kernels.moe_routing_native(expert_ids, num_experts, block_size, num_rows)
+
+
+# The compiled kernels keep a counter per expert in shared memory (csrc/moe/moe.h).
+MAX_NATIVE_ROUTING_EXPERTS = 8192
+
+
+def _native_routing_check(request: Request) -> list[str]:
+    experts = request.features.get("num_experts", 1)
+    if experts > MAX_NATIVE_ROUTING_EXPERTS:
+        return [f"num_experts {experts} > {MAX_NATIVE_ROUTING_EXPERTS}"]
+    return []
+
+
 MOE_ROUTING_BACKENDS = OpBackends("moe_routing", [
+    Backend(CUDA, _native_moe_routing, frozenset(INDEX_DTYPES), _native_routing_check),
+    Backend(CPP, _native_moe_routing, frozenset(INDEX_DTYPES), _native_routing_check),
     Backend(TRITON, _triton_moe_routing, frozenset(INDEX_DTYPES)),
     Backend(REFERENCE, lambda *args: tuple(moe_routing_reference(*args)), frozenset(INDEX_DTYPES)),
 ])
@@ -539,3 +571,191 @@ def _check_rows(name: str, rows, plan, *, rows_of: str) -> None:
         if low < 0 or high >= num_rows:
             raise ValueError(f"plan.position must be in [0, {num_rows}) (plan.row_to_pair rows), "
                              f"got values in [{low}, {high}]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# moe_expert_mlp
+
+MLP_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def moe_expert_mlp(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   plan: RoutingPlan, *, recompute: bool = False,
+                   backend: str | None = None) -> torch.Tensor:
+    """Every expert's SwiGLU MLP on its rows of the expert-grouped batch:
+    ``y[r] = (silu(x[r] @ w1[e].T) * (x[r] @ w3[e].T)) @ w2[e].T`` for the rows r of expert e.
+
+    Args:
+        x_grouped: ``[R, H]`` float16, bfloat16, float32 or float64 rows in the plan's order
+            (``moe_permute``), ``R = plan.num_padded_rows``; padding rows are never read.
+        w1, w3: ``[E, F, H]`` gate and up projections, stacked per expert (``nn.Linear(H, F)``
+            weights), ``x_grouped``'s dtype and device.
+        w2: ``[E, H, F]`` down projections.
+        plan: the ``moe_routing`` plan of this batch, ``E = plan.tokens_per_expert.shape[0]``.
+        recompute: keep no activation for the backward (which recomputes it from ``x_grouped``): less
+            memory between forward and backward, one more pair of GEMMs.
+        backend: force one of ``MOE_EXPERT_MLP_BACKENDS.names``.
+
+    Returns:
+        ``[R, H]`` in ``x_grouped``'s dtype; rows holding no pair are zero. The Triton kernels are
+        grouped GEMMs over row blocks that map to experts through ``plan.padded_offsets`` on the
+        device (no host sync), skip blocks holding no pair, fuse the gate and up projections with
+        the SwiGLU, and accumulate in float32.
+
+    Autograd: ``x_grouped`` (zero on padding rows), ``w1``, ``w3``, ``w2``; each expert's weight
+    gradient sums over that expert's rows only, in row order (deterministic, no atomics).
+    """
+    _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute)
+    chosen = MOE_EXPERT_MLP_BACKENDS.select(Request(x_grouped.device, x_grouped.dtype), backend)
+    y, _, _ = _moe_expert_mlp_op(x_grouped, w1, w3, w2, plan.tokens_per_expert,
+                                 plan.padded_offsets, recompute, chosen.name)
+    return y
+
+
+def _expert_segments(tokens_per_expert, padded_offsets):
+    """(expert, first row, end row) of each expert with pairs: host values, for the reference."""
+    return [(e, start, start + count) for e, (start, count)
+            in enumerate(zip(padded_offsets.tolist(), tokens_per_expert.tolist())) if count]
+
+
+def moe_expert_mlp_reference(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets,
+                             store_pre=True):
+    """Pure-PyTorch ``moe_expert_mlp``, a loop over experts in the inputs' dtype (the Hugging Face
+    way): ``(y, h1, h3)`` with the pre-activations ``h1 = x @ w1[e].T``, ``h3`` ``[R, F]`` (empty
+    unless ``store_pre``)."""
+    y = x_grouped.new_zeros(x_grouped.shape)
+    pre_rows = x_grouped.shape[0] if store_pre else 0
+    h1, h3 = (x_grouped.new_zeros((pre_rows, w1.shape[1])) for _ in "13")
+    for e, start, end in _expert_segments(tokens_per_expert, padded_offsets):
+        x = x_grouped[start:end]
+        gate, up = x @ w1[e].T, x @ w3[e].T
+        y[start:end] = (torch.nn.functional.silu(gate) * up) @ w2[e].T
+        if store_pre:
+            h1[start:end], h3[start:end] = gate, up
+    return y, h1, h3
+
+
+def _moe_expert_mlp_backward_reference(grad_y, x_grouped, w1, w3, w2, tokens_per_expert,
+                                       padded_offsets, h1, h3):
+    """The reference's gradients, expert by expert, from the pre-activations h1, h3 ``[R, F]``."""
+    grads = [x_grouped.new_zeros(x_grouped.shape)] + [torch.zeros_like(w) for w in (w1, w3, w2)]
+    grad_x, grad_w1, grad_w3, grad_w2 = grads
+    for e, start, end in _expert_segments(tokens_per_expert, padded_offsets):
+        x, dy = x_grouped[start:end], grad_y[start:end]
+        gate, up = h1[start:end], h3[start:end]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_act = dy @ w2[e]
+        grad_up = grad_act * silu
+        grad_gate = grad_act * up * sig * (1 + gate * (1 - sig))
+        grad_x[start:end] = grad_gate @ w1[e] + grad_up @ w3[e]
+        grad_w1[e], grad_w3[e] = grad_gate.T @ x, grad_up.T @ x
+        grad_w2[e] = dy.T @ (silu * up)
+    return tuple(grads)
+
+
+def _triton_moe_expert_mlp(*args):
+    return _triton_kernels().moe_expert_mlp(*args)
+
+
+def _triton_moe_expert_mlp_backward(*args):
+    return _triton_kernels().moe_expert_mlp_backward(*args)
+
+
+# impl: (forward, backward). The backward takes the forward's pre-activations (recomputed first when
+# the forward kept none).
+MOE_EXPERT_MLP_BACKENDS = OpBackends("moe_expert_mlp", [
+    Backend(TRITON, (_triton_moe_expert_mlp, _triton_moe_expert_mlp_backward), MLP_DTYPES),
+    Backend(REFERENCE, (moe_expert_mlp_reference, _moe_expert_mlp_backward_reference),
+            FLOAT_DTYPES),
+])
+
+
+@torch.library.custom_op("sphinx_kernels::moe_expert_mlp", mutates_args=())
+def _moe_expert_mlp_op(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                       w2: torch.Tensor, tokens_per_expert: torch.Tensor,
+                       padded_offsets: torch.Tensor, recompute: bool, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, h1, h3)``: the pre-activations are for the backward, ``[0, F]`` when ``recompute``."""
+    forward, _ = MOE_EXPERT_MLP_BACKENDS[backend].impl
+    return forward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, not recompute)
+
+
+@_moe_expert_mlp_op.register_fake
+def _(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, recompute, backend):
+    pre_rows = 0 if recompute else x_grouped.shape[0]
+    return (x_grouped.new_empty(x_grouped.shape), x_grouped.new_empty((pre_rows, w1.shape[1])),
+            x_grouped.new_empty((pre_rows, w1.shape[1])))
+
+
+@torch.library.custom_op("sphinx_kernels::moe_expert_mlp_backward", mutates_args=())
+def _moe_expert_mlp_backward_op(grad_y: torch.Tensor, x_grouped: torch.Tensor, w1: torch.Tensor,
+                                w3: torch.Tensor, w2: torch.Tensor,
+                                tokens_per_expert: torch.Tensor, padded_offsets: torch.Tensor,
+                                h1: torch.Tensor, h3: torch.Tensor, backend: str
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_w1, grad_w3, grad_w2)``; ``h1``/``h3`` with no rows: recompute them."""
+    forward, backward = MOE_EXPERT_MLP_BACKENDS[backend].impl
+    if h1.shape[0] != x_grouped.shape[0]:
+        _, h1, h3 = forward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, True)
+    return backward(grad_y, x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1, h3)
+
+
+@_moe_expert_mlp_backward_op.register_fake
+def _(grad_y, x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1, h3, backend):
+    return tuple(t.new_empty(t.shape) for t in (x_grouped, w1, w3, w2))
+
+
+def _moe_expert_mlp_setup_context(ctx, inputs, output):
+    x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, _, backend = inputs
+    _, h1, h3 = output
+    ctx.save_for_backward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1, h3)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(h1, h3)
+
+
+def _moe_expert_mlp_backward(ctx, grad_y, _grad_h1, _grad_h3):
+    x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1, h3 = ctx.saved_tensors
+    grads = _moe_expert_mlp_backward_op(grad_y, x_grouped, w1, w3, w2, tokens_per_expert,
+                                        padded_offsets, h1, h3, ctx.backend)
+    return (*grads, None, None, None, None)
+
+
+_moe_expert_mlp_op.register_autograd(_moe_expert_mlp_backward,
+                                     setup_context=_moe_expert_mlp_setup_context)
+
+
+def _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute) -> None:
+    _check_rows("x_grouped", x_grouped, plan, rows_of="row_to_pair")
+    for name, field, dims in (("plan.tokens_per_expert", plan.tokens_per_expert, 1),
+                              ("plan.padded_offsets", plan.padded_offsets, 1)):
+        require_tensor(name, field, dims=dims, dtypes=(torch.int32,))
+        require_device(name, field, x_grouped.device, "x_grouped")
+    num_experts, hidden = plan.tokens_per_expert.shape[0], x_grouped.shape[1]
+    if plan.padded_offsets.shape[0] != num_experts + 1:
+        raise ValueError(f"plan.padded_offsets has {plan.padded_offsets.shape[0]} entries but "
+                         f"plan.tokens_per_expert has {num_experts}; expected E + 1")
+    for name, weight in (("w1", w1), ("w3", w3), ("w2", w2)):
+        require_tensor(name, weight, dims=3)
+        if weight.dtype != x_grouped.dtype:
+            raise TypeError(f"{name} has dtype {dtype_name(weight.dtype)} but x_grouped has "
+                            f"{dtype_name(x_grouped.dtype)}; they must match")
+        require_device(name, weight, x_grouped.device, "x_grouped")
+    ffn = w1.shape[1]
+    for name, weight, expected in (("w1", w1, (num_experts, ffn, hidden)),
+                                   ("w3", w3, (num_experts, ffn, hidden)),
+                                   ("w2", w2, (num_experts, hidden, ffn))):
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(weight.shape)}, expected {expected} "
+                             f"([E, F, H] for w1/w3, [E, H, F] for w2, with E = {num_experts} from "
+                             f"the plan, H = {hidden} from x_grouped, F = {ffn} from w1)")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    offsets = plan.padded_offsets
+    if should_check_values(offsets):
+        bad = ((offsets[1:] - offsets[:-1] < plan.tokens_per_expert).any() or int(offsets[0]) != 0
+               or int(offsets[-1]) > x_grouped.shape[0])
+        if bad:
+            raise ValueError("plan.padded_offsets must start at 0, leave each expert room for its "
+                             f"tokens_per_expert and end at most at R = {x_grouped.shape[0]}; "
+                             "the plan must come from moe_routing")

@@ -1,18 +1,28 @@
 """Drop-in modules over the ops, for users' own models:
 
     VarlenSelfAttention   q/k/v projections, rotary, varlen flash attention, output projection (GQA)
+    MoEMLP                a dropless sparse Mixture-of-Experts SwiGLU MLP (Mixtral's block_sparse_moe),
+                          with conversion from and to the Hugging Face Mixtral layout
 
-Parameter names follow the Hugging Face models they replace, so checkpoints load unchanged. The modules
-know nothing of parallelism (FSDP, activation checkpointing and compile are applied from outside).
+Parameter names follow the Hugging Face models they replace, so checkpoints load unchanged. Each class
+is self-contained, and knows nothing of parallelism (FSDP, activation checkpointing and compile are
+applied from outside).
 """
 from __future__ import annotations
 
-import torch
+import math
+from typing import Mapping, NamedTuple
 
+import torch
+from torch import nn
+
+from sphinx_kernels.moe import (moe_expert_mlp, moe_permute, moe_routing, moe_unpermute,
+                                topk_gating)
 from sphinx_kernels.rotary import apply_rotary
 from sphinx_kernels.varlen import varlen_attention
 
-__all__ = ["VarlenSelfAttention", "rotary_tables"]
+__all__ = ["VarlenSelfAttention", "rotary_tables", "MoEAux", "MoEMLP", "moe_mlp_from_mixtral",
+           "moe_mlp_to_mixtral"]
 
 
 class VarlenSelfAttention(torch.nn.Module):
@@ -94,3 +104,120 @@ def rotary_tables(positions: int, head_dim: int, theta: float = 10000.0,
     angles = torch.arange(positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None]
     angles = torch.cat([angles, angles], dim=1)
     return angles.cos().float(), angles.sin().float()
+
+
+class MoEAux(NamedTuple):
+    """The router's by-products of one ``MoEMLP`` call."""
+
+    load_balancing_loss: torch.Tensor  # [] float32, Switch-style: E * sum_e f_e * P_e
+    z_loss: torch.Tensor               # [] float32: mean over tokens of logsumexp(logits)^2
+    tokens_per_expert: torch.Tensor    # [E] int32 (token, slot) pairs routed to each expert
+
+
+class MoEMLP(nn.Module):
+    """A dropless sparse Mixture-of-Experts SwiGLU MLP (Mixtral's ``block_sparse_moe``).
+
+    Per token: router logits ``x @ router.weight.T`` (``[E]``), softmax (float32) and top-k, gates
+    renormalised over the k experts, and ``y = sum_j gate_j * expert_{e_j}(x)`` with
+    ``expert_e(x) = (silu(x @ w1[e].T) * (x @ w3[e].T)) @ w2[e].T``. No token is ever dropped.
+
+    The pipeline is ``topk_gating`` -> ``moe_routing`` (the block-padded plan) -> ``moe_permute`` ->
+    ``moe_expert_mlp`` (grouped GEMMs) -> ``moe_unpermute`` (the gate-weighted sum). Expert
+    parallelism would go between the plan and the expert GEMMs: an all-to-all of the permuted rows
+    (and of ``tokens_per_expert``) to the ranks owning the experts, and back before the unpermute
+    (see ``sphinx_kernels.moe``); this module holds all experts and has no such code.
+
+    Parameters are plain ``nn.Parameter`` tensors (no custom storage), so FSDP2's ``fully_shard``
+    shards them like any other; the ops take whatever full tensors FSDP hands back.
+
+    Args:
+        hidden: ``H``, the model width.
+        ffn: ``F``, each expert's inner width.
+        num_experts: ``E``.
+        top_k: ``k`` experts per token, ``1 <= k <= E``.
+        block_size: rows per expert GEMM block in the routing plan (each expert's segment is padded
+            to a multiple); 128 suits the GPU kernels, small values suit CPU tests.
+        recompute: recompute the experts' activations in the backward instead of keeping them.
+
+    Parameters: ``router.weight`` ``[E, H]``, ``w1`` and ``w3`` ``[E, F, H]``, ``w2`` ``[E, H, F]``.
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
+                 block_size: int = 128, recompute: bool = False, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
+        factory = {"device": device, "dtype": dtype}
+        self.hidden, self.ffn, self.num_experts, self.top_k = hidden, ffn, num_experts, top_k
+        self.block_size, self.recompute = block_size, recompute
+        self.router = nn.Linear(hidden, num_experts, bias=False, **factory)
+        self.w1 = nn.Parameter(torch.empty(num_experts, ffn, hidden, **factory))
+        self.w3 = nn.Parameter(torch.empty(num_experts, ffn, hidden, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised as ``nn.Linear`` would be: uniform in +-1/sqrt(fan_in)."""
+        self.router.reset_parameters()
+        for weight, fan_in in ((self.w1, self.hidden), (self.w3, self.hidden), (self.w2, self.ffn)):
+            bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """``x`` ``[..., H]`` -> ``(y [..., H] in x's dtype, MoEAux)``."""
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"x must have last dimension hidden = {self.hidden}, got shape "
+                             f"{tuple(x.shape)}")
+        tokens = x.reshape(-1, self.hidden)
+        gating = topk_gating(self.router(tokens), self.top_k)
+        plan = moe_routing(gating.expert_ids, self.num_experts, block_size=self.block_size)
+        grouped = moe_permute(tokens, plan)
+        grouped = moe_expert_mlp(grouped, self.w1, self.w3, self.w2, plan,
+                                 recompute=self.recompute)
+        y = moe_unpermute(grouped, plan, gating.weights)
+        if x.dim() != 2:  # a view only when needed: FSDP2 warns about modules returning views
+            y = y.view(x.shape)
+        return y, MoEAux(gating.load_balancing_loss, gating.z_loss,
+                                       gating.tokens_per_expert)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden}, ffn={self.ffn}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, block_size={self.block_size}, recompute={self.recompute}")
+
+
+_MIXTRAL_GATE = "block_sparse_moe.gate.weight"
+_MIXTRAL_EXPERT = "block_sparse_moe.experts.{e}.{w}.weight"
+
+
+def moe_mlp_from_mixtral(state_dict: Mapping[str, torch.Tensor],
+                         prefix: str = "") -> dict[str, torch.Tensor]:
+    """``MoEMLP`` parameters from the Hugging Face Mixtral layout.
+
+    Reads ``{prefix}block_sparse_moe.gate.weight`` ``[E, H]`` and
+    ``{prefix}block_sparse_moe.experts.{e}.w1/w2/w3.weight`` (``[F, H]``, ``[H, F]``, ``[F, H]``) for
+    ``e < E``; returns ``{"router.weight", "w1", "w3", "w2"}`` for ``MoEMLP.load_state_dict``. The
+    prefix is the decoder layer's, e.g. ``"model.layers.3."``.
+    """
+    gate_key = prefix + _MIXTRAL_GATE
+    if gate_key not in state_dict:
+        raise KeyError(f"{gate_key!r} not in the state dict: is prefix {prefix!r} right?")
+    router = state_dict[gate_key]
+    out = {"router.weight": router}
+    for w in ("w1", "w3", "w2"):
+        keys = [prefix + _MIXTRAL_EXPERT.format(e=e, w=w) for e in range(router.shape[0])]
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            raise KeyError(f"expert weights missing from the state dict: {missing[:3]}")
+        out[w] = torch.stack([state_dict[k] for k in keys])
+    return out
+
+
+def moe_mlp_to_mixtral(state_dict: Mapping[str, torch.Tensor],
+                       prefix: str = "") -> dict[str, torch.Tensor]:
+    """The inverse of :func:`moe_mlp_from_mixtral`: ``MoEMLP.state_dict()`` to Hugging Face Mixtral
+    keys under ``prefix`` (each expert's weight a view of the stacked parameter)."""
+    out = {prefix + _MIXTRAL_GATE: state_dict["router.weight"]}
+    for w in ("w1", "w3", "w2"):
+        for e, weight in enumerate(state_dict[w].unbind(0)):
+            out[prefix + _MIXTRAL_EXPERT.format(e=e, w=w)] = weight
+    return out

@@ -357,3 +357,264 @@ def pair_dots(grad, y, position, dtype):
         grad.contiguous(), y.contiguous(), position.contiguous(), out, num_tokens, y.shape[0],
         grad.shape[1], K=k, ACC_DTYPE=_acc_dtype(y.dtype), BLOCK_T=block_t, BLOCK_H=block_h)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# moe_expert_mlp: grouped GEMMs over the plan's expert-grouped rows.
+#
+# A row tile [m0, m0 + BLOCK_M) meets the experts whose segments overlap it, found from padded_offsets
+# on the device (no host sync): one expert when BLOCK_M divides the plan's block size (the GPU
+# default), a few when the block size is smaller. Per expert the tile multiplies only the rows that
+# hold that expert's pairs, so rows of other experts and padding rows add exact zeros, and a tile with
+# no valid row does no multiply at all (padding blocks are never computed, only zero-filled). Weight
+# gradients loop over one expert's rows in order: deterministic, no atomics, no split-K.
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row-tiled kernels; the fused gate/up and
+# SwiGLU-backward kernels hold two tiles of accumulators, hence a narrower BLOCK_N there.
+_GPU_TILES = {2: (128, 128, 64, 8, 3), 4: (64, 64, 32, 4, 3)}  # by element size (fp32: IEEE dots)
+# The interpreter's cost is per program: few, large tiles.
+_INTERPRETER_TILES = (64, 128, 128, 1, 1)
+_GROUP_M = 8
+
+
+@triton.jit
+def _swizzled_tile(num_rows, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """First row and column of this program's output tile, in groups of GROUP_M row tiles that share
+    weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(num_rows, BLOCK_M)
+    tiles_n = tl.cdiv(width, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _tile_experts(offsets_ptr, m0, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``[first, stop)``: the experts whose segments overlap rows ``[m0, m0 + BLOCK_M)``."""
+    e = tl.arange(0, BLOCK_E)
+    e_in = e < num_experts
+    starts = tl.load(offsets_ptr + e, mask=e_in, other=2147483647)
+    ends = tl.load(offsets_ptr + 1 + e, mask=e_in, other=2147483647)
+    first = tl.sum((ends <= m0).to(tl.int32), axis=0)
+    stop = tl.sum((starts < m0 + BLOCK_M).to(tl.int32), axis=0)
+    return first, stop
+
+
+@triton.jit
+def _expert_rows(offsets_ptr, counts_ptr, e, rows, num_rows):
+    """Which of ``rows`` hold expert ``e``'s pairs, and whether any does."""
+    start = tl.load(offsets_ptr + e)
+    end = start + tl.load(counts_ptr + e)
+    valid = (rows >= start) & (rows < end) & (rows >= 0) & (rows < num_rows)
+    return valid, tl.sum(valid.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _weight_tile(w_ptr, e, n, k, width, depth, stride_e, stride_n, stride_k):
+    """``W[e][n, k]`` as a ``[BLOCK_K, BLOCK_N]`` tile (the right operand of ``rows @ W[e].T``)."""
+    # int64 expert offset (E * F * H may pass 2^31); the loop's e is a plain int in the interpreter.
+    base = (tl.full([], 0, tl.int64) + e) * stride_e
+    return tl.load(w_ptr + base + n[None, :] * stride_n + k[:, None] * stride_k,
+                   mask=(n < width)[None, :] & (k < depth)[:, None], other=0)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, offsets_ptr, counts_ptr, act_ptr, h1_ptr, h3_ptr,
+                    num_rows, hidden, ffn, num_experts, STORE_PRE: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    """``act = silu(x @ w1[e].T) * (x @ w3[e].T)`` on ``[R, F]`` tiles, both GEMMs sharing the loads
+    of x; ``h1``, ``h3`` (the two pre-activations) stored too when STORE_PRE."""
+    m0, n0 = _swizzled_tile(num_rows, ffn, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    first, stop = _tile_experts(offsets_ptr, m0, num_experts, BLOCK_M, BLOCK_E)
+    for e in range(first, stop):
+        valid, any_valid = _expert_rows(offsets_ptr, counts_ptr, e, rm, num_rows)
+        if any_valid:
+            for k0 in range(0, hidden, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rm[:, None].to(tl.int64) * hidden + rk[None, :],
+                            mask=valid[:, None] & (rk < hidden)[None, :], other=0)
+                w1 = _weight_tile(w1_ptr, e, rn, rk, ffn, hidden, ffn * hidden, hidden, 1)
+                w3 = _weight_tile(w3_ptr, e, rn, rk, ffn, hidden, ffn * hidden, hidden, 1)
+                acc1 = tl.dot(x, w1, acc1, input_precision=PRECISION)
+                acc3 = tl.dot(x, w3, acc3, input_precision=PRECISION)
+    act = acc1 * tl.sigmoid(acc1) * acc3  # rows of no pair: 0 * 0
+    out = rm[:, None].to(tl.int64) * ffn + rn[None, :]
+    mask = (rm < num_rows)[:, None] & (rn < ffn)[None, :]
+    tl.store(act_ptr + out, act.to(act_ptr.dtype.element_ty), mask=mask)
+    if STORE_PRE:
+        tl.store(h1_ptr + out, acc1.to(h1_ptr.dtype.element_ty), mask=mask)
+        tl.store(h3_ptr + out, acc3.to(h3_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, w_ptr, a2_ptr, w2_ptr, out_ptr, offsets_ptr, counts_ptr,
+                         h1_ptr, h3_ptr, dh3_ptr, act_ptr, num_rows, width, depth, num_experts,
+                         stride_e, stride_n, stride_k, TWO: tl.constexpr,
+                         SWIGLU_BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    """``out[r] = A[r] @ W[e].T (+ A2[r] @ W2[e].T when TWO)`` for the rows r of expert e, with
+    ``W[e][n, k]`` at ``e * stride_e + n * stride_n + k * stride_k`` (so either weight layout), A
+    ``[R, depth]``, out ``[R, width]``; zero on rows of no pair.
+
+    SWIGLU_BACKWARD: the product is the gradient of the activation, and the epilogue turns it, with
+    the stored pre-activations h1, h3 ``[R, width]``, into ``out = d h1``, ``dh3`` and the
+    activation itself (for the gradient of the down projection)."""
+    m0, n0 = _swizzled_tile(num_rows, width, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    first, stop = _tile_experts(offsets_ptr, m0, num_experts, BLOCK_M, BLOCK_E)
+    for e in range(first, stop):
+        valid, any_valid = _expert_rows(offsets_ptr, counts_ptr, e, rm, num_rows)
+        if any_valid:
+            for k0 in range(0, depth, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                a_off = rm[:, None].to(tl.int64) * depth + rk[None, :]
+                a_mask = valid[:, None] & (rk < depth)[None, :]
+                a = tl.load(a_ptr + a_off, mask=a_mask, other=0)
+                w = _weight_tile(w_ptr, e, rn, rk, width, depth, stride_e, stride_n, stride_k)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                if TWO:
+                    a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0)
+                    w2 = _weight_tile(w2_ptr, e, rn, rk, width, depth, stride_e, stride_n, stride_k)
+                    acc = tl.dot(a2, w2, acc, input_precision=PRECISION)
+    out = rm[:, None].to(tl.int64) * width + rn[None, :]
+    mask = (rm < num_rows)[:, None] & (rn < width)[None, :]
+    if SWIGLU_BACKWARD:
+        # act = silu(h1) * h3: d h3 = d act * silu(h1), d h1 = d act * h3 * silu'(h1) with
+        # silu'(h) = sigmoid(h) * (1 + h * (1 - sigmoid(h))). Padding rows hold h1 = h3 = 0 and
+        # d act = 0, so all three are 0 there.
+        h1 = tl.load(h1_ptr + out, mask=mask, other=0).to(tl.float32)
+        h3 = tl.load(h3_ptr + out, mask=mask, other=0).to(tl.float32)
+        sig = tl.sigmoid(h1)
+        silu = h1 * sig
+        tl.store(dh3_ptr + out, (acc * silu).to(dh3_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + out, (silu * h3).to(act_ptr.dtype.element_ty), mask=mask)
+        acc = acc * h3 * sig * (1 + h1 * (1 - sig))
+    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expert_weight_grad_kernel(a_ptr, a2_ptr, b_ptr, out_ptr, out2_ptr, offsets_ptr, counts_ptr,
+                               num_rows, rows_p, cols_q, TWO: tl.constexpr,
+                               PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``out[e] = A_e.T @ B_e`` (``[P, Q]``) over expert e's rows only, in row order (and
+    ``out2[e] = A2_e.T @ B_e`` when TWO), with A, A2 ``[R, P]`` and B ``[R, Q]``."""
+    tiles_q = tl.cdiv(cols_q, BLOCK_Q)
+    rp = (tl.program_id(0) // tiles_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rq = (tl.program_id(0) % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    e = tl.program_id(1)
+    start = tl.maximum(tl.load(offsets_ptr + e), 0)
+    end = tl.minimum(tl.load(offsets_ptr + e) + tl.load(counts_ptr + e), num_rows)
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_in = r < end
+        b = tl.load(b_ptr + r[:, None].to(tl.int64) * cols_q + rq[None, :],
+                    mask=r_in[:, None] & (rq < cols_q)[None, :], other=0)
+        a_off = r[:, None].to(tl.int64) * rows_p + rp[None, :]
+        a_mask = r_in[:, None] & (rp < rows_p)[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+        if TWO:
+            a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0)
+            acc2 = tl.dot(tl.trans(a2), b, acc2, input_precision=PRECISION)
+    out = e.to(tl.int64) * rows_p * cols_q + rp[:, None] * cols_q + rq[None, :]
+    mask = (rp < rows_p)[:, None] & (rq < cols_q)[None, :]
+    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if TWO:
+        tl.store(out2_ptr + out, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(dtype: torch.dtype, device: torch.device):
+    if device.type == "cpu":
+        return _INTERPRETER_TILES
+    return _GPU_TILES[2 if dtype in (torch.float16, torch.bfloat16) else 4]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs: IEEE products, as torch.matmul gives by default (no TF32).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _row_tiled(kernel, num_rows, width, *args, narrow=False, **meta):
+    """Launches a row-tiled kernel over ``[num_rows, width]`` outputs with this dtype's tiles."""
+    dtype, device = meta.pop("dtype"), meta.pop("device")
+    block_m, block_n, block_k, warps, stages = _tiles(dtype, device)
+    if narrow and device.type != "cpu":
+        block_n //= 2  # two accumulators per program
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(width, block_n),)
+    if grid[0] == 0:
+        return
+    kernel[grid](*args, PRECISION=_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_K=block_k, GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages, **meta)
+
+
+def _weight_grad(a, a2, b, counts, offsets):
+    """Per-expert ``A_e.T @ B_e`` (and ``A2_e.T @ B_e``): ``[E, P, Q]`` in A's dtype."""
+    num_experts, (num_rows, rows_p), cols_q = counts.shape[0], a.shape, b.shape[1]
+    out = torch.empty((num_experts, rows_p, cols_q), dtype=a.dtype, device=a.device)
+    out2 = torch.empty_like(out) if a2 is not None else None
+    block_p, block_q, block_r, warps, stages = _tiles(a.dtype, a.device)
+    if a.device.type != "cpu" and a2 is not None:
+        block_q //= 2
+    grid = (triton.cdiv(rows_p, block_p) * triton.cdiv(cols_q, block_q), num_experts)
+    if out.numel():
+        _expert_weight_grad_kernel[grid](
+            a, a2 if a2 is not None else a, b, out, out2 if a2 is not None else out, offsets,
+            counts, num_rows, rows_p, cols_q, TWO=a2 is not None, PRECISION=_precision(a.dtype),
+            BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    return out, out2
+
+
+def moe_expert_mlp(x, w1, w3, w2, tokens_per_expert, padded_offsets, store_pre):
+    """Forward: ``(y [R, H], h1 [R, F], h3 [R, F])``, h1 and h3 empty unless ``store_pre``."""
+    x, w1, w3, w2 = (t.contiguous() for t in (x, w1, w3, w2))
+    (num_rows, hidden), ffn, num_experts = x.shape, w1.shape[1], w1.shape[0]
+    act = torch.empty((num_rows, ffn), dtype=x.dtype, device=x.device)
+    pre_rows = num_rows if store_pre else 0
+    h1, h3 = (torch.empty((pre_rows, ffn), dtype=x.dtype, device=x.device) for _ in "13")
+    common = dict(BLOCK_E=_block_of(num_experts), dtype=x.dtype, device=x.device)
+    _row_tiled(_gate_up_kernel, num_rows, ffn, x, w1, w3, padded_offsets, tokens_per_expert, act,
+               h1 if store_pre else act, h3 if store_pre else act, num_rows, hidden, ffn,
+               num_experts, narrow=True, STORE_PRE=store_pre, **common)
+    y = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
+    # y = act @ w2[e].T: W[e][n, k] = w2[e, n, k] with n over H, k over F.
+    _row_tiled(_grouped_gemm_kernel, num_rows, hidden, act, w2, act, w2, y, padded_offsets,
+               tokens_per_expert, act, act, act, act, num_rows, hidden, ffn, num_experts,
+               hidden * ffn, ffn, 1, TWO=False, SWIGLU_BACKWARD=False, **common)
+    return y, h1, h3
+
+
+def moe_expert_mlp_backward(grad_y, x, w1, w3, w2, tokens_per_expert, padded_offsets, h1, h3):
+    """``(dx, dw1, dw3, dw2)`` from the pre-activations h1, h3 ``[R, F]`` of the forward."""
+    grad_y, x, w1, w3, w2 = (t.contiguous() for t in (grad_y, x, w1, w3, w2))
+    (num_rows, hidden), ffn, num_experts = x.shape, w1.shape[1], w1.shape[0]
+    common = dict(BLOCK_E=_block_of(num_experts), dtype=x.dtype, device=x.device)
+    dh1, dh3, act = (torch.empty((num_rows, ffn), dtype=x.dtype, device=x.device) for _ in "123")
+    # d act = dy @ w2[e]: W[e][n, k] = w2[e, k, n] with n over F, k over H.
+    _row_tiled(_grouped_gemm_kernel, num_rows, ffn, grad_y, w2, grad_y, w2, dh1, padded_offsets,
+               tokens_per_expert, h1.contiguous(), h3.contiguous(), dh3, act, num_rows, ffn,
+               hidden, num_experts, hidden * ffn, 1, ffn, TWO=False, SWIGLU_BACKWARD=True,
+               narrow=True, **common)
+    # dx = dh1 @ w1[e] + dh3 @ w3[e]: W[e][n, k] = w[e, k, n] with n over H, k over F.
+    grad_x = torch.empty_like(x)
+    _row_tiled(_grouped_gemm_kernel, num_rows, hidden, dh1, w1, dh3, w3, grad_x, padded_offsets,
+               tokens_per_expert, dh1, dh1, dh1, dh1, num_rows, hidden, ffn, num_experts,
+               ffn * hidden, 1, hidden, TWO=True, SWIGLU_BACKWARD=False, narrow=True, **common)
+    grad_w1, grad_w3 = _weight_grad(dh1, dh3, x, tokens_per_expert, padded_offsets)
+    grad_w2, _ = _weight_grad(grad_y, None, act, tokens_per_expert, padded_offsets)
+    return grad_x, grad_w1, grad_w3, grad_w2

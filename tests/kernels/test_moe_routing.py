@@ -21,6 +21,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16]
 BACKENDS = [b.name for b in TOPK_GATING_BACKENDS.backends
             if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+# moe_routing has compiled backends too (cpp on the CPU, cuda on a GPU).
+ROUTING_BACKENDS = [b.name for b in MOE_ROUTING_BACKENDS.backends
+                    if not b.not_supported_reasons(Request(DEVICE, torch.int32))]
 # (T, E, k): empty, a single token and expert, odd sizes, more slots than half the experts.
 CASES = [(0, 8, 2), (1, 1, 1), (7, 2, 1), (97, 8, 4), (300, 8, 2)]
 
@@ -159,7 +162,7 @@ def assert_plan_invariants(plan, expert_ids, num_experts, block_size):
     assert plan.row_to_pair.tolist() == expected_rows  # every pair placed exactly once
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTING_BACKENDS)
 @pytest.mark.parametrize("num_tokens,num_experts,k", CASES + [(300, 1, 1), (7, 2, 2)])
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
@@ -170,9 +173,12 @@ def test_routing_plan_invariants(backend, num_tokens, num_experts, k, block_size
                                       block_size=block_size, backend=backend)
     assert all(t.dtype == torch.int32 for t in plan)
     assert_plan_invariants(plan, expert_ids, num_experts, block_size)
+    reference = sphinx_kernels.moe_routing(expert_ids, num_experts, block_size=block_size,
+                                           backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(plan, reference))  # the same plan, bit for bit
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTING_BACKENDS)
 def test_routing_all_tokens_to_one_expert(backend):
     expert_ids = torch.full((300, 1), 5, dtype=torch.int32, device=DEVICE)
     plan = sphinx_kernels.moe_routing(expert_ids, 8, block_size=64, backend=backend)
@@ -181,7 +187,7 @@ def test_routing_all_tokens_to_one_expert(backend):
     assert_plan_invariants(plan, expert_ids, 8, 64)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in ROUTING_BACKENDS if b != "reference"])
 def test_routing_kernel_places_an_unchecked_bad_id_nowhere(backend):
     """Kernels stay in bounds on ids that reach them unchecked (a GPU without value checks)."""
     expert_ids = torch.tensor([[0, 1], [7, 1], [-1, 0]], dtype=torch.int32, device=DEVICE)
@@ -389,7 +395,8 @@ def test_opcheck(backend):
     torch.library.opcheck(_topk_gating_backward_op,
                           (logits.detach(), gating[1], gating[0], gating[4],
                            torch.randn(37, 2, device=DEVICE), scalar, scalar, True, backend))
-    torch.library.opcheck(_moe_routing_op, (gating[1], 8, 16, backend))
+    for routing_backend in ROUTING_BACKENDS:
+        torch.library.opcheck(_moe_routing_op, (gating[1], 8, 16, routing_backend))
     plan = make_plan(37, 8, 2, 16, gen, backend)
     x = torch.randn(37, 9, device=DEVICE, requires_grad=True)
     torch.library.opcheck(_moe_permute_op, (x, plan.position, plan.row_to_pair, None, backend))
@@ -462,9 +469,10 @@ def test_gpu_routing_and_permutation_at_mixtral_size():
     gen = torch.Generator().manual_seed(0)
     num_tokens, num_experts, k, hidden = MIXTRAL.values()
     expert_ids = random_expert_ids(num_tokens, num_experts, k, gen)
-    plan = sphinx_kernels.moe_routing(expert_ids, num_experts, backend="triton")
     reference = sphinx_kernels.moe_routing(expert_ids, num_experts, backend="reference")
-    assert all(torch.equal(a, b) for a, b in zip(plan, reference))
+    for backend in ("cuda", "triton"):
+        plan = sphinx_kernels.moe_routing(expert_ids, num_experts, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(plan, reference)), backend
     x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
     grouped = sphinx_kernels.moe_permute(x, plan, backend="triton")
     assert torch.equal(grouped, sphinx_kernels.moe_permute(x, plan, backend="reference"))
@@ -472,4 +480,5 @@ def test_gpu_routing_and_permutation_at_mixtral_size():
     out = sphinx_kernels.moe_unpermute(grouped, plan, weights, backend="triton")
     assert_within_torch_error(out, torch_unpermute(grouped.double(), plan, weights.double()),
                               torch_unpermute(grouped, plan, weights), FORWARD_FACTOR, "unpermute")
-    assert MOE_ROUTING_BACKENDS.select(Request(expert_ids.device, expert_ids.dtype)).name == "triton"
+    request = Request(expert_ids.device, expert_ids.dtype, {"num_experts": num_experts})
+    assert MOE_ROUTING_BACKENDS.select(request).name == "cuda"

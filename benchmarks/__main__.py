@@ -3,9 +3,9 @@ import argparse
 
 import torch
 
-from benchmarks import bench_moe, bench_varlen
+from benchmarks import bench_moe, bench_projection, bench_varlen
 
-FAMILIES = {"varlen": bench_varlen.run, "moe": bench_moe.run}
+FAMILIES = {"varlen": bench_varlen.run, "projection": bench_projection.run, "moe": bench_moe.run}
 
 
 def main(argv=None):

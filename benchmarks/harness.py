@@ -45,6 +45,27 @@ def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, move
                fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
 
 
+def compute_row(op: str, shape: str, dtype: str, backend: str, ms: float, flops: int,
+                ceiling_tflops: float | None, **extra) -> Row:
+    """A row for a compute-bound op: TFLOP/s from the flops it must do, and the fraction of the
+    ceiling (e.g. the bare cuBLAS GEMM of the same shape)."""
+    tflops = flops / ms / 1e9
+    return Row(op, shape, dtype, backend, ms, tflops=tflops,
+               fraction_of_ceiling=tflops / ceiling_tflops if ceiling_tflops else None, extra=extra)
+
+
+def peak_memory_mb(fn: Callable[[object], object], args: object, device: torch.device) -> float | None:
+    """MiB allocated by one call of ``fn(args)`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(args)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def backends_to_time(op: OpBackends, request: Request) -> list[str]:
     """The names of ``op``'s backends that serve ``request`` here, less Triton on the CPU: the
     interpreter is a correctness tool, not a CPU backend to time."""
@@ -122,12 +143,17 @@ def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilin
 
 
 def print_rows(rows: Sequence[Row]) -> None:
-    print(f"{'op':<18} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s':>8} "
+    """One line per row: GB/s for memory-bound rows, TFLOP/s for compute-bound ones, then extras."""
+    print(f"{'op':<18} {'shape':<28} {'dtype':<9} {'backend':<18} {'ms':>9} {'GB/s|TF/s':>9} "
           f"{'of ceiling':>10}")
     for r in rows:
-        gbps = f"{r.gbps:8.1f}" if r.gbps is not None else " " * 8
-        frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
-        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {gbps} {frac}")
+        rate = r.gbps if r.gbps is not None else r.tflops
+        rate = f"{rate:9.1f}" if rate is not None else " " * 9
+        frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else " " * 10
+        extra = "".join(f" {k}={v:.0f}" if isinstance(v, float) else f" {k}={v}"
+                        for k, v in r.extra.items() if v is not None)
+        print(f"{r.op:<18} {r.shape:<28} {r.dtype:<9} {r.backend:<18} {r.ms:9.3f} {rate} {frac}"
+              f"{extra}")
 
 
 def run_family(family: str, device: torch.device, quick: bool,

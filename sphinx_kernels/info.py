@@ -10,12 +10,14 @@ import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
 from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
                                 TOPK_GATING_BACKENDS)
+from sphinx_kernels.projection import PATCH_PROJECTION_BACKENDS
 from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
 
 # Every public op's backends, with the dtype each is probed with (its main input's).
 OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
     (GATHER_ROWS_BACKENDS, torch.float32),
     (FIND_PADDING_TILES_BACKENDS, torch.float32),
+    (PATCH_PROJECTION_BACKENDS, torch.float32),
     (TOPK_GATING_BACKENDS, torch.float32),
     (MOE_ROUTING_BACKENDS, torch.int32),
     (MOE_PERMUTE_BACKENDS, torch.float32),

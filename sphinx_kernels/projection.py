@@ -174,8 +174,9 @@ def patch_projection(features: Sequence[torch.Tensor], weight: torch.Tensor,
         Rows not listed keep ``out``'s values; views of skipped tiles are simply not passed in.
 
     Autograd: gradients for every feature in its own layout (contiguous, its shape), for ``weight``,
-    ``bias``, ``norm_weight``, ``norm_bias`` (float32 accumulation, rounded to their dtype) and for
-    ``out`` (the incoming gradient with the ``out_rows`` rows zeroed).
+    ``bias``, ``norm_weight``, ``norm_bias`` (float32 accumulation, float64 for the sums over rows of
+    the bias and norm gradients, rounded to their dtype) and for ``out`` (the incoming gradient with
+    the ``out_rows`` rows zeroed). Features that do not require grad (frozen encoders) cost nothing.
 
     ``out_rows`` values (range, distinct) are validated on the CPU; on a GPU only with
     ``SPHINX_KERNELS_CHECK_INPUTS=1``.
@@ -321,7 +322,7 @@ def _triton_backward(grad, features, weight, bias, norm_weight, norm_bias, out_r
             k_base += layout.channels
         grads.append(grad_weight)
     if need_bias:
-        grads.append(dy.sum(0, dtype=torch.float32).to(bias.dtype))
+        grads.append(dy.sum(0, dtype=torch.float64).to(bias.dtype))
     if need_norm_weight:
         grads.append(norm_grads[0])
     if need_norm_bias:

@@ -10,8 +10,8 @@ and grid cell ``t - 1`` (raster order) otherwise; a cell reads the ``POOL_H x PO
 ``((i // REPEAT_H) * POOL_H, (j // REPEAT_W) * POOL_W)`` and averages it in float32, so pooling
 (``POOL > 1``) and nearest repetition (``REPEAT > 1``) are the same index arithmetic. Resampled values
 are rounded to the input dtype before ``tl.dot`` (tensor cores take 16-bit operands); every
-accumulation is float32. No arithmetic is done in bf16, so the interpreter runs these kernels on CPU
-tensors in float16/float32.
+accumulation is float32 (float64 for the LayerNorm parameters' gradients, sums over every row). No
+arithmetic is done in bf16, so the interpreter runs these kernels on CPU tensors in float16/float32.
 
 What is fused and what is not:
   forward: resampling + concatenation + GEMM + bias in one kernel; LayerNorm + scatter to
@@ -20,11 +20,12 @@ What is fused and what is not:
       CLS token is a torch reduction (one read of that map, ``[V, C]`` out).
   backward: LayerNorm backward (reads the output gradient at ``out_rows``) in one kernel, its
       weight/bias partial sums reduced by torch; grad-weight GEMM per encoder reading the resampled
-      features; grad-features GEMM per encoder whose rows are the encoder's own tokens / pixels, its
-      A-operand the transposed resampling of ``grad_y`` (pool: spread / factor, repeat: sum, mean:
-      spread / (H * W)), stored through the feature's strides: no atomics, deterministic. The bias
-      gradient is a torch column sum; without a norm and with ``out_rows`` the gradient rows are
-      gathered by torch first.
+      features; grad-features GEMM per encoder whose rows are the encoder's own pixels, its
+      A-operand the transposed resampling of ``grad_y`` (pool: spread / factor, repeat: sum),
+      stored through the feature's strides: no atomics, deterministic. The global rows' gradient
+      (``[V, D] x [D, C]``: the CLS gradient, or spread / (H * W) over a mean's pixels in the
+      grad-features epilogue) and the bias gradient (a column sum) are torch ops; without a norm and
+      with ``out_rows`` the gradient rows are gathered by torch first.
 """
 from __future__ import annotations
 
@@ -35,8 +36,6 @@ import triton
 import triton.language as tl
 
 from sphinx_kernels.backends import triton_interpreted
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -164,8 +163,10 @@ def _layer_norm_backward_kernel(grad_ptr, grad_stride, rows_ptr, y_ptr, w_ptr, m
     d = tl.arange(0, BLOCK_D)
     d_in = d < width
     w = tl.load(w_ptr + d, mask=d_in, other=0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # The norm parameters' gradients sum M rows: float64 partial sums (M * D adds, negligible next
+    # to the GEMMs) make them correctly rounded rather than a few ulp off.
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+    db_acc = tl.zeros([BLOCK_D], dtype=tl.float64)
     first = pid * rows_per_program
     for r in range(first, tl.minimum(first + rows_per_program, num_rows)):
         row = tl.cast(r, tl.int64)  # 64-bit offsets: a packed sequence may pass 2^31 elements
@@ -182,8 +183,8 @@ def _layer_norm_backward_kernel(grad_ptr, grad_stride, rows_ptr, y_ptr, w_ptr, m
         c2 = tl.sum(wg, axis=0) / width
         dx = (wg - (xhat * c1 + c2)) * rstd
         tl.store(dy_ptr + row * width + d, dx.to(dy_ptr.dtype.element_ty), mask=d_in)
-        dw_acc += g * xhat
-        db_acc += g
+        dw_acc += (g * xhat).to(tl.float64)
+        db_acc += g.to(tl.float64)
     tl.store(dw_part_ptr + pid * width + d, dw_acc, mask=d_in)
     tl.store(db_part_ptr + pid * width + d, db_acc, mask=d_in)
 
@@ -213,57 +214,50 @@ def _grad_weight_kernel(dy_ptr, map_ptr, glob_ptr, s_v, s_c, s_h, s_w, g_v, g_c,
 
 @triton.jit
 def _grad_features_kernel(dy_ptr, weight_ptr, w_sn, w_sk, k_base, gmap_ptr, gs_v, gs_c, gs_h, gs_w,
-                          gglob_ptr, gg_v, gg_c, num_views, height, src_w, channels, width,
-                          tokens_per_view, grid_w, inv_area, GLOBAL_TOKENS: tl.constexpr,
+                          glob_grad_ptr, num_views, height, src_w, channels, width,
+                          tokens_per_view, grid_w, inv_area, MEAN: tl.constexpr,
                           POOL_H: tl.constexpr, POOL_W: tl.constexpr, REPEAT_H: tl.constexpr,
                           REPEAT_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One encoder's gradient ``[V, G + H * W, C]`` (its CLS rows, then its pixels), each row the
-    product of its transposed-resampled ``grad_y`` row and ``W_e``; stored through its strides."""
-    per_view = GLOBAL_TOKENS + height * src_w
+    """One encoder's gradient at its ``V * H * W`` pixels: the product of each pixel's
+    transposed-resampled ``grad_y`` row and ``W_e``, plus (``MEAN``: the global row was the mean of
+    the pixels) ``inv_area`` times its view's global-row gradient ``[V, C]``; stored through the
+    feature's strides."""
+    area = height * src_w
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_in = r < num_views * per_view
+    r_in = r < num_views * area
     c_in = c < channels
-    v = (r // per_view).to(tl.int64)
-    s = r % per_view
-    is_cls = s < GLOBAL_TOKENS
-    p = tl.maximum(s - GLOBAL_TOKENS, 0)
+    v = (r // area).to(tl.int64)
+    p = r % area
     y = p // src_w
     x = p % src_w
-    glob_row = v * tokens_per_view
     # The grid cells whose value this pixel feeds: its pooling window's cell, or its REPEAT_H x
     # REPEAT_W nearest-repeated cells.
-    first_cell = (y // POOL_H) * REPEAT_H * grid_w + (x // POOL_W) * REPEAT_W
-    pixel = r_in & ~is_cls
+    first_row = v * tokens_per_view + 1 + (
+        (y // POOL_H) * REPEAT_H * grid_w + (x // POOL_W) * REPEAT_W).to(tl.int64)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for d0 in range(0, width, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        d_in = d < width
-        glob = tl.load(dy_ptr + glob_row[:, None] * width + d[None, :],
-                       mask=r_in[:, None] & d_in[None, :], other=0).to(tl.float32)
+        inside = r_in[:, None] & (d < width)[None, :]
         spread = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for di in tl.static_range(REPEAT_H):
             for dj in tl.static_range(REPEAT_W):
-                row = glob_row + 1 + (first_cell + di * grid_w + dj).to(tl.int64)
-                spread += tl.load(dy_ptr + row[:, None] * width + d[None, :],
-                                  mask=pixel[:, None] & d_in[None, :], other=0).to(tl.float32)
+                row = first_row + (di * grid_w + dj)
+                spread += tl.load(dy_ptr + row[:, None] * width + d[None, :], mask=inside,
+                                  other=0).to(tl.float32)
         if POOL_H * POOL_W > 1:
             spread = spread * (1.0 / (POOL_H * POOL_W))
-        if GLOBAL_TOKENS == 0:  # the global row was the mean of every pixel
-            spread += glob * inv_area
-        a = tl.where(is_cls[:, None], glob, spread)
         b = tl.load(weight_ptr + d.to(tl.int64)[:, None] * w_sn
                     + (k_base + c).to(tl.int64)[None, :] * w_sk,
-                    mask=d_in[:, None] & c_in[None, :], other=0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    value = acc.to(gmap_ptr.dtype.element_ty)
-    c_off = c.to(tl.int64)[None, :]
+                    mask=(d < width)[:, None] & c_in[None, :], other=0)
+        acc = tl.dot(spread.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    inside = r_in[:, None] & c_in[None, :]
+    if MEAN:
+        acc += tl.load(glob_grad_ptr + v[:, None] * channels + c[None, :], mask=inside,
+                       other=0).to(tl.float32) * inv_area
     tl.store(gmap_ptr + (v * gs_v + y.to(tl.int64) * gs_h + x.to(tl.int64) * gs_w)[:, None]
-             + c_off * gs_c, value, mask=pixel[:, None] & c_in[None, :])
-    if GLOBAL_TOKENS > 0:
-        tl.store(gglob_ptr + (v * gg_v)[:, None] + c_off * gg_c, value,
-                 mask=(r_in & is_cls)[:, None] & c_in[None, :])
+             + c.to(tl.int64)[None, :] * gs_c, acc.to(gmap_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,11 +313,11 @@ def layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def layer_norm_backward(grad: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor,
                         weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of the pre-norm rows ``[M, D]`` in y's dtype, float32 grad of the norm weight and bias)."""
+    """(grad of the pre-norm rows ``[M, D]`` in y's dtype, float64 grad of the norm weight and bias)."""
     num_rows, width = y.shape
     dy = torch.empty_like(y)
     programs = max(1, min(num_rows, 4 * _multiprocessors(y.device)))
-    dw_part = torch.zeros((programs, width), dtype=torch.float32, device=y.device)
+    dw_part = torch.zeros((programs, width), dtype=torch.float64, device=y.device)
     db_part = torch.zeros_like(dw_part)
     if num_rows > 0:
         block_d, _ = _norm_blocks(width)
@@ -359,23 +353,28 @@ def grad_weight(dy: torch.Tensor, map_: torch.Tensor, glob: torch.Tensor,
 
 
 def grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map: torch.Tensor,
-                  grad_glob: torch.Tensor | None, factors: tuple[int, int, int, int], grid_w: int,
+                  grad_cls: torch.Tensor | None, factors: tuple[int, int, int, int], grid_w: int,
                   tokens_per_view: int) -> None:
     """Writes one encoder's gradient through its views: ``grad_map`` ``[V, C, H, W]`` and, for an
-    encoder with a CLS token, ``grad_glob`` ``[V, C]``."""
+    encoder with a CLS token, ``grad_cls`` ``[V, C]``.
+
+    The global rows' gradient ``grad_y[global rows] @ W_e`` is a small ``[V, D] x [D, C]`` torch
+    matmul: it is the CLS gradient, or, spread over the pixels of a mean, a term the kernel adds in
+    its epilogue (kept out of the K loop, where it would add a load per step and a rounding)."""
     num_views, channels, height, src_w = grad_map.shape
-    global_tokens = 0 if grad_glob is None else 1
-    source_rows = num_views * (global_tokens + height * src_w)
     width = dy.shape[1]
-    if source_rows == 0:
+    glob_grad = dy.view(num_views, tokens_per_view, width)[:, 0, :] @ weight[:, k_base:k_base + channels]
+    if grad_cls is not None:
+        grad_cls.copy_(glob_grad)
+    pixels = num_views * height * src_w
+    if pixels == 0:
         return
-    block_r, block_c, block_d, warps, stages = _gemm_blocks(source_rows, channels, width)
-    grid = (triton.cdiv(source_rows, block_r), triton.cdiv(channels, block_c))
+    block_r, block_c, block_d, warps, stages = _gemm_blocks(pixels, channels, width)
+    grid = (triton.cdiv(pixels, block_r), triton.cdiv(channels, block_c))
     _grad_features_kernel[grid](
         dy, weight, weight.stride(0), weight.stride(1), k_base, grad_map, *grad_map.stride(),
-        grad_glob if grad_glob is not None else grad_map,
-        *(grad_glob.stride() if grad_glob is not None else (0, 0)), num_views, height, src_w,
-        channels, width, tokens_per_view, grid_w, 1.0 / (height * src_w),
-        GLOBAL_TOKENS=global_tokens, POOL_H=factors[0], POOL_W=factors[1], REPEAT_H=factors[2],
-        REPEAT_W=factors[3], BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(dy.dtype), num_warps=warps, num_stages=stages)
+        glob_grad.contiguous(), num_views, height, src_w, channels, width, tokens_per_view, grid_w,
+        1.0 / (height * src_w), MEAN=grad_cls is None, POOL_H=factors[0], POOL_W=factors[1],
+        REPEAT_H=factors[2], REPEAT_W=factors[3], BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(dy.dtype), num_warps=warps,
+        num_stages=stages)

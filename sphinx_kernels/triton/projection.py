@@ -54,32 +54,49 @@ def _gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
 
 
 @triton.jit
-def _resampled_rows(map_ptr, glob_ptr, m, c, num_rows, channels, tokens_per_view, grid_w,
+def _resampled_tile(map_ptr, glob_ptr, m, c, num_rows, channels, tokens_per_view, grid_w,
                     s_v, s_c, s_h, s_w, g_v, g_c, POOL_H: tl.constexpr, POOL_W: tl.constexpr,
                     REPEAT_H: tl.constexpr, REPEAT_W: tl.constexpr):
-    """float32 ``[BLOCK_M, BLOCK_C]``: virtual input rows ``m``, channels ``c`` of one encoder (0
-    outside the valid block)."""
+    """float32 values of virtual input rows ``m`` and channels ``c`` of one encoder (0 outside the
+    valid block), for 2-D index arrays ``m`` and ``c`` that broadcast against each other."""
     v = (m // tokens_per_view).to(tl.int64)
     t = m % tokens_per_view
-    row_in = m < num_rows
-    c_in = c < channels
+    inside = (m < num_rows) & (c < channels)
     is_glob = t == 0
     cell = tl.maximum(t - 1, 0)
     y0 = (cell // grid_w // REPEAT_H) * POOL_H
     x0 = (cell % grid_w // REPEAT_W) * POOL_W
-    base = map_ptr + v * s_v + y0.to(tl.int64) * s_h + x0.to(tl.int64) * s_w
-    c_off = c.to(tl.int64)[None, :] * s_c
-    patch = (row_in & ~is_glob)[:, None] & c_in[None, :]
+    base = (map_ptr + v * s_v + y0.to(tl.int64) * s_h + x0.to(tl.int64) * s_w
+            + c.to(tl.int64) * s_c)
+    patch = inside & ~is_glob
     acc = tl.zeros(patch.shape, dtype=tl.float32)
     for dy in tl.static_range(POOL_H):
         for dx in tl.static_range(POOL_W):
-            acc += tl.load(base[:, None] + (dy * s_h + dx * s_w) + c_off, mask=patch,
-                           other=0).to(tl.float32)
+            acc += tl.load(base + (dy * s_h + dx * s_w), mask=patch, other=0).to(tl.float32)
     if POOL_H * POOL_W > 1:
         acc = acc * (1.0 / (POOL_H * POOL_W))
-    glob = tl.load(glob_ptr + v[:, None] * g_v + c.to(tl.int64)[None, :] * g_c,
-                   mask=(row_in & is_glob)[:, None] & c_in[None, :], other=0).to(tl.float32)
-    return tl.where(is_glob[:, None], glob, acc)
+    glob = tl.load(glob_ptr + v * g_v + c.to(tl.int64) * g_c, mask=inside & is_glob,
+                   other=0).to(tl.float32)
+    return tl.where(is_glob, glob, acc)
+
+
+@triton.jit
+def _resampled_rows(map_ptr, glob_ptr, m, c, num_rows, channels, tokens_per_view, grid_w,
+                    s_v, s_c, s_h, s_w, g_v, g_c, POOL_H: tl.constexpr, POOL_W: tl.constexpr,
+                    REPEAT_H: tl.constexpr, REPEAT_W: tl.constexpr, ROWS_FASTEST: tl.constexpr):
+    """float32 ``[BLOCK_M, BLOCK_C]``: rows ``m`` ``[BLOCK_M]``, channels ``c`` ``[BLOCK_C]``.
+
+    A 2-D load's threads run along its last axis. Tokens (and channels-last maps) hold channels
+    contiguously: the tile is loaded as ``[M, C]``. A ``[V, C, H, W]`` map holds a row of pixels
+    contiguously (``ROWS_FASTEST``): the tile is loaded as ``[C, M]``, neighbouring threads reading
+    neighbouring cells, and transposed in registers."""
+    if ROWS_FASTEST:
+        return tl.trans(_resampled_tile(map_ptr, glob_ptr, m[None, :], c[:, None], num_rows,
+                                        channels, tokens_per_view, grid_w, s_v, s_c, s_h, s_w,
+                                        g_v, g_c, POOL_H, POOL_W, REPEAT_H, REPEAT_W))
+    return _resampled_tile(map_ptr, glob_ptr, m[:, None], c[None, :], num_rows, channels,
+                           tokens_per_view, grid_w, s_v, s_c, s_h, s_w, g_v, g_c, POOL_H, POOL_W,
+                           REPEAT_H, REPEAT_W)
 
 
 @triton.jit
@@ -111,7 +128,8 @@ def _patch_projection_kernel(maps, globs, map_strides, glob_strides, channels,
             c = c0 + tl.arange(0, BLOCK_K)
             a = _resampled_rows(maps[e], globs[e], m, c, num_rows, channels[e], tokens_per_view,
                                 grid_w, ms[0], ms[1], ms[2], ms[3], gs[0], gs[1],
-                                FACTORS[e][0], FACTORS[e][1], FACTORS[e][2], FACTORS[e][3])
+                                FACTORS[e][0], FACTORS[e][1], FACTORS[e][2], FACTORS[e][3],
+                                FACTORS[e][4])
             b = tl.load(weight_ptr + n.to(tl.int64)[None, :] * w_sn
                         + (k_base + c).to(tl.int64)[:, None] * w_sk,
                         mask=(c < channels[e])[:, None] & n_in[None, :], other=0)
@@ -193,8 +211,9 @@ def _layer_norm_backward_kernel(grad_ptr, grad_stride, rows_ptr, y_ptr, w_ptr, m
 def _grad_weight_kernel(dy_ptr, map_ptr, glob_ptr, s_v, s_c, s_h, s_w, g_v, g_c, channels,
                         num_rows, width, tokens_per_view, grid_w, dw_ptr, dw_sn, dw_sk, k_base,
                         POOL_H: tl.constexpr, POOL_W: tl.constexpr, REPEAT_H: tl.constexpr,
-                        REPEAT_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        REPEAT_W: tl.constexpr, ROWS_FASTEST: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """``dW[:, k_base:k_base + C] = grad_y^T @ X_e``: the K loop walks the output rows, reading the
     encoder's resampled features exactly as the forward does."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -206,7 +225,8 @@ def _grad_weight_kernel(dy_ptr, map_ptr, glob_ptr, s_v, s_c, s_h, s_w, g_v, g_c,
         a = tl.load(dy_ptr + m.to(tl.int64)[None, :] * width + d[:, None],
                     mask=d_in[:, None] & (m < num_rows)[None, :], other=0)
         b = _resampled_rows(map_ptr, glob_ptr, m, c, num_rows, channels, tokens_per_view, grid_w,
-                            s_v, s_c, s_h, s_w, g_v, g_c, POOL_H, POOL_W, REPEAT_H, REPEAT_W)
+                            s_v, s_c, s_h, s_w, g_v, g_c, POOL_H, POOL_W, REPEAT_H, REPEAT_W,
+                            ROWS_FASTEST)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(dw_ptr + d.to(tl.int64)[:, None] * dw_sn + (k_base + c).to(tl.int64)[None, :] * dw_sk,
              acc.to(dw_ptr.dtype.element_ty), mask=d_in[:, None] & (c < channels)[None, :])
@@ -217,8 +237,9 @@ def _grad_features_kernel(dy_ptr, weight_ptr, w_sn, w_sk, k_base, gmap_ptr, gs_v
                           glob_grad_ptr, num_views, height, src_w, channels, width,
                           tokens_per_view, grid_w, inv_area, MEAN: tl.constexpr,
                           POOL_H: tl.constexpr, POOL_W: tl.constexpr, REPEAT_H: tl.constexpr,
-                          REPEAT_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          REPEAT_W: tl.constexpr, PIXELS_FASTEST: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
     """One encoder's gradient at its ``V * H * W`` pixels: the product of each pixel's
     transposed-resampled ``grad_y`` row and ``W_e``, plus (``MEAN``: the global row was the mean of
     the pixels) ``inv_area`` times its view's global-row gradient ``[V, C]``; stored through the
@@ -252,17 +273,29 @@ def _grad_features_kernel(dy_ptr, weight_ptr, w_sn, w_sk, k_base, gmap_ptr, gs_v
                     + (k_base + c).to(tl.int64)[None, :] * w_sk,
                     mask=(d < width)[:, None] & c_in[None, :], other=0)
         acc = tl.dot(spread.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    inside = r_in[:, None] & c_in[None, :]
     if MEAN:
-        acc += tl.load(glob_grad_ptr + v[:, None] * channels + c[None, :], mask=inside,
-                       other=0).to(tl.float32) * inv_area
-    tl.store(gmap_ptr + (v * gs_v + y.to(tl.int64) * gs_h + x.to(tl.int64) * gs_w)[:, None]
-             + c.to(tl.int64)[None, :] * gs_c, acc.to(gmap_ptr.dtype.element_ty), mask=inside)
+        acc += tl.load(glob_grad_ptr + v[:, None] * channels + c[None, :],
+                       mask=r_in[:, None] & c_in[None, :], other=0).to(tl.float32) * inv_area
+    value = acc.to(gmap_ptr.dtype.element_ty)
+    pixel_off = v * gs_v + y.to(tl.int64) * gs_h + x.to(tl.int64) * gs_w
+    c_off = c.to(tl.int64) * gs_c
+    if PIXELS_FASTEST:  # a [V, C, H, W] gradient: store as [C, pixels], threads along pixels
+        tl.store(gmap_ptr + pixel_off[None, :] + c_off[:, None], tl.trans(value),
+                 mask=c_in[:, None] & r_in[None, :])
+    else:
+        tl.store(gmap_ptr + pixel_off[:, None] + c_off[None, :], value,
+                 mask=r_in[:, None] & c_in[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Launchers. ``maps``: the encoders' [V, C, H, W] views; ``globs``: their [V, C] global rows;
 # ``factors``: (POOL_H, POOL_W, REPEAT_H, REPEAT_W) per encoder.
+
+
+def _rows_fastest(map_: torch.Tensor) -> bool:
+    """Whether a ``[V, C, H, W]`` view is best read with threads along pixels (channels not
+    contiguous, as in a conv map) rather than along channels (tokens, channels-last maps)."""
+    return map_.stride(1) != 1
 
 
 def project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
@@ -280,7 +313,8 @@ def project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
     _patch_projection_kernel[grid](
         tuple(maps), tuple(globs), tuple(tuple(m.stride()) for m in maps),
         tuple(tuple(g.stride()) for g in globs), tuple(m.shape[1] for m in maps),
-        tuple(tuple(f) for f in factors), weight, weight.stride(0), weight.stride(1),
+        tuple((*f, _rows_fastest(m)) for f, m in zip(factors, maps)), weight, weight.stride(0),
+        weight.stride(1),
         bias if bias is not None else weight, out, out.stride(0),
         rows if rows is not None else out, num_rows, width, tokens_per_view, grid_w,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -347,7 +381,8 @@ def grad_weight(dy: torch.Tensor, map_: torch.Tensor, glob: torch.Tensor,
     grid = (triton.cdiv(width, block_d), triton.cdiv(channels, block_c))
     _grad_weight_kernel[grid](
         dy, map_, glob, *map_.stride(), *glob.stride(), channels, num_rows, width, tokens_per_view,
-        grid_w, dw, dw.stride(0), dw.stride(1), k_base, *factors, BLOCK_D=block_d,
+        grid_w, dw, dw.stride(0), dw.stride(1), k_base, *factors,
+        ROWS_FASTEST=_rows_fastest(map_), BLOCK_D=block_d,
         BLOCK_C=block_c, BLOCK_M=block_m, DOT_PRECISION=_dot_precision(dy.dtype),
         num_warps=warps, num_stages=stages)
 
@@ -375,6 +410,7 @@ def grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map:
         dy, weight, weight.stride(0), weight.stride(1), k_base, grad_map, *grad_map.stride(),
         glob_grad.contiguous(), num_views, height, src_w, channels, width, tokens_per_view, grid_w,
         1.0 / (height * src_w), MEAN=grad_cls is None, POOL_H=factors[0], POOL_W=factors[1],
-        REPEAT_H=factors[2], REPEAT_W=factors[3], BLOCK_R=block_r, BLOCK_C=block_c,
+        REPEAT_H=factors[2], REPEAT_W=factors[3], PIXELS_FASTEST=_rows_fastest(grad_map),
+        BLOCK_R=block_r, BLOCK_C=block_c,
         BLOCK_D=block_d, DOT_PRECISION=_dot_precision(dy.dtype), num_warps=warps,
         num_stages=stages)

@@ -25,13 +25,14 @@ from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, _resample_refe
 
 INPUT_SETS = 2
 GRID = 16
-EAGER, COMPILED, GEMM = "torch eager chain", "torch.compile chain", "cuBLAS GEMM (concat)"
+EAGER, COMPILED, GEMM = "torch eager chain", "torch.compile chain", "bare GEMM (concat)"
 
 
 def projection_inputs(views, width, channels, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
-    features = [rand(views, 1 + GRID * GRID, channels[0]), rand(views, channels[1], 2 * GRID, 2 * GRID)]
+    features = [rand(views, 1 + GRID * GRID, channels[0]),
+                rand(views, channels[1], 2 * GRID, 2 * GRID)]
     rows = views * (1 + GRID * GRID)
     in_features = sum(channels)
     params = {"weight": rand(width, in_features, scale=in_features ** -0.5), "bias": rand(width),
@@ -87,21 +88,21 @@ def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | No
                 for seed in range(INPUT_SETS)]
         shape = f"V={views} D={width} C={channels[0]}+{channels[1]}"
         gemm_flops = 2 * views * (1 + GRID * GRID) * sum(channels) * width
-        for op, flops, grad_key in (("forward", gemm_flops, None),
+        for op, flops, backward in (("forward", gemm_flops, False),
                                     ("forward+backward", 2 * gemm_flops, True)):
             subjects = {f"fused {b}": (lambda a, b=b: fused(a, b)) for b in kernel_backends
                         if b != "reference"}
             subjects.update({EAGER: chain, COMPILED: compiled_chain, GEMM: bare_gemm})
             timed = {}
             for name, forward in subjects.items():
-                if grad_key is None:
+                if not backward:
                     fn = forward
                 elif name == GEMM:
                     fn = with_backward(forward, ("weight", "bias"), "grad_rows")
                 else:
                     fn = with_backward(forward, ("weight", "bias", "norm_weight", "norm_bias"),
                                        "grad")
-                with torch.no_grad() if grad_key is None else torch.enable_grad():
+                with torch.enable_grad() if backward else torch.no_grad():
                     ms = time_ms(fn, sets, device)
                     peak = peak_memory_mb(fn, sets[0], device)
                 timed[name] = (ms, peak)

@@ -226,7 +226,8 @@ def test_strided_features_are_read_in_place(backend):
 
 
 class _RecordAllocations(TorchDispatchMode):
-    """Records (op, elements of its largest new tensor) for every op that creates one (not views)."""
+    """Records (op, elements of its largest output that does not share storage with its inputs, i.e.
+    that is not a view) for every op run inside it."""
 
     def __init__(self):
         super().__init__()

@@ -54,12 +54,26 @@ def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, move
 
 
 def compute_row(op: str, shape: str, dtype: str, backend: str, ms: float, flops: int,
-                ceiling_tflops: float | None = None, size: float | None = None) -> Row:
-    """A row for a compute-bound op: TFLOP/s from its useful FLOPs (``benchmarks.counts``). Without a
-    ceiling here, :func:`run_family` fills the fraction from the measured matmul ceiling."""
+                ceiling_tflops: float | None = None, size: float | None = None, **extra) -> Row:
+    """A row for a compute-bound op: TFLOP/s from its useful FLOPs (``benchmarks.counts``), and the
+    fraction of ``ceiling_tflops`` (e.g. the bare cuBLAS GEMM of the same shape); without one,
+    :func:`run_family` fills the fraction from the measured matmul ceiling. ``extra``: more columns
+    (peak memory, ...)."""
     tflops = flops / ms / 1e9
     return Row(op, shape, dtype, backend, ms, tflops=tflops, size=size,
-               fraction_of_ceiling=tflops / ceiling_tflops if ceiling_tflops else None)
+               fraction_of_ceiling=tflops / ceiling_tflops if ceiling_tflops else None, extra=extra)
+
+
+def peak_memory_mb(fn: Callable[[object], object], args: object, device: torch.device) -> float | None:
+    """MiB allocated by one call of ``fn(args)`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(args)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def backends_to_time(op: OpBackends, request: Request) -> list[str]:
@@ -205,13 +219,18 @@ def format_throughput(r: Row) -> str:
     return ""
 
 
+def format_extra(r: Row) -> str:
+    return "".join(f" {k}={v:.0f}" if isinstance(v, float) else f" {k}={v}"
+                   for k, v in r.extra.items() if v is not None)
+
+
 def print_rows(rows: Sequence[Row]) -> None:
     print(f"{'op':<20} {'shape':<30} {'dtype':<9} {'backend':<20} {'ms':>9} {'throughput':>15} "
           f"{'of ceiling':>10}")
     for r in rows:
         frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
         print(f"{r.op:<20} {r.shape:<30} {r.dtype:<9} {r.backend:<20} {r.ms:9.3f} "
-              f"{format_throughput(r):>15} {frac}")
+              f"{format_throughput(r):>15} {frac}{format_extra(r)}")
 
 
 def run_family(family: str, device: torch.device, quick: bool,

@@ -7,6 +7,8 @@ Public ops (each a ``torch.library`` custom op with autograd, usable under ``tor
     varlen_attention(q, k, v, cu_seqlens_q, ...) flash attention over packed sequences (GQA, causal
                                                  bottom-right, prefix-LM)
     apply_rotary(x or (q, k), cos, sin, pos)    rotary embedding of packed tokens (HF layout)
+    patch_projection(features, weight, bias, grid=)  several encoders resampled to one grid, one
+                                                 Linear (+ LayerNorm), rows into a packed sequence
     topk_gating(logits, k)                      MoE router: softmax, top-k, auxiliary losses
     moe_routing(expert_ids, num_experts)        routing plan: per-expert block-padded row order
     moe_permute(x, plan)                        token rows to expert-grouped order
@@ -22,6 +24,7 @@ CPU-side batch preparation (torch.library ops too, on CPU tensors; no autograd):
 Modules (``sphinx_kernels.nn``), drop-in layers over these ops:
 
     VarlenSelfAttention(hidden, heads, kv_heads)  Llama attention on packed tokens (q/k/v/o_proj)
+    PatchProjector(in_channels, out_features, grid)  fused multi-encoder projection + LayerNorm
     MoEMLP(hidden, ffn, num_experts, top_k)       Mixtral-style dropless sparse MoE layer
 
 Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
@@ -35,6 +38,7 @@ from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAG
                                    pack_by_token_budget, plan_layout)
 from sphinx_kernels.moe import (Gating, RoutingPlan, moe_expert_mlp, moe_permute, moe_routing,
                                 moe_unpermute, topk_gating)
+from sphinx_kernels.projection import patch_projection
 from sphinx_kernels.rotary import apply_rotary
 from sphinx_kernels.varlen import find_padding_tiles, gather_rows, varlen_attention
 
@@ -45,6 +49,8 @@ __all__ = ["nn", "BackendUnavailableError",
            "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING", "SOURCE_SKIP",
            "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs", "PackedLayout", "Packing",
            "SampleSpec", "layout_inputs", "pack_by_token_budget", "plan_layout",
+           # family 2: patch projection
+           "patch_projection",
            # family 3: mixture of experts
            "Gating", "RoutingPlan", "topk_gating", "moe_routing", "moe_permute", "moe_unpermute",
            "moe_expert_mlp"]

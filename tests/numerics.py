@@ -19,7 +19,7 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def half_ulp(values: torch.Tensor, dtype: torch.dtype) -> float:
     """Half the spacing of ``dtype`` at the largest magnitude in ``values``: one rounding's bound."""
-    largest = float(values.abs().max()) if values.numel() else 0.0
+    largest = float(values.detach().abs().max()) if values.numel() else 0.0
     if largest == 0.0 or not math.isfinite(largest):
         return 0.0
     return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(largest)) / 2

@@ -49,3 +49,17 @@ def should_check_values(*tensors: torch.Tensor) -> bool:
     if os.environ.get(ENV_CHECK_INPUTS) == "1":
         return True
     return all(t.device.type == "cpu" for t in tensors)
+
+
+def require_index_range(name: str, values: torch.Tensor, bound: int, bound_name: str,
+                        source: str | None = None) -> None:
+    """Index ``values`` must lie in ``[0, bound)``; read back only where :func:`should_check_values`
+    allows (a host sync on a GPU). ``bound_name`` names the bound in the message, ``source`` where it
+    comes from."""
+    if not values.numel() or not should_check_values(values):
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= bound:
+        where = f" ({source})" if source else ""
+        raise ValueError(f"{name} must be in [0, {bound_name}) = [0, {bound}){where}, got values in "
+                         f"[{low}, {high}]")

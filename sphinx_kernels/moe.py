@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
-                                        should_check_values)
+from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device,
+                                        require_index_range, require_tensor, should_check_values)
 from sphinx_kernels.backends import (CPP, CUDA, FLOAT_DTYPES, REFERENCE, TRITON, Backend,
                                      OpBackends, Request, native_extension)
 
@@ -364,11 +364,7 @@ def _check_moe_routing(expert_ids, num_experts, block_size) -> None:
     if padded_rows_bound(expert_ids.numel(), num_experts, block_size) >= 2**31:
         raise ValueError("expert_ids, num_experts and block_size need more than 2^31 grouped rows; "
                          "int32 row indices cannot address them")
-    if should_check_values(expert_ids) and expert_ids.numel():
-        low, high = int(expert_ids.min()), int(expert_ids.max())
-        if low < 0 or high >= num_experts:
-            raise ValueError(f"expert_ids must be in [0, num_experts) = [0, {num_experts}), got "
-                             f"values in [{low}, {high}]")
+    require_index_range("expert_ids", expert_ids, num_experts, "num_experts")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -565,12 +561,8 @@ def _check_rows(name: str, rows, plan, *, rows_of: str) -> None:
     if rows.shape[0] != expected:
         raise ValueError(f"{name} has {rows.shape[0]} rows but plan.{rows_of} has {expected}; "
                          "the plan must come from this batch")
-    position, num_rows = plan.position, plan.row_to_pair.shape[0]
-    if should_check_values(position) and position.numel():
-        low, high = int(position.min()), int(position.max())
-        if low < 0 or high >= num_rows:
-            raise ValueError(f"plan.position must be in [0, {num_rows}) (plan.row_to_pair rows), "
-                             f"got values in [{low}, {high}]")
+    require_index_range("plan.position", plan.position, plan.row_to_pair.shape[0], "R",
+                        "R = plan.row_to_pair rows")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
-                                        should_check_values)
+from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device,
+                                        require_index_range, require_tensor, should_check_values)
 from sphinx_kernels.backends import FLOAT_DTYPES, REFERENCE, TRITON, Backend, OpBackends, Request
 
 __all__ = ["patch_projection", "patch_projection_reference", "feature_layouts", "FeatureLayout",
@@ -488,11 +488,8 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
         if out_rows.shape[0] != num_rows:
             raise ValueError(f"out_rows must have one entry per output row, V * (1 + gh*gw) = "
                              f"{num_rows}, got {out_rows.shape[0]}")
+        require_index_range("out_rows", out_rows, out.shape[0], "R", "R from out")
         if should_check_values(out_rows) and num_rows:
-            low, high = int(out_rows.min()), int(out_rows.max())
-            if low < 0 or high >= out.shape[0]:
-                raise ValueError(f"out_rows must be in [0, R) = [0, {out.shape[0]}) (R from out), "
-                                 f"got values in [{low}, {high}]")
             if torch.unique(out_rows).shape[0] != num_rows:
                 raise ValueError("out_rows must be distinct: a repeated row would be written twice")
     return grid

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
-                                        should_check_values)
+from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device,
+                                        require_index_range, require_tensor)
 from sphinx_kernels.backends import REFERENCE, TRITON, Backend, OpBackends, Request
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "APPLY_ROTARY_BACKENDS", "ROTARY_DTYPES"]
@@ -174,8 +174,4 @@ def _check_apply_rotary(q, k, cos, sin, position_ids) -> None:
     if position_ids.shape[0] != num_tokens:
         raise ValueError(f"position_ids has {position_ids.shape[0]} entries but {q_name} has "
                          f"T = {num_tokens} tokens; they must match")
-    if should_check_values(position_ids) and num_tokens:
-        low, high = int(position_ids.min()), int(position_ids.max())
-        if low < 0 or high >= cos.shape[0]:
-            raise ValueError(f"position_ids must be in [0, P) = [0, {cos.shape[0]}) (P from cos), got "
-                             f"values in [{low}, {high}]")
+    require_index_range("position_ids", position_ids, cos.shape[0], "P", "P from cos")

@@ -13,7 +13,7 @@ import sphinx_kernels
 from sphinx_kernels.backends import Request
 from sphinx_kernels.layout import (IGNORE_INDEX, PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS,
                                    SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
-                                   SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
+                                   SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec,
                                    SampleSpec, _pack_by_token_budget_op, _plan_layout_op,
                                    layout_inputs, pack_by_token_budget, plan_layout)
 

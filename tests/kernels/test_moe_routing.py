@@ -363,7 +363,7 @@ BAD_INPUTS = [
     ("permute", {"plan": lambda a: a["plan"]._replace(position=a["plan"].position.long())},
      TypeError, "plan.position must have dtype int32"),
     ("permute", {"plan": lambda a: a["plan"]._replace(position=a["plan"].position + 100)},
-     ValueError, "plan.position must be in [0, 16)"),
+     ValueError, "plan.position must be in [0, R) = [0, 16)"),
     ("permute", {"plan": lambda a: a["plan"]._replace(row_to_pair=a["plan"].row_to_pair.to("meta"))},
      ValueError, "plan.row_to_pair is on meta"),
     ("unpermute", {"y_grouped": lambda a: a["y_grouped"][1:]}, ValueError,

@@ -9,9 +9,8 @@ import random
 import pytest
 import torch
 
-from sphinx_kernels.backends import Request, triton_interpreted
+from sphinx_kernels.backends import Request
 from sphinx_kernels.nn import VarlenSelfAttention, rotary_tables
-from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS
 from sphinx_kernels.varlen import VARLEN_ATTENTION_BACKENDS
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
 

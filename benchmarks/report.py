@@ -34,6 +34,12 @@ def _throughput(row: dict) -> str:
     return ""
 
 
+def _notes(row: dict) -> str:
+    """The row's extra columns (tokens/s, peak memory, bins, ...), compactly."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in row.get("extra", {}).items() if v is not None)
+
+
 def _ratios(row: dict, case_rows: list[dict]) -> str:
     """How many times faster ``row`` is than every baseline of its case (op, shape, dtype)."""
     if not is_ours(row["backend"]):
@@ -54,8 +60,8 @@ def family_table(results: dict, png: str | None) -> list[str]:
     skipped = {n: w for n, w in results.get("peers", {}).items() if w != "available"}
     if skipped:
         lines[-1] += " Peers skipped: " + "; ".join(f"{n} ({w})" for n, w in skipped.items()) + "."
-    lines += ["", "| op | case | dtype | backend | ms | throughput | of ceiling | speed-up over |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    lines += ["", "| op | case | dtype | backend | ms | throughput | of ceiling | speed-up over | notes |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
     rows = results["rows"]
     for row in rows:
         case = [r for r in rows if (r["op"], r["shape"], r["dtype"]) ==
@@ -63,7 +69,8 @@ def family_table(results: dict, png: str | None) -> list[str]:
         frac = row.get("fraction_of_ceiling")
         lines.append(f"| `{row['op']}` | {row['shape']} | {row['dtype']} | `{row['backend']}` | "
                      f"{row['ms']:.3f} | {_throughput(row)} | "
-                     f"{'' if frac is None else f'{frac:.0%}'} | {_ratios(row, case)} |")
+                     f"{'' if frac is None else f'{frac:.0%}'} | {_ratios(row, case)} | "
+                     f"{_notes(row)} |")
     if png:
         lines += ["", f"![{results.get('family', '')}](benchmarks/results/{os.path.basename(png)})"]
     return lines + [""]

@@ -90,7 +90,7 @@ def _tiny_bench(device, quick, copy_gbps):
         a = [torch.randn(size, size) for _ in range(2)]
         ms = harness.time_ms(lambda m: m @ m, a, device, warmup=1, repeats=3)
         rows.append(harness.compute_row("matmul", f"n={size}", "float32", "cpp", ms,
-                                        counts.gemm_flops(size, size, size), size=size))
+                                        counts.gemm_flops(size, size, size), size=size, note="tiny"))
         ms = harness.time_ms(lambda m: (m.double() @ m.double()), a, device, warmup=1, repeats=3)
         rows.append(harness.compute_row("matmul", f"n={size}", "float32", "reference", ms,
                                         counts.gemm_flops(size, size, size), size=size))
@@ -109,6 +109,7 @@ def test_run_family_writes_results_plot_and_readme_tables(tmp_path, capsys):
     assert "cpp is" in capsys.readouterr().out
     tables = report.generate(str(tmp_path))
     assert "### tiny:" in tables and "| `matmul` | n=64 | float32 | `cpp` |" in tables
+    assert "note=tiny" in tables  # extra columns reach the notes
     assert "x reference" in tables  # the speed-up column of our backend
     section = report.replace_section(f"a\n{report.BEGIN}\nold\n{report.END}\nb\n", tables)
     assert section.startswith(f"a\n{report.BEGIN}\n### tiny") and section.endswith(f"{report.END}\nb\n")

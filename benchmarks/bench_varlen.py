@@ -6,8 +6,9 @@ gather_rows against index_select on one table and the reference: on the CPU 10^5
 from three sources; on a GPU 10^6 rows x 4096 in fp32, fp16 and bf16.
 find_padding_tiles against the reference: a batch of images of 3x3 tiles of 448 px (fewer on the CPU).
 varlen_attention (causal, forward and forward + backward, TFLOP/s of the visible pairs only: see
-``benchmarks.counts.attention_flops``) against torch_flash (FlashAttention-2 bundled with torch), FlexAttention
-with a document-mask BlockMask, SDPA on the batch padded to its longest sequence, and the reference: on
+``benchmarks.counts.attention_flops``) against torch_flash (FlashAttention-2 bundled with torch),
+FlexAttention with a document-mask BlockMask, flash-attn's and xformers' varlen kernels when installed,
+SDPA on the batch padded to its longest sequence, and the reference: on
 a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D = 128,
 bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded SDPA
 only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
@@ -27,6 +28,7 @@ import torch
 from benchmarks.counts import attention_flops
 from benchmarks.harness import (Row, backends_to_time, bandwidth_row, compute_row, run_family,
                                 time_ms)
+from benchmarks.peers import peer_missing
 from sphinx_kernels.backends import Request
 from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
                                    pack_by_token_budget, plan_layout)
@@ -147,6 +149,34 @@ def flex_document_attention(lengths, heads, kv_heads, device):
     return run
 
 
+def flash_attn_varlen(lengths):
+    """flash-attn's own varlen kernel (``flash_attn_varlen_func``: GQA natively, causal)."""
+    from flash_attn import flash_attn_varlen_func
+    longest = max(lengths)
+
+    def run(a):
+        return flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu"], a["cu"], longest, longest,
+                                      causal=True)
+    return run
+
+
+def xformers_block_diagonal(lengths, heads, kv_heads):
+    """xformers' memory-efficient attention with a block-diagonal causal mask over the packed tokens
+    (the mask is built from host lengths once, outside the timed call); GQA through its 5-D layout
+    with the kv heads expanded as views, not copies."""
+    from xformers.ops import fmha
+    bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(lengths))
+    group = heads // kv_heads
+
+    def run(a):
+        total, _, dim = a["q"].shape
+        q = a["q"].view(1, total, kv_heads, group, dim)
+        k, v = (t.view(1, total, kv_heads, 1, dim).expand(1, total, kv_heads, group, dim)
+                for t in (a["k"], a["v"]))
+        return fmha.memory_efficient_attention(q, k, v, attn_bias=bias).view(total, heads, dim)
+    return run
+
+
 def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
     if device.type == "cuda":
         lengths = attention_lengths(4096 if quick else 16384, 4096, seed=0)
@@ -164,11 +194,17 @@ def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
                                                   max_seqlen_q=a["max"], backend=b))
         for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, request)}
     subjects["padded SDPA"] = padded_sdpa(lengths, heads, kv_heads, device)
-    if device.type == "cuda":
+    peers = {"flex_attention": ("FlexAttention",
+                                lambda: flex_document_attention(lengths, heads, kv_heads, device)),
+             "flash_attn": ("flash-attn", lambda: flash_attn_varlen(lengths)),
+             "xformers": ("xformers", lambda: xformers_block_diagonal(lengths, heads, kv_heads))}
+    for peer, (name, build) in peers.items():
+        if peer_missing(peer, device) is not None:
+            continue  # listed with its reason by the harness
         try:
-            subjects["FlexAttention"] = flex_document_attention(lengths, heads, kv_heads, device)
-        except (ImportError, RuntimeError) as error:  # torch without FlexAttention for this GPU
-            print(f"FlexAttention skipped: {error}")
+            subjects[name] = build()
+        except (ImportError, RuntimeError, ValueError) as error:  # installed but cannot serve this
+            print(f"{name} skipped: {error}")
     rows = []
     for backward, op in ((False, "attention fwd"), (True, "attention fwd+bwd")):
         flops = attention_flops(lengths, num_heads=heads, head_dim=head_dim)

@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$ROOT"
 python -m sphinx_kernels.info
 echo
-python examples/assemble_packed_embeddings.py
+python examples/packed_training_step.py
 echo
 python -m benchmarks --quick

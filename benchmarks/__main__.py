@@ -3,9 +3,10 @@ import argparse
 
 import torch
 
-from benchmarks import bench_moe, bench_varlen
+from benchmarks import bench_layer, bench_moe, bench_projection, bench_varlen
 
-FAMILIES = {"varlen": bench_varlen.run, "moe": bench_moe.run}
+FAMILIES = {"varlen": bench_varlen.run, "projection": bench_projection.run, "moe": bench_moe.run,
+            "layer": bench_layer.run}
 
 
 def main(argv=None):

@@ -5,15 +5,35 @@
 gather_rows against index_select on one table and the reference: on the CPU 10^5 rows x 257 float32
 from three sources; on a GPU 10^6 rows x 4096 in fp32, fp16 and bf16.
 find_padding_tiles against the reference: a batch of images of 3x3 tiles of 448 px (fewer on the CPU).
+varlen_attention (causal, forward and forward + backward, TFLOP/s of the visible pairs only: see
+``benchmarks.counts.attention_flops``) against torch_flash (FlashAttention-2 bundled with torch), FlexAttention
+with a document-mask BlockMask, SDPA on the batch padded to its longest sequence, and the reference: on
+a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D = 128,
+bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded SDPA
+only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
+plan_layout (CPU only; cpp against the reference): 10^4 samples (2000 with --quick) of the SPHINX-X mix:
+0-3 images, tile grids 1x1..4x4, 30% of tiles skipped, 257 tokens per view, 32..2048 text tokens
+(about 3100 packed rows a sample; 10^5 samples would be 3 * 10^8 rows, 14 GB of int64 outputs).
+pack_by_token_budget (CPU only): first-fit decreasing of 10^5 lengths in 32..2048 into 16384-token bins.
+apply_rotary against the Hugging Face formula in eager PyTorch: q [T, 32, 128] and k [T, 8, 128]
+(Llama GQA), T = 16384 on a GPU in fp32, fp16, bf16; T = 2048 float32 on the CPU.
 """
 from __future__ import annotations
 
+import random
+
 import torch
 
-from benchmarks.harness import Row, backends_to_time, bandwidth_row, run_family, time_ms
+from benchmarks.counts import attention_flops
+from benchmarks.harness import (Row, backends_to_time, bandwidth_row, compute_row, run_family,
+                                time_ms)
 from sphinx_kernels.backends import Request
+from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
+                                   pack_by_token_budget, plan_layout)
+from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS, apply_rotary
 from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
-                                   find_padding_tiles, gather_rows)
+                                   VARLEN_ATTENTION_BACKENDS, find_padding_tiles, gather_rows,
+                                   varlen_attention)
 
 INPUT_SETS = 3
 
@@ -70,11 +90,208 @@ def bench_find_padding_tiles(device: torch.device, quick: bool,
             for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, Request(device, dtype))]
 
 
+def attention_lengths(total: int, longest: int, seed: int) -> list[int]:
+    """Sequence lengths from 1 to ``longest`` summing to ``total`` (a packed training batch)."""
+    rng = random.Random(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(min(rng.randint(1, longest), total - sum(lengths)))
+    return lengths
+
+
+def attention_inputs(lengths, heads, kv_heads, head_dim, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, grad = (torch.randn(total, heads, head_dim, generator=gen).to(dtype).to(device)
+               for _ in "qg")
+    k, v = (torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype).to(device) for _ in "kv")
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+    return {"q": q, "k": k, "v": v, "grad": grad, "cu": cu, "max": max(lengths)}
+
+
+def padded_sdpa(lengths, heads, kv_heads, device):
+    """Attention on the batch padded to its longest sequence: scatter to ``[B, H, L, D]``, one causal
+    SDPA call, gather back (the copies are part of the cost)."""
+    longest, num = max(lengths), len(lengths)
+    # Token t of sequence b goes to padded row b * longest + t.
+    rows = torch.cat([b * longest + torch.arange(n) for b, n in enumerate(lengths)]).to(device)
+    group = heads // kv_heads
+
+    def pad(x):
+        out = x.new_zeros((num * longest,) + tuple(x.shape[1:]))
+        out[rows] = x
+        return out.view(num, longest, *x.shape[1:]).transpose(1, 2)
+
+    def run(a):
+        k, v = (pad(t).repeat_interleave(group, dim=1) for t in (a["k"], a["v"]))
+        out = torch.nn.functional.scaled_dot_product_attention(pad(a["q"]), k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(num * longest, heads, -1)[rows]
+    return run
+
+
+def flex_document_attention(lengths, heads, kv_heads, device):
+    """FlexAttention over the packed tokens with a causal document mask (a BlockMask built once)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    total = doc.shape[0]
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    mask = create_block_mask(document_causal, None, None, total, total, device=device)
+    compiled = torch.compile(flex_attention)
+
+    def run(a):
+        q, k, v = (t.transpose(0, 1)[None] for t in (a["q"], a["k"], a["v"]))
+        return compiled(q, k, v, block_mask=mask, enable_gqa=heads != kv_heads)[0].transpose(0, 1)
+    return run
+
+
+def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
+    if device.type == "cuda":
+        lengths = attention_lengths(4096 if quick else 16384, 4096, seed=0)
+        heads, kv_heads, head_dim, dtype = 32, 8, 128, torch.bfloat16
+    else:
+        lengths, heads, kv_heads, head_dim, dtype = [200, 7, 240, 65], 4, 2, 64, torch.float32
+    sets = [attention_inputs(lengths, heads, kv_heads, head_dim, dtype, device, seed)
+            for seed in range(INPUT_SETS)]
+    shape = f"T={sum(lengths)} B={len(lengths)} H={heads}/{kv_heads} D={head_dim}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    request = Request(device, dtype, {"head_dim": head_dim, "causal": True, "prefix": False,
+                                      "max_seqlen": True, "deterministic": False})
+    subjects = {
+        name: (lambda a, b=name: varlen_attention(a["q"], a["k"], a["v"], a["cu"],
+                                                  max_seqlen_q=a["max"], backend=b))
+        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, request)}
+    subjects["padded SDPA"] = padded_sdpa(lengths, heads, kv_heads, device)
+    if device.type == "cuda":
+        try:
+            subjects["FlexAttention"] = flex_document_attention(lengths, heads, kv_heads, device)
+        except (ImportError, RuntimeError) as error:  # torch without FlexAttention for this GPU
+            print(f"FlexAttention skipped: {error}")
+    rows = []
+    for backward, op in ((False, "attention fwd"), (True, "attention fwd+bwd")):
+        flops = attention_flops(lengths, num_heads=heads, head_dim=head_dim)
+        if backward:
+            flops += attention_flops(lengths, num_heads=heads, head_dim=head_dim, backward=True)
+        for name, forward in subjects.items():
+            if backward:
+                def step(a, forward=forward):
+                    inputs = {**a, **{n: a[n].detach().requires_grad_() for n in "qkv"}}
+                    forward(inputs).backward(a["grad"])
+            else:
+                step = forward
+            with torch.set_grad_enabled(backward):
+                ms = time_ms(step, sets, device)
+            rows.append(compute_row(op, shape, dtype_name, name, ms, flops, size=sum(lengths)))
+    return rows
+
+
+TOKENS_PER_VIEW = 257
+
+
+def layout_batch(num_samples: int, seed: int) -> LayoutInputs:
+    """The SPHINX-X mix: 0-3 images of 1x1..4x4 tiles, 30% skipped, 32..2048 text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    text_lens = torch.randint(32, 2049, (num_samples,), generator=gen)
+    images = torch.randint(0, 4, (num_samples,), generator=gen)
+    grids = torch.randint(1, 5, (int(images.sum()), 2), generator=gen)
+    num_text, num_tiles = int(text_lens.sum()), int((grids[:, 0] * grids[:, 1]).sum())
+    return LayoutInputs(torch.randint(32000, (num_text,), generator=gen), text_lens,
+                        torch.rand(num_text, generator=gen) < 0.5, images, grids,
+                        torch.rand(num_tiles, generator=gen) < 0.3)
+
+
+def bench_layout(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+    """CPU data preparation: timed on the CPU whatever the device (the ceiling is the device's, so
+    none is reported)."""
+    cpu = Request(torch.device("cpu"), torch.int64)
+    rows = []
+    num_samples = 2000 if quick else 10**4
+    batch = layout_batch(num_samples, 0)
+    packed_rows = plan_layout(batch, TOKENS_PER_VIEW).source_ids.shape[0]
+    written = packed_rows * 4 * 8  # position, source, row and label: int64 per packed row
+    shape = f"B={num_samples} T={packed_rows}"
+    for backend in backends_to_time(PLAN_LAYOUT_BACKENDS, cpu):
+        ms = time_ms(lambda a, b=backend: plan_layout(a, TOKENS_PER_VIEW, backend=b), [batch],
+                     torch.device("cpu"), warmup=1, repeats=5)
+        row = bandwidth_row("plan_layout", shape, "int64", backend, ms, written, None)
+        row.extra = {"samples_per_s": num_samples / ms * 1e3, "rows_per_s": packed_rows / ms * 1e3}
+        rows.append(row)
+    # The floor of any planner: allocating the four [T] int64 outputs and writing them once.
+    ms = time_ms(lambda n: [torch.empty(n, dtype=torch.int64).fill_(0) for _ in range(4)],
+                 [packed_rows], torch.device("cpu"), warmup=1, repeats=5)
+    rows.append(bandwidth_row("plan_layout", shape, "int64", "torch.empty+fill (floor)", ms, written,
+                              None))
+    num_lengths, budget = 10**4 if quick else 10**5, 16384
+    lengths = [torch.randint(32, 2049, (num_lengths,), generator=torch.Generator().manual_seed(s))
+               for s in range(INPUT_SETS)]
+    packing = pack_by_token_budget(lengths[0], budget)
+    for backend in backends_to_time(PACK_BY_TOKEN_BUDGET_BACKENDS, cpu):
+        ms = time_ms(lambda a, b=backend: pack_by_token_budget(a, budget, backend=b), lengths,
+                     torch.device("cpu"), warmup=1, repeats=5)
+        row = Row("pack_by_token_budget", f"n={num_lengths} budget={budget}", "int64", backend, ms)
+        row.extra = {"bins": packing.num_bins, "padding_tokens": packing.padding_tokens,
+                     "baseline_padding_tokens": packing.baseline_padding_tokens,
+                     "baseline_batch_size": packing.baseline_batch_size}
+        rows.append(row)
+    return rows
+
+
+def rotary_inputs(num_tokens, dtype, device, seed, q_heads=32, k_heads=8, dim=128):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(num_tokens, q_heads, dim, generator=gen).to(dtype).to(device)
+    k = torch.randn(num_tokens, k_heads, dim, generator=gen).to(dtype).to(device)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(4096, dtype=torch.float32), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)
+    # Packed samples of 1024 tokens: positions reset per sample.
+    pos = (torch.arange(num_tokens) % 1024).to(device)
+    return (q, k), emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device), pos
+
+
+def hf_eager_rotary(x, cos, sin, pos):
+    """transformers' apply_rotary_pos_emb on packed tokens, in the inputs' dtype."""
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    out = []
+    for t in x:
+        first, second = t.chunk(2, dim=-1)
+        out.append(t * c + torch.cat([-second, first], dim=-1) * s)
+    return tuple(out)
+
+
+def bench_rotary(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+    if device.type == "cuda":
+        num_tokens = 4096 if quick else 16384
+        dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    else:
+        num_tokens, dtypes = (512 if quick else 2048), (torch.float32,)
+    rows = []
+    for dtype in dtypes:
+        sets = [rotary_inputs(num_tokens, dtype, device, seed) for seed in range(INPUT_SETS)]
+        (q, k), cos, _, _ = sets[0]
+        # q and k read and written once, and one cos and sin row per token.
+        moved = (2 * (q.numel() + k.numel()) + 2 * num_tokens * q.shape[2]) * q.element_size()
+        shape = f"T={num_tokens} Hq={q.shape[1]} Hk={k.shape[1]} D={q.shape[2]}"
+        name = str(dtype).removeprefix("torch.")
+        for backend in backends_to_time(APPLY_ROTARY_BACKENDS, Request(device, dtype)):
+            ms = time_ms(lambda a, b=backend: apply_rotary(*a, backend=b), sets, device)
+            rows.append(bandwidth_row("apply_rotary", shape, name, backend, ms, moved, ceiling_gbps))
+        ms = time_ms(lambda a: hf_eager_rotary(*a), sets, device)
+        rows.append(bandwidth_row("apply_rotary", shape, name, "torch eager (HF)", ms, moved,
+                                  ceiling_gbps))
+    return rows
+
+
 def bench_family(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
     return (bench_gather_rows(device, quick, ceiling_gbps)
-            + bench_find_padding_tiles(device, quick, ceiling_gbps))
+            + bench_find_padding_tiles(device, quick, ceiling_gbps)
+            + bench_varlen_attention(device, quick)
+            + bench_layout(device, quick, ceiling_gbps)
+            + bench_rotary(device, quick, ceiling_gbps))
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
-    return run_family("varlen", device, quick, bench_family, ("cuda", "cpp"),
-                      ("reference", "torch.index_select", "triton"))
+    return run_family("varlen", device, quick, bench_family, ("cuda", "cpp", "triton"),
+                      ("reference", "torch.index_select", "triton", "torch_flash", "FlexAttention",
+                       "padded SDPA", "torch eager (HF)", "torch.empty+fill (floor)"))

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "moe/moe.h"
+#include "varlen/layout.h"
 #include "varlen/varlen.h"
 
 #ifndef SPHINX_KERNELS_CUDA_ARCHS
@@ -132,6 +133,87 @@ at::Tensor segment_sum_rows_native(const at::Tensor& rows, const at::Tensor& ord
   return out;
 }
 
+// --- packed-layout planning (CPU only) ------------------------------------------------------------
+
+const int64_t* long_data(const at::Tensor& t, const char* op, const char* name, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dims &&
+                  t.is_contiguous(),
+              op, ": ", name, " must be a contiguous ", dims, "-D int64 CPU tensor");
+  return t.data_ptr<int64_t>();
+}
+
+const bool* bool_data(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.dim() == 1 && t.is_contiguous(),
+              op, ": ", name, " must be a contiguous 1-D bool CPU tensor");
+  return t.data_ptr<bool>();
+}
+
+at::Tensor long_empty(int64_t size) { return at::empty({size}, at::TensorOptions().dtype(at::kLong)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+plan_layout_native(const at::Tensor& text_ids, const at::Tensor& text_lens,
+                   const at::Tensor& answer_mask, const at::Tensor& images_per_sample,
+                   const at::Tensor& tile_grids, const at::Tensor& skipped_tiles,
+                   int64_t tokens_per_view, int64_t total) {
+  constexpr const char* op = "plan_layout_native";
+  LayoutBatch batch{long_data(text_ids, op, "text_ids", 1), long_data(text_lens, op, "text_lens", 1),
+                    bool_data(answer_mask, op, "answer_mask"),
+                    long_data(images_per_sample, op, "images_per_sample", 1),
+                    long_data(tile_grids, op, "tile_grids", 2),
+                    bool_data(skipped_tiles, op, "skipped_tiles"), text_lens.size(0),
+                    tile_grids.size(0), tokens_per_view};
+  TORCH_CHECK(images_per_sample.size(0) == batch.num_samples && tile_grids.size(1) == 2 &&
+                  answer_mask.size(0) == text_ids.size(0) && tokens_per_view >= 1,
+              op, ": inconsistent shapes");
+  // Counts are read before the offsets they build are checked: guard their signs here.
+  for (int64_t b = 0; b < batch.num_samples; ++b)
+    TORCH_CHECK(batch.text_lens[b] >= 0 && batch.images_per_sample[b] >= 0, op, ": negative count");
+  for (int64_t k = 0; k < 2 * batch.num_images; ++k)
+    TORCH_CHECK(batch.tile_grids[k] >= 1, op, ": tile grids must be >= 1");
+  const int64_t num_samples = batch.num_samples;
+  std::vector<int64_t> rows(num_samples + 1), views(num_samples + 1), images(num_samples + 1),
+      text(num_samples + 1), tiles(batch.num_images + 1);
+  const LayoutOffsets offsets{rows.data(), views.data(), images.data(), text.data(), tiles.data()};
+  plan_layout_counts_cpu(batch, offsets);
+  // The passes below read the concatenated inputs through these offsets.
+  TORCH_CHECK(images[num_samples] == batch.num_images && text[num_samples] == text_ids.size(0) &&
+                  tiles[batch.num_images] == skipped_tiles.size(0),
+              op, ": counts do not match the concatenated inputs");
+  plan_layout_offsets_cpu(batch, offsets);
+  TORCH_CHECK(total >= rows[num_samples] && total < (int64_t{1} << 31), op, ": total ", total,
+              " must be in [", rows[num_samples], " packed rows, 2^31) for int32 cu_seqlens");
+  at::Tensor cu_seqlens = at::empty({num_samples + 1}, at::TensorOptions().dtype(at::kInt));
+  int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b <= num_samples; ++b) cu[b] = static_cast<int32_t>(rows[b]);
+  at::Tensor position_ids = long_empty(total), source_ids = long_empty(total),
+             row_ids = long_empty(total), labels = long_empty(total),
+             visual_rows = long_empty(views[num_samples] * tokens_per_view),
+             view_starts = long_empty(views[num_samples]);
+  plan_layout_fill_cpu(batch, offsets, total,
+                       LayoutOutputs{position_ids.data_ptr<int64_t>(), source_ids.data_ptr<int64_t>(),
+                                     row_ids.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
+                                     visual_rows.data_ptr<int64_t>(), view_starts.data_ptr<int64_t>()});
+  return {cu_seqlens, position_ids, source_ids, row_ids, labels, visual_rows, view_starts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_by_token_budget_native(
+    const at::Tensor& lengths, int64_t budget) {
+  constexpr const char* op = "pack_by_token_budget_native";
+  const int64_t* len = long_data(lengths, op, "lengths", 1);
+  const int64_t n = lengths.size(0);
+  for (int64_t s = 0; s < n; ++s)
+    TORCH_CHECK(len[s] >= 0 && len[s] <= budget, op, ": lengths must be in [0, budget]");
+  at::Tensor bin_ids = long_empty(n), placement = long_empty(n);
+  const int64_t num_bins = first_fit_decreasing_cpu(len, n, budget, bin_ids.data_ptr<int64_t>(),
+                                                    placement.data_ptr<int64_t>());
+  at::Tensor order = long_empty(n), bin_offsets = long_empty(num_bins + 1),
+             bin_tokens = long_empty(num_bins);
+  group_bins_cpu(len, bin_ids.data_ptr<int64_t>(), placement.data_ptr<int64_t>(), n, num_bins,
+                 order.data_ptr<int64_t>(), bin_offsets.data_ptr<int64_t>(),
+                 bin_tokens.data_ptr<int64_t>());
+  return {bin_ids, order, bin_offsets, bin_tokens};
+}
+
 // Returns (tokens_per_expert, padded_offsets, position, row_to_pair), int32, as moe_routing does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_routing_native(
     const at::Tensor& expert_ids, int64_t num_experts, int64_t block_size, int64_t num_rows) {
@@ -196,6 +278,10 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   m.def("gather_rows_native(Tensor[] sources, Tensor source_ids, Tensor row_ids) -> Tensor");
   m.def("segment_sum_rows_native(Tensor rows, Tensor order, Tensor offsets) -> Tensor");
   m.def("find_padding_tiles_native(Tensor images, Tensor pad, int tile_h, int tile_w) -> Tensor");
+  m.def("plan_layout_native(Tensor text_ids, Tensor text_lens, Tensor answer_mask, "
+        "Tensor images_per_sample, Tensor tile_grids, Tensor skipped_tiles, int tokens_per_view, "
+        "int total) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("pack_by_token_budget_native(Tensor lengths, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_routing_native(Tensor expert_ids, int num_experts, int block_size, int num_rows) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
 }
@@ -203,6 +289,8 @@ TORCH_LIBRARY(sphinx_kernels, m) {
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("gather_rows_native", &sphinx_kernels::gather_rows_native);
   m.impl("segment_sum_rows_native", &sphinx_kernels::segment_sum_rows_native);
+  m.impl("plan_layout_native", &sphinx_kernels::plan_layout_native);
+  m.impl("pack_by_token_budget_native", &sphinx_kernels::pack_by_token_budget_native);
   m.impl("moe_routing_native", &sphinx_kernels::moe_routing_native);
 }
 

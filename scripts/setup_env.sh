@@ -28,9 +28,10 @@ if ! python -c "$torch_ok" 2>/dev/null; then
     pip_install 'torch>=2.5'
 fi
 # Import name -> distribution name, installed only when the import fails (no network needed otherwise).
+# matplotlib is the optional `bench` extra: the main job draws the benchmark plots with it.
 missing=()
 for pair in triton:triton numpy:numpy pytest:pytest safetensors:safetensors tokenizers:tokenizers \
-            PIL:pillow tqdm:tqdm ninja:ninja setuptools:'setuptools>=64' wheel:wheel; do
+            PIL:pillow tqdm:tqdm matplotlib:matplotlib ninja:ninja setuptools:'setuptools>=64' wheel:wheel; do
     python -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

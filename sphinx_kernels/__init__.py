@@ -4,22 +4,53 @@ Public ops (each a ``torch.library`` custom op with autograd, usable under ``tor
 
     gather_rows(sources, source_ids, row_ids)   assemble packed rows from several tables
     find_padding_tiles(images, tile, pad_value)  which tiles of pre-padded images are pure padding
+    varlen_attention(q, k, v, cu_seqlens_q, ...) flash attention over packed sequences (GQA, causal
+                                                 bottom-right, prefix-LM)
+    apply_rotary(x or (q, k), cos, sin, pos)    rotary embedding of packed tokens (HF layout)
+    patch_projection(features, weight, bias, grid=)  several encoders resampled to one grid, one
+                                                 Linear (+ LayerNorm), rows into a packed sequence
     topk_gating(logits, k)                      MoE router: softmax, top-k, auxiliary losses
     moe_routing(expert_ids, num_experts)        routing plan: per-expert block-padded row order
     moe_permute(x, plan)                        token rows to expert-grouped order
     moe_unpermute(y_grouped, plan, weights)     expert rows back to tokens, gate-weighted
     moe_expert_mlp(x_grouped, w1, w3, w2, plan) every expert's SwiGLU MLP as grouped GEMMs
 
-Modules: ``sphinx_kernels.nn`` (``MoEMLP``, a Mixtral-style sparse MoE layer over these ops).
+CPU-side batch preparation (torch.library ops too, on CPU tensors; no autograd):
+
+    plan_layout(inputs, tokens_per_view)        packed layout of a batch: cu_seqlens, positions,
+                                                gather_rows sources/rows, labels, visual rows
+    pack_by_token_budget(lengths, budget)       first-fit-decreasing packing into token budgets
+
+Modules (``sphinx_kernels.nn``), drop-in layers over these ops:
+
+    VarlenSelfAttention(hidden, heads, kv_heads)  Llama attention on packed tokens (q/k/v/o_proj)
+    PatchProjector(in_channels, out_features, grid)  fused multi-encoder projection + LayerNorm
+    MoEMLP(hidden, ffn, num_experts, top_k)       Mixtral-style dropless sparse MoE layer
 
 Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
 backends are available here. Importing the package touches neither CUDA nor the compiled extension.
 """
+from sphinx_kernels import nn
 from sphinx_kernels.backends import BackendUnavailableError
+from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
+                                   SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
+                                   PackedLayout, Packing, SampleSpec, layout_inputs,
+                                   pack_by_token_budget, plan_layout)
 from sphinx_kernels.moe import (Gating, RoutingPlan, moe_expert_mlp, moe_permute, moe_routing,
                                 moe_unpermute, topk_gating)
-from sphinx_kernels.varlen import find_padding_tiles, gather_rows
+from sphinx_kernels.projection import patch_projection
+from sphinx_kernels.rotary import apply_rotary
+from sphinx_kernels.varlen import find_padding_tiles, gather_rows, varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "Gating", "RoutingPlan", "find_padding_tiles", "gather_rows",
-           "moe_expert_mlp", "moe_permute", "moe_routing", "moe_unpermute", "topk_gating"]
+__all__ = ["nn", "BackendUnavailableError",
+           # family 1: packed sequences
+           "gather_rows", "find_padding_tiles", "varlen_attention", "apply_rotary",
+           "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING", "SOURCE_SKIP",
+           "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs", "PackedLayout", "Packing",
+           "SampleSpec", "layout_inputs", "pack_by_token_budget", "plan_layout",
+           # family 2: patch projection
+           "patch_projection",
+           # family 3: mixture of experts
+           "Gating", "RoutingPlan", "topk_gating", "moe_routing", "moe_permute", "moe_unpermute",
+           "moe_expert_mlp"]

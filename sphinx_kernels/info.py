@@ -8,14 +8,26 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
+from sphinx_kernels.layout import PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS
 from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
                                 MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS, TOPK_GATING_BACKENDS)
-from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS
+from sphinx_kernels.projection import PATCH_PROJECTION_BACKENDS
+from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS
+from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
+                                   VARLEN_ATTENTION_BACKENDS)
 
 # Every public op's backends, with the dtype each is probed with (its main input's).
 OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
+    # family 1: packed sequences
     (GATHER_ROWS_BACKENDS, torch.float32),
     (FIND_PADDING_TILES_BACKENDS, torch.float32),
+    (VARLEN_ATTENTION_BACKENDS, torch.bfloat16),
+    (APPLY_ROTARY_BACKENDS, torch.float32),
+    (PLAN_LAYOUT_BACKENDS, torch.int64),
+    (PACK_BY_TOKEN_BUDGET_BACKENDS, torch.int64),
+    # family 2: patch projection
+    (PATCH_PROJECTION_BACKENDS, torch.float32),
+    # family 3: mixture of experts
     (TOPK_GATING_BACKENDS, torch.float32),
     (MOE_ROUTING_BACKENDS, torch.int32),
     (MOE_PERMUTE_BACKENDS, torch.float32),

@@ -17,3 +17,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def value_checks_on(monkeypatch):
+    """Index-value checks on every device: on a GPU they are off by default (each costs a host sync),
+    and bad-input tests must see the ValueError there too."""
+    monkeypatch.setenv("SPHINX_KERNELS_CHECK_INPUTS", "1")

@@ -14,7 +14,7 @@ GRADIENT_FACTOR = 3.0
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if actual.numel() == 0:
         return 0.0
-    return float((actual.double() - expected.double()).abs().max())
+    return float((actual.detach().double() - expected.detach().double()).abs().max())
 
 
 def half_ulp(values: torch.Tensor, dtype: torch.dtype) -> float:

@@ -101,6 +101,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("change,error,message", BAD_INPUTS)
+@pytest.mark.usefixtures("value_checks_on")
 def test_bad_input_raises_naming_the_argument(change, error, message):
     args = dict(images=torch.zeros(1, 3, 8, 8), tile=4, pad_value=0.0) | change
     with pytest.raises(error, match=re.escape(message)):

@@ -179,6 +179,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make_bad,error,message", BAD_INPUTS)
+@pytest.mark.usefixtures("value_checks_on")
 def test_bad_input_raises_naming_the_argument(make_bad, error, message):
     sources = [torch.randn(6, 4, device=DEVICE), torch.randn(6, 4, device=DEVICE)]
     source_ids = torch.tensor([0, 1, -1, 1], dtype=torch.int32, device=DEVICE)

@@ -375,6 +375,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("op,changes,error,message", BAD_INPUTS)
+@pytest.mark.usefixtures("value_checks_on")
 def test_bad_input_raises_naming_the_argument(op, changes, error, message):
     with pytest.raises(error, match=re.escape(message)):
         bad_call(op, **changes)

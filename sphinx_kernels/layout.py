@@ -1,0 +1,519 @@
+"""Packed-layout planning (CPU-side data preparation of kernel family 1).
+
+Ops:
+    plan_layout: from columnar per-sample descriptions (text tokens, answer mask, images with their
+        tile grids and skipped tiles), the packed layout of one batch: ``cu_seqlens``, position ids,
+        the (source, row) of every packed row for ``gather_rows``, shifted next-token labels, and the
+        packed destination of every projected visual row. Backends: cpp, reference.
+    pack_by_token_budget: first-fit-decreasing packing of sample lengths into bins of at most
+        ``budget`` tokens, in O(n log n). Backends: cpp, reference.
+
+Both run on the CPU (they prepare a batch in the data loader); their outputs move to the GPU with one
+copy each. Each has a pure-PyTorch / pure-Python reference beside it, which the tests compare against.
+
+Packed order of one sample: for each of its images a begin-image marker, the global view's
+``tokens_per_view`` visual rows, its tiles in raster order (each either its ``tokens_per_view`` visual
+rows or one skip row when skipped), an end-image marker; then the sample's text tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from sphinx_kernels._validation import INDEX_DTYPES, require_tensor
+from sphinx_kernels.backends import CPP, REFERENCE, Backend, OpBackends, Request, native_extension
+
+__all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END",
+           "SOURCE_PADDING", "IGNORE_INDEX", "ImageSpec", "SampleSpec", "LayoutInputs",
+           "PackedLayout", "plan_layout", "plan_layout_reference", "layout_inputs",
+           "PLAN_LAYOUT_BACKENDS", "Packing", "pack_by_token_budget", "pack_by_token_budget_reference",
+           "PACK_BY_TOKEN_BUDGET_BACKENDS"]
+
+# The fixed source numbering of PackedLayout.source_ids: the order of the tables handed to
+# gather_rows([embedding_table, visual_rows, skip[None], begin[None], end[None]], ...).
+SOURCE_TEXT = 0          # the token-embedding table; row = token id
+SOURCE_VISUAL = 1        # the projected visual rows; row = index into them (sample, image, view order)
+SOURCE_SKIP = 2          # the learnable skip vector (a [1, D] table); row = 0
+SOURCE_IMAGE_BEGIN = 3   # the begin-image marker (a [1, D] table); row = 0
+SOURCE_IMAGE_END = 4     # the end-image marker (a [1, D] table); row = 0
+SOURCE_PADDING = -1      # a padding row: gather_rows gives zeros
+IGNORE_INDEX = -100      # the label of a row that predicts nothing (torch's cross-entropy default)
+
+# Backends get the inputs as int64 (bool masks as bool), contiguous, in this order.
+_LONG, _BOOL = torch.int64, torch.bool
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs: columnar tensors, and a readable per-sample builder for tests and the data pipeline
+
+
+class LayoutInputs(NamedTuple):
+    """One batch of ``B`` samples with ``I`` images in total, columnar (no per-sample objects).
+
+    Sample ``b`` owns the next ``text_lens[b]`` entries of ``text_ids`` and ``answer_mask`` and the next
+    ``images_per_sample[b]`` rows of ``tile_grids``; image ``i`` owns the next ``rows_i * cols_i``
+    entries of ``skipped_tiles``, its tiles in raster order (all concatenated in sample order).
+    """
+
+    text_ids: torch.Tensor           # [N] int64 (or int32): token ids, >= 0, samples concatenated
+    text_lens: torch.Tensor          # [B] int: text tokens per sample, >= 0
+    answer_mask: torch.Tensor        # [N] bool: True where the token is part of an answer (trained on)
+    images_per_sample: torch.Tensor  # [B] int: images per sample, >= 0
+    tile_grids: torch.Tensor         # [I, 2] int: (rows, cols) of sub-image tiles, each >= 1
+    skipped_tiles: torch.Tensor      # [sum rows * cols] bool: True where the tile is all padding
+
+
+@dataclass
+class ImageSpec:
+    """One image: a ``rows x cols`` grid of sub-image tiles (plus the global view, always present)."""
+
+    rows: int
+    cols: int
+    skipped: Sequence[bool] | None = None  # rows * cols flags in raster order; None: none skipped
+
+
+@dataclass
+class SampleSpec:
+    """One sample: its images (placed before the text) and its text tokens with the answer mask."""
+
+    text: Sequence[int] = ()
+    answer: Sequence[bool] | None = None  # one flag per text token; None: nothing is an answer
+    images: Sequence[ImageSpec] = field(default_factory=list)
+
+
+def layout_inputs(samples: Sequence[SampleSpec]) -> LayoutInputs:
+    """The columnar :class:`LayoutInputs` of a list of per-sample descriptions."""
+    text, answer, lens, per_sample, grids, skipped = [], [], [], [], [], []
+    for b, sample in enumerate(samples):
+        mask = [False] * len(sample.text) if sample.answer is None else list(sample.answer)
+        if len(mask) != len(sample.text):
+            raise ValueError(f"samples[{b}].answer has {len(mask)} flags for {len(sample.text)} "
+                             "text tokens; they must match")
+        text.extend(sample.text)
+        answer.extend(mask)
+        lens.append(len(sample.text))
+        per_sample.append(len(sample.images))
+        for j, image in enumerate(sample.images):
+            tiles = image.rows * image.cols
+            flags = [False] * max(tiles, 0) if image.skipped is None else list(image.skipped)
+            if len(flags) != tiles:
+                raise ValueError(f"samples[{b}].images[{j}].skipped has {len(flags)} flags for a "
+                                 f"{image.rows}x{image.cols} grid; they must match")
+            grids.append((image.rows, image.cols))
+            skipped.extend(flags)
+    return LayoutInputs(torch.tensor(text, dtype=_LONG), torch.tensor(lens, dtype=_LONG),
+                        torch.tensor(answer, dtype=_BOOL), torch.tensor(per_sample, dtype=_LONG),
+                        torch.tensor(grids, dtype=_LONG).view(-1, 2),
+                        torch.tensor(skipped, dtype=_BOOL))
+
+
+# ---------------------------------------------------------------------------------------------------
+# plan_layout
+
+
+class PackedLayout(NamedTuple):
+    """The packed layout of one batch of ``B`` samples in ``T`` rows (padding rows included).
+
+    Feed it to ``gather_rows([embedding_table, visual_rows, skip, begin, end], source_ids, row_ids)``
+    with the tables in the order of the ``SOURCE_*`` constants (``skip``, ``begin``, ``end`` as
+    ``[1, D]``), and let the projection write its rows to ``visual_rows`` directly.
+    """
+
+    cu_seqlens: torch.Tensor    # [B + 1] int32: sample b owns rows cu_seqlens[b]:cu_seqlens[b + 1]
+    position_ids: torch.Tensor  # [T] int64: 0, 1, ... within each sample; 0 on padding rows
+    source_ids: torch.Tensor    # [T] int64: SOURCE_* of each row (SOURCE_PADDING past cu_seqlens[B])
+    row_ids: torch.Tensor       # [T] int64: row within that source (0 for skip, markers, padding)
+    labels: torch.Tensor        # [T] int64: token of row t + 1 if it is an answer token of the same
+                                #   sample, else IGNORE_INDEX (the last row of a sample: always)
+    visual_rows: torch.Tensor   # [V * tokens_per_view] int64: packed row of each projected visual row
+    view_starts: torch.Tensor   # [V] int64: first packed row of each kept view (global + kept tiles)
+
+    @property
+    def num_kept_views(self) -> int:
+        return self.view_starts.shape[0]
+
+    @property
+    def num_skipped_tiles(self) -> int:
+        return int((self.source_ids == SOURCE_SKIP).sum())
+
+
+def plan_layout(inputs: LayoutInputs, tokens_per_view: int, *, pad_multiple: int = 1,
+                length: int | None = None, backend: str | None = None) -> PackedLayout:
+    """Plans the packed layout of one batch (see the module docstring for the row order).
+
+    Args:
+        inputs: :class:`LayoutInputs` on the CPU (``layout_inputs`` builds them from a list of
+            :class:`SampleSpec`); count tensors int32 or int64, masks bool.
+        tokens_per_view: visual tokens of one view (global or tile) after projection, >= 1.
+        pad_multiple: round the packed length ``T`` up to a multiple of this (e.g. 8), >= 1.
+        length: a fixed row budget: ``T`` is exactly ``length`` (a multiple of ``pad_multiple``);
+            ValueError when the samples need more rows.
+        backend: force one of ``PLAN_LAYOUT_BACKENDS.names``.
+
+    Returns:
+        :class:`PackedLayout` of CPU tensors. Padding rows (past ``cu_seqlens[B]``) have source
+        ``SOURCE_PADDING``, row 0, label ``IGNORE_INDEX``, position 0. Visual rows are numbered in
+        sample, image, view order (global view first, then kept tiles in raster order), each view's
+        ``tokens_per_view`` rows consecutive, so ``visual_rows`` is increasing and equals
+        ``view_starts[:, None] + arange(tokens_per_view)`` flattened.
+
+    All input values are validated (ValueError naming the argument) before any backend runs. Data
+    only: no autograd, and not for ``torch.compile`` (the output sizes come from the input values;
+    this runs in the data loader).
+    """
+    args, total = _check_plan_layout(inputs, tokens_per_view, pad_multiple, length)
+    chosen = PLAN_LAYOUT_BACKENDS.select(Request(torch.device("cpu"), torch.int64), backend)
+    return PackedLayout(*_plan_layout_op(*args, tokens_per_view, total, chosen.name))
+
+
+def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, tile_grids,
+                          skipped_tiles, tokens_per_view: int, total: int) -> tuple[torch.Tensor, ...]:
+    """Pure-PyTorch ``plan_layout`` on validated int64 / bool inputs, vectorised over segments.
+
+    The packed sequence is a run of segments (begin marker, view, skip row, end marker, text), one
+    after another in sample order; each gets its source, length and first row id, and
+    ``repeat_interleave`` expands them to rows. ``total``: the rows to return (padding included).
+    """
+    num_samples, num_images = text_lens.shape[0], tile_grids.shape[0]
+    tpv = tokens_per_view
+    tiles = tile_grids[:, 0] * tile_grids[:, 1]
+    # The segments of image i, in its own order: begin, global view, its tiles, end.
+    image_segs = tiles + 3
+    image_first = _exclusive_cumsum(image_segs)
+    num_image_segs = int(image_segs.sum())
+    tile_image = torch.repeat_interleave(torch.arange(num_images), tiles)
+    tile_rank = torch.arange(tiles.sum()) - _exclusive_cumsum(tiles)[tile_image]
+    kind = torch.empty(num_image_segs, dtype=_LONG)
+    kind[image_first] = SOURCE_IMAGE_BEGIN
+    kind[image_first + 1] = SOURCE_VISUAL
+    kind[image_first[tile_image] + 2 + tile_rank] = torch.where(skipped_tiles, SOURCE_SKIP,
+                                                                SOURCE_VISUAL)
+    kind[image_first + image_segs - 1] = SOURCE_IMAGE_END
+    # Interleave the text segment of each sample after its images' segments.
+    image_sample = torch.repeat_interleave(torch.arange(num_samples), images_per_sample)
+    seg_sample = torch.repeat_interleave(image_sample, image_segs)
+    image_segs_of_sample = torch.zeros(num_samples, dtype=_LONG).index_add_(0, image_sample,
+                                                                            image_segs)
+    text_slot = torch.cumsum(image_segs_of_sample, 0) + torch.arange(num_samples)
+    seg_kind = torch.empty(num_image_segs + num_samples, dtype=_LONG)
+    image_slot = torch.arange(num_image_segs) + seg_sample
+    seg_kind[image_slot] = kind
+    seg_kind[text_slot] = SOURCE_TEXT
+    seg_len = torch.ones_like(seg_kind)
+    seg_len[seg_kind == SOURCE_VISUAL] = tpv
+    seg_len[text_slot] = text_lens
+    # First row id of each segment: the view index * tpv for views, the text offset for text.
+    is_view = seg_kind == SOURCE_VISUAL
+    seg_base = torch.zeros_like(seg_kind)
+    seg_base[is_view] = torch.arange(int(is_view.sum())) * tpv
+    seg_base[text_slot] = _exclusive_cumsum(text_lens)
+    seg_start = _exclusive_cumsum(seg_len)
+
+    used = int(seg_len.sum())
+    row_seg = torch.repeat_interleave(torch.arange(seg_kind.shape[0]), seg_len)
+    within = torch.arange(used) - seg_start[row_seg]
+    source = seg_kind[row_seg]
+    steps = (source == SOURCE_VISUAL) | (source == SOURCE_TEXT)
+    index = seg_base[row_seg] + torch.where(steps, within, 0)  # into text_ids for text rows
+    is_text = source == SOURCE_TEXT
+    # Other rows read a sentinel past the text (so that a batch without text needs no special case).
+    text_index = torch.where(is_text, index, text_ids.shape[0])
+    rows = torch.where(is_text, torch.cat([text_ids, text_ids.new_zeros(1)])[text_index], index)
+
+    sample_len = torch.zeros(num_samples, dtype=_LONG)
+    sample_len.index_add_(0, torch.repeat_interleave(torch.arange(num_samples),
+                                                     image_segs_of_sample + 1), seg_len)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(sample_len, 0), (1, 0))
+    row_sample = torch.repeat_interleave(torch.arange(num_samples), sample_len)
+    positions = torch.arange(used) - cu_seqlens[row_sample]
+    # Row t predicts row t + 1 when that row is an answer text token of the same sample.
+    answer = torch.cat([answer_mask, answer_mask.new_zeros(1)])[text_index]
+    predicts = answer[1:] & (row_sample[1:] == row_sample[:-1])
+    labels = torch.full((used,), IGNORE_INDEX, dtype=_LONG)
+    labels[:-1] = torch.where(predicts, rows[1:], IGNORE_INDEX)
+
+    view_starts = seg_start[is_view]
+    visual_rows = (view_starts[:, None] + torch.arange(tpv)).reshape(-1)
+    pad = total - used
+    return (cu_seqlens.int(), _pad(positions, pad, 0), _pad(source, pad, SOURCE_PADDING),
+            _pad(rows, pad, 0), _pad(labels, pad, IGNORE_INDEX), visual_rows, view_starts)
+
+
+def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(values, 0) - values
+
+
+def _pad(values: torch.Tensor, count: int, fill: int) -> torch.Tensor:
+    return torch.cat([values, values.new_full((count,), fill)]) if count else values
+
+
+def _native_ops():
+    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
+    return torch.ops.sphinx_kernels
+
+
+def _native_plan_layout(*args):
+    return tuple(_native_ops().plan_layout_native(*args))
+
+
+_INDEX = frozenset({torch.int64})
+
+
+def _cpu_only(request: Request) -> list[str]:
+    return [] if request.device.type == "cpu" else ["plans on the CPU (data preparation) only"]
+
+
+PLAN_LAYOUT_BACKENDS = OpBackends("plan_layout", [
+    Backend(CPP, _native_plan_layout, _INDEX),
+    Backend(REFERENCE, plan_layout_reference, _INDEX, _cpu_only),
+])
+
+
+@torch.library.custom_op("sphinx_kernels::plan_layout", mutates_args=())
+def _plan_layout_op(text_ids: torch.Tensor, text_lens: torch.Tensor, answer_mask: torch.Tensor,
+                    images_per_sample: torch.Tensor, tile_grids: torch.Tensor,
+                    skipped_tiles: torch.Tensor, tokens_per_view: int, total: int, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+    return PLAN_LAYOUT_BACKENDS[backend].impl(text_ids, text_lens, answer_mask, images_per_sample,
+                                              tile_grids, skipped_tiles, tokens_per_view, total)
+
+
+@_plan_layout_op.register_fake
+def _(text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles,
+      tokens_per_view, total, backend):
+    # The number of kept views depends on the values (the packed length is ``total``).
+    views = torch.library.get_ctx().new_dynamic_size()
+    rows = total
+    new = lambda *shape: text_lens.new_empty(shape, dtype=_LONG)
+    return (text_lens.new_empty((text_lens.shape[0] + 1,), dtype=torch.int32), new(rows), new(rows),
+            new(rows), new(rows), new(views * tokens_per_view), new(views))
+
+
+def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
+    """Validates everything the kernels rely on; returns the backend arguments and the padded length
+    ``T``."""
+    if not isinstance(inputs, LayoutInputs):
+        raise TypeError(f"inputs must be LayoutInputs (see layout_inputs), got "
+                        f"{type(inputs).__name__}")
+    text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles = inputs
+    for name, value in (("tokens_per_view", tokens_per_view), ("pad_multiple", pad_multiple)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool)):
+        raise TypeError(f"length must be an int or None, got {type(length).__name__}")
+    if length is not None and (length < 0 or length % pad_multiple):
+        raise ValueError(f"length must be >= 0 and a multiple of pad_multiple = {pad_multiple}, "
+                         f"got {length}")
+    names = ("text_ids", "text_lens", "answer_mask", "images_per_sample", "tile_grids",
+             "skipped_tiles")
+    dims = (1, 1, 1, 1, 2, 1)
+    for name, value, dim in zip(names, inputs, dims):
+        dtypes = (_BOOL,) if name in ("answer_mask", "skipped_tiles") else INDEX_DTYPES
+        require_tensor(f"inputs.{name}", value, dims=dim, dtypes=dtypes)
+        if value.device.type != "cpu":
+            raise ValueError(f"inputs.{name} must be on the CPU (layout planning is data "
+                             f"preparation), got {value.device}")
+    text_ids, text_lens, images_per_sample, tile_grids = (
+        t.to(_LONG).contiguous() for t in (text_ids, text_lens, images_per_sample, tile_grids))
+    answer_mask, skipped_tiles = answer_mask.contiguous(), skipped_tiles.contiguous()
+    if images_per_sample.shape != text_lens.shape:
+        raise ValueError(f"inputs.images_per_sample has shape {tuple(images_per_sample.shape)} but "
+                         f"inputs.text_lens has {tuple(text_lens.shape)}; both must be [B]")
+    for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample),
+                        ("text_ids", text_ids)):
+        if value.numel() and int(value.min()) < 0:
+            raise ValueError(f"inputs.{name} must be >= 0, got {int(value.min())}")
+    num_text = int(text_lens.sum())
+    if text_ids.shape[0] != num_text:
+        raise ValueError(f"inputs.text_ids has {text_ids.shape[0]} tokens but inputs.text_lens sums "
+                         f"to {num_text}; they must match")
+    if answer_mask.shape != text_ids.shape:
+        raise ValueError(f"inputs.answer_mask has {answer_mask.shape[0]} flags but inputs.text_ids "
+                         f"has {text_ids.shape[0]} tokens; they must match")
+    num_images = int(images_per_sample.sum())
+    if tile_grids.shape != (num_images, 2):
+        raise ValueError(f"inputs.tile_grids must be [I, 2] with I = sum(images_per_sample) = "
+                         f"{num_images}, got shape {tuple(tile_grids.shape)}")
+    if num_images and int(tile_grids.min()) < 1:
+        raise ValueError(f"inputs.tile_grids must hold rows, cols >= 1, got {int(tile_grids.min())}")
+    tiles = tile_grids[:, 0] * tile_grids[:, 1]
+    num_tiles = int(tiles.sum())
+    if skipped_tiles.shape[0] != num_tiles:
+        raise ValueError(f"inputs.skipped_tiles has {skipped_tiles.shape[0]} flags but tile_grids "
+                         f"hold {num_tiles} tiles (sum of rows * cols); they must match")
+    kept_views = num_images + num_tiles - int(skipped_tiles.sum())
+    used = num_text + 2 * num_images + int(skipped_tiles.sum()) + kept_views * tokens_per_view
+    padded = -(-used // pad_multiple) * pad_multiple
+    if length is not None and used > length:
+        raise ValueError(f"the samples need {used} packed rows, more than length = {length}")
+    total = length if length is not None else padded
+    if total >= 2**31:
+        raise ValueError(f"the batch packs into {total} rows; int32 cu_seqlens address fewer than "
+                         "2^31: split it")
+    args = (text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles)
+    return args, total
+
+
+# ---------------------------------------------------------------------------------------------------
+# pack_by_token_budget
+
+
+class Packing(NamedTuple):
+    """Samples packed into bins of at most ``budget`` tokens by ``pack_by_token_budget``.
+
+    Padding counts compare two ways of batching the same ``n`` samples:
+    ``padding_tokens = num_bins * budget - sum(lengths)``, the padding when every bin is padded to the
+    budget (``plan_layout(..., length=budget)``); ``baseline_padding_tokens``, the padding when the
+    samples, in their given order, are cut into fixed-size batches of ``baseline_batch_size``
+    consecutive samples (the last one shorter) and every sample is padded to the longest of its batch.
+    ``saved_padding_tokens`` is the difference (negative if packing pads more).
+    """
+
+    bin_ids: torch.Tensor      # [n] int64: the bin of each sample
+    order: torch.Tensor        # [n] int64: samples grouped by bin, each bin in placement order
+    bin_offsets: torch.Tensor  # [num_bins + 1] int64: bin b holds order[bin_offsets[b]:bin_offsets[b+1]]
+    bin_tokens: torch.Tensor   # [num_bins] int64: tokens in each bin, <= budget
+    padding_tokens: int
+    baseline_padding_tokens: int
+    baseline_batch_size: int
+
+    @property
+    def num_bins(self) -> int:
+        return self.bin_tokens.shape[0]
+
+    @property
+    def saved_padding_tokens(self) -> int:
+        return self.baseline_padding_tokens - self.padding_tokens
+
+
+def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
+                         baseline_batch_size: int | None = None,
+                         backend: str | None = None) -> Packing:
+    """First-fit-decreasing packing of samples into bins of at most ``budget`` tokens.
+
+    Samples are placed longest first (equal lengths: lower sample index first), each into the
+    lowest-numbered bin it fits in, a new bin opening when none does. A tree over the bins' free space
+    finds that bin in O(log n): O(n log n) in all.
+
+    Args:
+        lengths: ``[n]`` int32 / int64 CPU tensor (or a sequence of ints) of sample lengths, each in
+            ``[0, budget]``. A sample longer than the budget raises ValueError: truncate or drop it
+            first (a bin of its own would break the budget the caller sized memory for).
+        budget: tokens per bin, >= 1.
+        baseline_batch_size: samples per batch of the fixed-size baseline that the padding is
+            compared with (see :class:`Packing`); default ``ceil(n / num_bins)``, the packing's own
+            mean samples per bin.
+        backend: force one of ``PACK_BY_TOKEN_BUDGET_BACKENDS.names``.
+
+    Returns:
+        :class:`Packing` of CPU int64 tensors (no bins for ``n == 0``). Deterministic. Data
+        preparation: no autograd, not for ``torch.compile`` (the number of bins comes from the values).
+    """
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.tensor(list(lengths), dtype=_LONG)
+    require_tensor("lengths", lengths, dims=1, dtypes=INDEX_DTYPES)
+    if lengths.device.type != "cpu":
+        raise ValueError(f"lengths must be on the CPU, got {lengths.device}")
+    for name, value in (("budget", budget), ("baseline_batch_size", baseline_batch_size)):
+        if value is None and name == "baseline_batch_size":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    lengths = lengths.to(_LONG).contiguous()
+    if lengths.numel():
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0:
+            raise ValueError(f"lengths must be >= 0, got {low}")
+        if high > budget:
+            at = int(torch.argmax(lengths))
+            raise ValueError(f"lengths[{at}] = {high} exceeds budget = {budget}; truncate or drop "
+                             "such samples before packing")
+    chosen = PACK_BY_TOKEN_BUDGET_BACKENDS.select(Request(torch.device("cpu"), _LONG), backend)
+    bin_ids, order, bin_offsets, bin_tokens = _pack_by_token_budget_op(lengths, budget, chosen.name)
+    num, num_bins = lengths.shape[0], bin_tokens.shape[0]
+    batch = baseline_batch_size or max(-(-num // max(num_bins, 1)), 1)
+    return Packing(bin_ids, order, bin_offsets, bin_tokens,
+                   num_bins * budget - int(lengths.sum()),
+                   _fixed_batch_padding(lengths, batch), batch)
+
+
+def _fixed_batch_padding(lengths: torch.Tensor, batch_size: int) -> int:
+    """Padding of consecutive batches of ``batch_size`` samples, each padded to its longest."""
+    num = lengths.shape[0]
+    if num == 0:
+        return 0
+    full = -(-num // batch_size) * batch_size
+    # Padding samples of length 0 fill the last batch; they count as neither tokens nor padding.
+    grid = torch.nn.functional.pad(lengths, (0, full - num)).view(-1, batch_size)
+    sizes = torch.full((grid.shape[0],), batch_size, dtype=_LONG)
+    sizes[-1] = num - (grid.shape[0] - 1) * batch_size
+    return int((grid.max(1).values * sizes).sum() - lengths.sum())
+
+
+def pack_by_token_budget_reference(lengths: torch.Tensor, budget: int) -> tuple[torch.Tensor, ...]:
+    """Pure-Python first-fit decreasing on validated int64 lengths (the same tree search as the C++
+    kernel, in Python lists): ``(bin_ids, order, bin_offsets, bin_tokens)``."""
+    values = lengths.tolist()
+    num = len(values)
+    placement = sorted(range(num), key=lambda i: (-values[i], i))
+    size = 1
+    while size < max(num, 1):
+        size *= 2
+    # free[size + b]: free tokens of bin b (every one of the n possible bins starts empty);
+    # free[node]: the most free tokens of any bin under node. The first bin that fits is found by
+    # descending to the left child whenever it has room.
+    free = [0] * size + [budget] * num + [-1] * (size - num)
+    for node in range(size - 1, 0, -1):
+        free[node] = max(free[2 * node], free[2 * node + 1])
+    bin_ids = [0] * num
+    num_bins = 0
+    for sample in placement:
+        need = values[sample]
+        node = 1
+        while node < size:
+            node = 2 * node if free[2 * node] >= need else 2 * node + 1
+        bin_ids[sample] = node - size
+        num_bins = max(num_bins, node - size + 1)
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    bins = torch.tensor(bin_ids, dtype=_LONG)
+    placed = torch.tensor(placement, dtype=_LONG)
+    # Group by bin, keeping placement order within each bin.
+    order = placed[torch.sort(bins[placed], stable=True).indices]
+    counts = torch.bincount(bins, minlength=num_bins) if num else torch.zeros(0, dtype=_LONG)
+    bin_offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    bin_tokens = torch.zeros(num_bins, dtype=_LONG).index_add_(0, bins, lengths)
+    return bins, order, bin_offsets, bin_tokens
+
+
+def _native_pack_by_token_budget(lengths, budget):
+    return tuple(_native_ops().pack_by_token_budget_native(lengths, budget))
+
+
+PACK_BY_TOKEN_BUDGET_BACKENDS = OpBackends("pack_by_token_budget", [
+    Backend(CPP, _native_pack_by_token_budget, _INDEX),
+    Backend(REFERENCE, pack_by_token_budget_reference, _INDEX, _cpu_only),
+])
+
+
+@torch.library.custom_op("sphinx_kernels::pack_by_token_budget", mutates_args=())
+def _pack_by_token_budget_op(lengths: torch.Tensor, budget: int, backend: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return PACK_BY_TOKEN_BUDGET_BACKENDS[backend].impl(lengths, budget)
+
+
+@_pack_by_token_budget_op.register_fake
+def _(lengths, budget, backend):
+    num_bins = torch.library.get_ctx().new_dynamic_size()
+    new = lambda *shape: lengths.new_empty(shape, dtype=_LONG)
+    return new(lengths.shape[0]), new(lengths.shape[0]), new(num_bins + 1), new(num_bins)

@@ -261,5 +261,5 @@ def bench_all(device: torch.device, quick: bool, ceiling_gbps: float | None) -> 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
     return run_family("moe", device, quick, bench_all,
-                      ("triton", "triton (recompute)", "reference", LAYER),
+                      ("cpp", "triton", "triton (recompute)", "reference", LAYER),
                       (EAGER, LOOP, GROUPED_MM, MEGABLOCKS, DENSE))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.counts import swiglu_mlp_flops
 from benchmarks.harness import (Row, backends_to_time, bandwidth_row, compute_row, run_family,
                                 time_ms)
+from benchmarks.peers import peer_missing
 from sphinx_kernels.backends import Request
 from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
                                 MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
@@ -139,18 +141,9 @@ def eager_moe_layer(x, router, w1, w3, w2):
 
 
 def _megablocks_gmm():
-    """megablocks' grouped GEMM (``gmm(a, b, batch_sizes, trans_b)``), or None where not installed."""
-    try:
-        from megablocks import grouped_gemm_util
-    except ImportError:
-        return None
+    """megablocks' grouped GEMM, ``gmm(a, b, batch_sizes, trans_b)``, or None when it is not usable."""
+    from megablocks import grouped_gemm_util
     return grouped_gemm_util.ops.gmm if grouped_gemm_util.grouped_gemm_is_available() else None
-
-
-def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    # Its fast CUTLASS path is bf16 on sm90+; elsewhere it is a slow loop, not a fair peer.
-    return (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def mlp_inputs(num_tokens, hidden, weights, device, seed):
@@ -182,12 +175,13 @@ def mlp_implementations(device, dtype):
         impls["triton (recompute)"] = (
             lambda a: moe_expert_mlp(a["grouped"], a["w1"], a["w3"], a["w2"], a["plan"],
                                      recompute=True, backend="triton"), ("grouped",) + params)
-    if _grouped_mm_supported(device, dtype):
+    # grouped_mm's fast CUTLASS path is bf16 only (peers.py checks the device).
+    if peer_missing("torch._grouped_mm", device) is None and dtype == torch.bfloat16:
         def grouped_mm(a):
             mm = lambda rows, w: torch._grouped_mm(rows, w.transpose(-2, -1), offs=a["ends"])
             return mm(swiglu(mm(a["compact"], a["w1"]), mm(a["compact"], a["w3"])), a["w2"])
         impls[GROUPED_MM] = (grouped_mm, ("compact",) + params)
-    gmm = _megablocks_gmm()
+    gmm = _megablocks_gmm() if peer_missing("megablocks", device) is None else None
     if gmm is not None:
         def megablocks(a):
             mm = lambda rows, w: gmm(rows, w, a["sizes"], trans_b=True)
@@ -216,7 +210,7 @@ def bench_expert_mlp(device: torch.device, quick: bool) -> list[Row]:
     pairs = num_tokens * TOP_K
     shape = f"T={num_tokens} E={NUM_EXPERTS} k={TOP_K} H={hidden} F={ffn}"
     dtype_name = str(dtype).removeprefix("torch.")
-    flops = 3 * 2 * pairs * hidden * ffn  # forward; the backward is twice that
+    flops = swiglu_mlp_flops(pairs, hidden, ffn)  # forward; the backward is twice that
     gen = torch.Generator().manual_seed(0)
     weights = {name: (torch.randn(NUM_EXPERTS, *dims, generator=gen) / dims[1] ** 0.5).to(dtype)
                .to(device).requires_grad_(True)
@@ -267,5 +261,5 @@ def bench_all(device: torch.device, quick: bool, ceiling_gbps: float | None) -> 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
     return run_family("moe", device, quick, bench_all,
-                      ("triton", "triton (recompute)", "reference", LAYER),
+                      ("cpp", "triton", "triton (recompute)", "reference", LAYER),
                       (EAGER, LOOP, GROUPED_MM, MEGABLOCKS, DENSE))

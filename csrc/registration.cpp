@@ -15,6 +15,7 @@
 #endif
 
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -249,6 +250,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_routing_native(
   return {tokens_per_expert, padded_offsets, position, row_to_pair};
 }
 
+at::ScalarType acc_type(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_plan_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dims,
+                       const at::Tensor& data) {
+  TORCH_CHECK(t.dim() == dims && t.scalar_type() == at::kInt && t.device() == data.device(), op,
+              ": ", name, " must be ", dims, "-D int32 on the data's device");
+}
+
+// Grouped rows [R, H] from token rows [T, H] (see moe.h); scale [T * k] or None.
+at::Tensor moe_permute_native(const at::Tensor& x, const at::Tensor& position,
+                              const at::Tensor& row_to_pair, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.dim() == 2, "moe_permute_native: x must be 2-D");
+  check_plan_tensor(position, "moe_permute_native", "position", 2, x);
+  check_plan_tensor(row_to_pair, "moe_permute_native", "row_to_pair", 1, x);
+  TORCH_CHECK(position.size(0) == x.size(0), "moe_permute_native: position must be [T, k]");
+  const at::Tensor src = x.contiguous();
+  const at::Tensor rows = row_to_pair.contiguous();
+  at::Tensor factor;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == position.numel(), "moe_permute_native: scale must hold T * k values");
+    factor = scale->to(acc_type(x.scalar_type())).contiguous();
+  }
+  at::Tensor out = at::empty({rows.size(0), src.size(1)}, src.options());
+  moe_permute_cpu(float_kind(src.scalar_type()), src.data_ptr(), src.size(0), position.size(1),
+                  rows.data_ptr<int32_t>(), rows.size(0), src.size(1),
+                  factor.defined() ? factor.data_ptr() : nullptr, out.data_ptr());
+  return out;
+}
+
+// Token rows [T, H] from grouped rows [R, H], weighted by weights [T, k] or None (see moe.h).
+at::Tensor moe_unpermute_native(const at::Tensor& y, const at::Tensor& position,
+                                const std::optional<at::Tensor>& weights) {
+  TORCH_CHECK(y.dim() == 2, "moe_unpermute_native: y must be 2-D");
+  check_plan_tensor(position, "moe_unpermute_native", "position", 2, y);
+  const at::Tensor src = y.contiguous();
+  const at::Tensor pos = position.contiguous();
+  at::Tensor w;
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->numel() == pos.numel(), "moe_unpermute_native: weights must be [T, k]");
+    w = weights->to(acc_type(y.scalar_type())).contiguous();
+  }
+  at::Tensor out = at::empty({pos.size(0), src.size(1)}, src.options());
+  moe_unpermute_cpu(float_kind(src.scalar_type()), src.data_ptr(), src.size(0),
+                    pos.data_ptr<int32_t>(), pos.size(0), pos.size(1), src.size(1),
+                    w.defined() ? w.data_ptr() : nullptr, out.data_ptr());
+  return out;
+}
+
+// dots [T, k] (float32, float64 for float64 data) of grad [T, H] with rows y[position] (see moe.h).
+at::Tensor moe_pair_dots_native(const at::Tensor& grad, const at::Tensor& y,
+                                const at::Tensor& position) {
+  TORCH_CHECK(grad.dim() == 2 && y.dim() == 2 && grad.size(1) == y.size(1) &&
+                  grad.scalar_type() == y.scalar_type() && grad.device() == y.device(),
+              "moe_pair_dots_native: grad and y must be 2-D of one width, dtype and device");
+  check_plan_tensor(position, "moe_pair_dots_native", "position", 2, y);
+  TORCH_CHECK(position.size(0) == grad.size(0), "moe_pair_dots_native: position must be [T, k]");
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor src = y.contiguous();
+  const at::Tensor pos = position.contiguous();
+  at::Tensor dots = at::empty({pos.size(0), pos.size(1)}, g.options().dtype(acc_type(g.scalar_type())));
+  moe_pair_dots_cpu(float_kind(src.scalar_type()), g.data_ptr(), src.data_ptr(), src.size(0),
+                    pos.data_ptr<int32_t>(), pos.size(0), pos.size(1), src.size(1),
+                    dots.data_ptr());
+  return dots;
+}
+
 #ifdef SPHINX_KERNELS_WITH_CUDA
 at::Tensor find_padding_tiles_native(const at::Tensor& images, const at::Tensor& pad,
                                      int64_t tile_h, int64_t tile_w) {
@@ -284,6 +351,9 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   m.def("pack_by_token_budget_native(Tensor lengths, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_routing_native(Tensor expert_ids, int num_experts, int block_size, int num_rows) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_permute_native(Tensor x, Tensor position, Tensor row_to_pair, Tensor? scale) -> Tensor");
+  m.def("moe_unpermute_native(Tensor y, Tensor position, Tensor? weights) -> Tensor");
+  m.def("moe_pair_dots_native(Tensor grad, Tensor y, Tensor position) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
@@ -292,6 +362,9 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("plan_layout_native", &sphinx_kernels::plan_layout_native);
   m.impl("pack_by_token_budget_native", &sphinx_kernels::pack_by_token_budget_native);
   m.impl("moe_routing_native", &sphinx_kernels::moe_routing_native);
+  m.impl("moe_permute_native", &sphinx_kernels::moe_permute_native);
+  m.impl("moe_unpermute_native", &sphinx_kernels::moe_unpermute_native);
+  m.impl("moe_pair_dots_native", &sphinx_kernels::moe_pair_dots_native);
 }
 
 #ifdef SPHINX_KERNELS_WITH_CUDA

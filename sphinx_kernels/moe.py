@@ -8,7 +8,7 @@ Ops:
         scatter (no sort, no host sync, static shapes). Backends: cuda, cpp, triton, reference.
     moe_permute / moe_unpermute: token order ``[T, H]`` to expert-grouped block-padded order
         ``[R, H]`` and back (the weighted sum over each token's k slots); each is the other's
-        backward. Backends: triton, reference.
+        backward. Backends: cpp, triton, reference.
     moe_expert_mlp: every expert's SwiGLU MLP on its grouped rows: grouped GEMMs that skip padding
         blocks, gate and up projections fused with the SwiGLU; forward and backward (optionally
         recomputing the activation). Backends: triton, reference.
@@ -467,12 +467,30 @@ def _triton_pair_dots(*args):
     return _triton_kernels().pair_dots(*args)
 
 
+def _native_permute(x, position, row_to_pair, scale):
+    native_extension()
+    return torch.ops.sphinx_kernels.moe_permute_native(x, position, row_to_pair, scale)
+
+
+def _native_unpermute(y_grouped, position, row_to_pair, weights):
+    native_extension()
+    return torch.ops.sphinx_kernels.moe_unpermute_native(y_grouped, position, weights)
+
+
+def _native_pair_dots(grad, y_grouped, position, dtype):
+    native_extension()
+    return torch.ops.sphinx_kernels.moe_pair_dots_native(grad, y_grouped, position).to(dtype)
+
+
+# cpp: CPU loops over rows (csrc/moe/moe_cpu.cpp); on GPUs the Triton kernels serve.
 MOE_PERMUTE_BACKENDS = OpBackends("moe_permute", [
+    Backend(CPP, _native_permute, FLOAT_DTYPES),
     Backend(TRITON, _triton_permute, FLOAT_DTYPES),
     Backend(REFERENCE, moe_permute_reference, FLOAT_DTYPES),
 ])
 # impl: (unpermute, dot products of the weights' backward).
 MOE_UNPERMUTE_BACKENDS = OpBackends("moe_unpermute", [
+    Backend(CPP, (_native_unpermute, _native_pair_dots), FLOAT_DTYPES),
     Backend(TRITON, (_triton_unpermute, _triton_pair_dots), FLOAT_DTYPES),
     Backend(REFERENCE, (moe_unpermute_reference, _pair_dots_reference), FLOAT_DTYPES),
 ])

@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../varlen/varlen.h"  // FloatKind
+
 namespace sphinx_kernels {
 
 // Pairs one CUDA block of the routing kernels handles: the histogram and the scatter split the
@@ -38,5 +40,22 @@ void moe_routing_cuda(const void* expert_ids, bool ids_are_int64, int64_t num_pa
                       int64_t num_experts, int64_t block_size, int64_t num_rows,
                       int32_t* tokens_per_expert, int32_t* padded_offsets, int32_t* position,
                       int32_t* row_to_pair, int32_t* scratch, void* stream);
+
+// Row permutations between token order [T, width] and expert-grouped order [R, width] (CPU; the
+// Triton kernels serve GPUs). Acc is float, double for kFloat64; scale and weights arrive in Acc.
+//   permute:   out[r] = x[row_to_pair[r] / k] (* scale[row_to_pair[r]], rounded once), zero rows for
+//              row_to_pair[r] < 0 or >= T * k. Exact data movement without a scale.
+//   unpermute: out[t] = sum over slots j in order of weights[t * k + j] (1 if null) *
+//              y[position[t * k + j]], accumulated in Acc, rounded once; rows outside [0, R) add 0.
+//   pair_dots: dots[t * k + j] = sum over d of grad[t, d] * y[position[t * k + j], d], in Acc.
+void moe_permute_cpu(FloatKind kind, const void* x, int64_t num_tokens, int64_t k,
+                     const int32_t* row_to_pair, int64_t num_rows, int64_t width,
+                     const void* scale, void* out);
+void moe_unpermute_cpu(FloatKind kind, const void* y, int64_t num_rows, const int32_t* position,
+                       int64_t num_tokens, int64_t k, int64_t width, const void* weights,
+                       void* out);
+void moe_pair_dots_cpu(FloatKind kind, const void* grad, const void* y, int64_t num_rows,
+                       const int32_t* position, int64_t num_tokens, int64_t k, int64_t width,
+                       void* dots);
 
 }  // namespace sphinx_kernels

@@ -1,7 +1,12 @@
 // CPU kernels of the MoE routing family. Declarations and contracts: moe.h.
 #include "moe.h"
 
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace sphinx_kernels {
@@ -35,7 +40,110 @@ void moe_routing_cpu_impl(const Index* ids, int64_t num_pairs, int64_t num_exper
   }
 }
 
+// Rows per parallel task: each is a short copy or sum, so hand each thread a good stretch of them.
+constexpr int64_t kRowGrain = 64;
+
+template <typename T, typename Acc>
+void permute_impl(const T* x, int64_t num_tokens, int64_t k, const int32_t* row_to_pair,
+                  int64_t num_rows, int64_t width, const Acc* scale, T* out) {
+  at::parallel_for(0, num_rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t pair = row_to_pair[r];
+      T* dst = out + r * width;
+      if (pair < 0 || pair >= num_tokens * k) {
+        std::memset(static_cast<void*>(dst), 0, width * sizeof(T));
+      } else if (scale == nullptr) {
+        std::memcpy(dst, x + pair / k * width, width * sizeof(T));
+      } else {
+        const T* src = x + pair / k * width;
+        for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<T>(static_cast<Acc>(src[d]) * scale[pair]);
+      }
+    }
+  });
+}
+
+template <typename T, typename Acc>
+void unpermute_impl(const T* y, int64_t num_rows, const int32_t* position, int64_t num_tokens,
+                    int64_t k, int64_t width, const Acc* weights, T* out) {
+  at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> acc(width);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int64_t j = 0; j < k; ++j) {  // slot order: the reference's summation order
+        const int64_t row = position[t * k + j];
+        if (row < 0 || row >= num_rows) continue;
+        const T* src = y + row * width;
+        const Acc w = weights == nullptr ? Acc(1) : weights[t * k + j];
+        for (int64_t d = 0; d < width; ++d) acc[d] += static_cast<Acc>(src[d]) * w;
+      }
+      T* dst = out + t * width;
+      for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<T>(acc[d]);
+    }
+  });
+}
+
+template <typename T, typename Acc>
+void pair_dots_impl(const T* grad, const T* y, int64_t num_rows, const int32_t* position,
+                    int64_t num_tokens, int64_t k, int64_t width, Acc* dots) {
+  at::parallel_for(0, num_tokens * k, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = position[i];
+      Acc sum = 0;
+      if (row >= 0 && row < num_rows) {
+        const T* g = grad + i / k * width;
+        const T* src = y + row * width;
+        for (int64_t d = 0; d < width; ++d) sum += static_cast<Acc>(g[d]) * static_cast<Acc>(src[d]);
+      }
+      dots[i] = sum;
+    }
+  });
+}
+
+// Calls f(T{}, Acc{}) with the element type of kind and its accumulator type.
+template <typename F>
+void dispatch_float(FloatKind kind, F&& f) {
+  switch (kind) {
+    case FloatKind::kFloat16: f(c10::Half{}, float{}); break;
+    case FloatKind::kBFloat16: f(c10::BFloat16{}, float{}); break;
+    case FloatKind::kFloat32: f(float{}, float{}); break;
+    case FloatKind::kFloat64: f(double{}, double{}); break;
+  }
+}
+
 }  // namespace
+
+void moe_permute_cpu(FloatKind kind, const void* x, int64_t num_tokens, int64_t k,
+                     const int32_t* row_to_pair, int64_t num_rows, int64_t width,
+                     const void* scale, void* out) {
+  dispatch_float(kind, [&](auto t, auto acc) {
+    using T = decltype(t);
+    using Acc = decltype(acc);
+    permute_impl(static_cast<const T*>(x), num_tokens, k, row_to_pair, num_rows, width,
+                 static_cast<const Acc*>(scale), static_cast<T*>(out));
+  });
+}
+
+void moe_unpermute_cpu(FloatKind kind, const void* y, int64_t num_rows, const int32_t* position,
+                       int64_t num_tokens, int64_t k, int64_t width, const void* weights,
+                       void* out) {
+  dispatch_float(kind, [&](auto t, auto acc) {
+    using T = decltype(t);
+    using Acc = decltype(acc);
+    unpermute_impl(static_cast<const T*>(y), num_rows, position, num_tokens, k, width,
+                   static_cast<const Acc*>(weights), static_cast<T*>(out));
+  });
+}
+
+void moe_pair_dots_cpu(FloatKind kind, const void* grad, const void* y, int64_t num_rows,
+                       const int32_t* position, int64_t num_tokens, int64_t k, int64_t width,
+                       void* dots) {
+  dispatch_float(kind, [&](auto t, auto acc) {
+    using T = decltype(t);
+    using Acc = decltype(acc);
+    pair_dots_impl(static_cast<const T*>(grad), static_cast<const T*>(y), num_rows, position,
+                   num_tokens, k, width, static_cast<Acc*>(dots));
+  });
+}
 
 void moe_routing_cpu(const void* expert_ids, bool ids_are_int64, int64_t num_pairs,
                      int64_t num_experts, int64_t block_size, int64_t num_rows,

@@ -251,3 +251,28 @@ def test_fsdp2_shards_the_layer_unchanged():
             assert torch.equal(a, b.full_tensor())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_layer_at_mixtral_size():
+    """The whole layer (cuda routing, Triton gating, permutations and expert GEMMs) in bf16 at
+    Mixtral-8x7B sizes (H = 4096, F = 14336, E = 8, k = 2, 4096 tokens) against the Hugging Face
+    block in float32 (no TF32), judged by that block's own bf16 error."""
+    gen = torch.Generator().manual_seed(0)
+    module = make_module(8, 2, 4096, 14336, 128, torch.bfloat16, gen)
+    x = torch.randn(4096, 4096, generator=gen).to(torch.bfloat16).to(DEVICE).requires_grad_(True)
+    grad_y = torch.randn(4096, 4096, generator=gen).to(DEVICE)
+    y, aux = module(x)
+    loss = ((y * grad_y.to(y.dtype)).sum() + LOSS_WEIGHTS[0] * aux.load_balancing_loss
+            + LOSS_WEIGHTS[1] * aux.z_loss)
+    loss.backward()
+    chosen = topk_gating_reference(module.router(x.detach()).detach(), 2).expert_ids.long()
+    state = moe_mlp_to_mixtral(module.state_dict(), PREFIX)
+    expected = loop_outputs_and_grads(x, state, 2, chosen, grad_y, torch.float32)
+    same_dtype = loop_outputs_and_grads(x, state, 2, chosen, grad_y, torch.bfloat16)
+    assert_within_torch_error(y.detach(), expected[0][0], same_dtype[0][0], FORWARD_FACTOR, "y")
+    assert_within_torch_error(x.grad, expected[1], same_dtype[1], GRADIENT_FACTOR, "grad x")
+    params = dict(module.named_parameters())
+    for name, exp in expected[2].items():
+        assert_within_torch_error(params[name].grad, exp, same_dtype[2][name], GRADIENT_FACTOR,
+                                  f"grad {name}")

@@ -12,8 +12,8 @@ import sphinx_kernels
 from sphinx_kernels.backends import Request
 from sphinx_kernels.moe import (_moe_pair_dots_op, _moe_permute_op, _moe_routing_op,
                                 _moe_unpermute_op, _topk_gating_backward_op, _topk_gating_op,
-                                MOE_ROUTING_BACKENDS, TOPK_GATING_BACKENDS, padded_rows_bound,
-                                topk_gating_reference)
+                                MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, TOPK_GATING_BACKENDS,
+                                padded_rows_bound, topk_gating_reference)
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,9 +21,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16]
 BACKENDS = [b.name for b in TOPK_GATING_BACKENDS.backends
             if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
-# moe_routing has compiled backends too (cpp on the CPU, cuda on a GPU).
+# moe_routing has compiled backends too (cpp on the CPU, cuda on a GPU), moe_permute/unpermute cpp.
 ROUTING_BACKENDS = [b.name for b in MOE_ROUTING_BACKENDS.backends
                     if not b.not_supported_reasons(Request(DEVICE, torch.int32))]
+PERMUTE_BACKENDS = [b.name for b in MOE_PERMUTE_BACKENDS.backends
+                    if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
 # (T, E, k): empty, a single token and expert, odd sizes, more slots than half the experts.
 CASES = [(0, 8, 2), (1, 1, 1), (7, 2, 1), (97, 8, 4), (300, 8, 2)]
 
@@ -213,7 +215,7 @@ def loop_permute(x, plan):
 PERMUTE_CASES = [(0, 8, 2, 4), (1, 1, 1, 16), (7, 2, 2, 4), (97, 8, 4, 16), (300, 8, 2, 128)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PERMUTE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])
 @pytest.mark.parametrize("num_tokens,num_experts,k,block_size", PERMUTE_CASES)
 def test_permute_is_exact(backend, dtype, num_tokens, num_experts, k, block_size):
@@ -231,7 +233,7 @@ def torch_unpermute(y_grouped, plan, weights):
     return (rows * weights.to(rows.dtype)[:, :, None]).sum(1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PERMUTE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens,num_experts,k,block_size", PERMUTE_CASES)
 def test_unpermute_and_gradients_within_tolerance_of_float64(backend, dtype, num_tokens,
@@ -271,7 +273,7 @@ def test_unpermute_and_gradients_within_tolerance_of_float64(backend, dtype, num
         assert ((got[2].double() - expected[2]).abs() <= bound).all(), f"{backend} grad weights"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PERMUTE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_permute_gradient_sums_the_token_rows(backend, dtype):
     gen = generator()
@@ -289,7 +291,7 @@ def test_unpermute_without_weights_undoes_permute():
     gen = generator()
     plan = make_plan(97, 8, 2, 16, gen)
     x = torch.randint(-8, 8, (97, 16), generator=gen).float().to(DEVICE)  # sums exact in fp32
-    for backend in BACKENDS:
+    for backend in PERMUTE_BACKENDS:
         grouped = sphinx_kernels.moe_permute(x, plan, backend=backend)
         assert torch.equal(sphinx_kernels.moe_unpermute(grouped, plan, None, backend=backend), 2 * x)
 
@@ -310,6 +312,10 @@ def test_kernel_backends_agree_bitwise_and_are_deterministic():
     baseline = next(iter(results.values()))
     for backend, result in results.items():
         assert all(torch.equal(a, b) for a, b in zip(result, baseline)), backend
+    # Every unpermute kernel sums in float32 in slot order, one multiply then one add per slot.
+    for backend in PERMUTE_BACKENDS:
+        out = sphinx_kernels.moe_unpermute(y_grouped, plan, weights, backend=backend)
+        assert torch.equal(out, baseline[1]), backend
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,6 +410,23 @@ def test_opcheck(backend):
     weights = torch.rand(37, 2, device=DEVICE, requires_grad=True)
     torch.library.opcheck(_moe_unpermute_op,
                           (y_grouped, plan.position, plan.row_to_pair, weights, backend))
+    torch.library.opcheck(_moe_pair_dots_op, (x.detach(), y_grouped.detach(), plan.position,
+                                              torch.float32, backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in PERMUTE_BACKENDS if b not in BACKENDS])
+def test_opcheck_of_permutations_only_backends(backend):
+    gen = generator(8)
+    plan = make_plan(37, 8, 2, 16, gen)
+    x = torch.randn(37, 9, device=DEVICE, requires_grad=True)
+    scale = torch.rand(37 * 2, device=DEVICE)
+    for s in (None, scale):
+        torch.library.opcheck(_moe_permute_op, (x, plan.position, plan.row_to_pair, s, backend))
+    y_grouped = torch.randn(plan.num_padded_rows, 9, device=DEVICE, requires_grad=True)
+    weights = torch.rand(37, 2, device=DEVICE, requires_grad=True)
+    for w in (None, weights):
+        torch.library.opcheck(_moe_unpermute_op,
+                              (y_grouped, plan.position, plan.row_to_pair, w, backend))
     torch.library.opcheck(_moe_pair_dots_op, (x.detach(), y_grouped.detach(), plan.position,
                                               torch.float32, backend))
 

@@ -5,7 +5,7 @@
 #pragma once
 #include <cstdint>
 
-#include "../varlen/varlen.h"  // FloatKind
+#include "../common.h"
 
 namespace sphinx_kernels {
 

@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../common.h"
+
 namespace sphinx_kernels {
 
 // The most source tables one gather_rows call takes: the CUDA kernel receives the table by value.
@@ -24,8 +26,6 @@ struct GatherSources {
 struct PoisonPattern {
   uint8_t bytes[16];
 };
-
-enum class FloatKind { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // out[t] = sources[source_ids[t]][row_ids[t]] for t < num_rows, row_bytes bytes each; a negative
 // source id gives a zero row. Index types: both int32 or both int64 (index_is_int64).

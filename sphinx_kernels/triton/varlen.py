@@ -159,6 +159,18 @@ def _seq_bounds(cu_ptr, b, total):
 
 
 @triton.jit
+def _tile_sequence(tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k,
+                   HAS_PREFIX: tl.constexpr):
+    """This program's block of sequence ``seq`` (from the tile table), the sequence's query and key
+    bounds, and its prefix length (0 without prefixes)."""
+    block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    q_start, len_q = _seq_bounds(cu_q_ptr, seq, total_q)
+    k_start, len_k = _seq_bounds(cu_k_ptr, seq, total_k)
+    prefix = tl.load(prefix_ptr + seq) if HAS_PREFIX else 0
+    return block, q_start, len_q, k_start, len_k, prefix
+
+
+@triton.jit
 def _kv_end(rows, len_q, len_k, prefix, CAUSAL: tl.constexpr):
     if CAUSAL:
         pos = rows + (len_k - len_q)
@@ -178,12 +190,10 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
     seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
     if seq >= num_seqs:  # the tile table has a static size; the tiles past the real count are idle
         return
-    block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    q_start, len_q = _seq_bounds(cu_q_ptr, seq, total_q)
-    k_start, len_k = _seq_bounds(cu_k_ptr, seq, total_k)
-    prefix = tl.load(prefix_ptr + seq) if HAS_PREFIX else 0
 
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -260,11 +270,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
     seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
     if seq >= num_seqs:
         return
-    block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
     kv_head = tl.program_id(1)
-    q_start, len_q = _seq_bounds(cu_q_ptr, seq, total_q)
-    k_start, len_k = _seq_bounds(cu_k_ptr, seq, total_k)
-    prefix = tl.load(prefix_ptr + seq) if HAS_PREFIX else 0
 
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in_block = tl.arange(0, BLOCK_M)
@@ -325,12 +333,10 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_pt
     seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
     if seq >= num_seqs:
         return
-    block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    q_start, len_q = _seq_bounds(cu_q_ptr, seq, total_q)
-    k_start, len_k = _seq_bounds(cu_k_ptr, seq, total_k)
-    prefix = tl.load(prefix_ptr + seq) if HAS_PREFIX else 0
 
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)

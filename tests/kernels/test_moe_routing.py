@@ -121,7 +121,21 @@ def test_gating_gradient_within_tolerance_of_float64(backend, dtype, num_tokens,
     expected = gating_gradient(logits.double(), k, renormalize, grads, topk_gating_reference)
     same_dtype = gating_gradient(logits, k, renormalize, grads, topk_gating_reference)
     assert got.dtype == dtype
-    assert_within_torch_error(got, expected, same_dtype, GRADIENT_FACTOR, f"{backend} grad")
+    assert_within_torch_error(got, expected, same_dtype, GRADIENT_FACTOR, f"{backend} grad",
+                              baseline_floor=torch_gating_gradient_error(num_experts, k,
+                                                                         renormalize, dtype))
+
+
+def torch_gating_gradient_error(num_experts, k, renormalize, dtype, num_tokens=512):
+    """PyTorch's own error on the gating gradient over many tokens: a handful of tokens has too few
+    values (14 for T = 7, E = 2) for their maximum error to measure it, and a lucky draw left PyTorch
+    within one ulp where an exact-to-3-ulp kernel then failed."""
+    gen = generator()
+    logits = random_logits(num_tokens, num_experts, dtype, gen)
+    grads = (torch.randn(num_tokens, k, generator=gen, dtype=torch.float64).to(DEVICE), 0.7, 0.3)
+    expected = gating_gradient(logits.double(), k, renormalize, grads, topk_gating_reference)
+    same_dtype = gating_gradient(logits, k, renormalize, grads, topk_gating_reference)
+    return float((same_dtype.double() - expected).abs().max())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

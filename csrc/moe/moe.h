@@ -47,7 +47,8 @@ void moe_routing_cuda(const void* expert_ids, bool ids_are_int64, int64_t num_pa
 //              row_to_pair[r] < 0 or >= T * k. Exact data movement without a scale.
 //   unpermute: out[t] = sum over slots j in order of weights[t * k + j] (1 if null) *
 //              y[position[t * k + j]], accumulated in Acc, rounded once; rows outside [0, R) add 0.
-//   pair_dots: dots[t * k + j] = sum over d of grad[t, d] * y[position[t * k + j], d], in Acc.
+//   pair_dots: dots[t * k + j] = sum over d of grad[t, d] * y[position[t * k + j], d], summed in double
+//              and stored as Acc.
 void moe_permute_cpu(FloatKind kind, const void* x, int64_t num_tokens, int64_t k,
                      const int32_t* row_to_pair, int64_t num_rows, int64_t width,
                      const void* scale, void* out);

@@ -88,13 +88,16 @@ void pair_dots_impl(const T* grad, const T* y, int64_t num_rows, const int32_t* 
   at::parallel_for(0, num_tokens * k, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t row = position[i];
-      Acc sum = 0;
+      // In double, rounded once: a float sum in order loses up to `width` roundings, more than the
+      // tree sums of the Triton kernel and of PyTorch.
+      double sum = 0;
       if (row >= 0 && row < num_rows) {
         const T* g = grad + i / k * width;
         const T* src = y + row * width;
-        for (int64_t d = 0; d < width; ++d) sum += static_cast<Acc>(g[d]) * static_cast<Acc>(src[d]);
+        for (int64_t d = 0; d < width; ++d)
+          sum += static_cast<double>(g[d]) * static_cast<double>(src[d]);
       }
-      dots[i] = sum;
+      dots[i] = static_cast<Acc>(sum);
     }
   });
 }

@@ -17,7 +17,7 @@ import sphinx_kernels
 from sphinx_kernels.backends import Request
 from sphinx_kernels.varlen import (VARLEN_ATTENTION_BACKENDS, _torch_flash_reasons,
                                    _varlen_attention_op, _visible_keys, varlen_attention_reference)
-from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
+from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LENGTHS = (0, 1, 7, 59, 97, 130)
@@ -104,14 +104,34 @@ class Case:
         return out.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in inputs]
 
 
+def torch_error_floors(case, draws=3):
+    """PyTorch's own errors (output, dq, dk, dv) on the case's shapes over ``draws`` fresh value
+    draws: a batch of short sequences has few values, and one lucky draw left PyTorch's fp32 error
+    at half its usual size (a run failed at 2.14x)."""
+    floors = [0.0] * 4
+    saved = case.q, case.k, case.v, case.grad
+    for _ in range(draws):
+        case.q, case.k, case.v, case.grad = (torch.randn_like(t, dtype=torch.float64).to(t.dtype)
+                                             for t in saved)
+        out64, grads64 = case.run_reference(torch.float64)
+        out_same, grads_same = case.run_reference(case.dtype)
+        errors = [max_error(a, b) for a, b in zip([out_same, *grads_same], [out64, *grads64])]
+        floors = [max(f, e) for f, e in zip(floors, errors)]
+    case.q, case.k, case.v, case.grad = saved
+    return floors
+
+
 def assert_matches_float64(case, backend):
     out, grads = case.run(backend)
     out64, grads64 = case.run_reference(torch.float64)
     out_same, grads_same = case.run_reference(case.dtype)
+    floors = torch_error_floors(case)
     what = f"{backend} {str(case.dtype).removeprefix('torch.')} {case.describe()}"
-    assert_within_torch_error(out, out64, out_same, FORWARD_FACTOR, f"out, {what}")
-    for name, grad, grad64, same in zip("qkv", grads, grads64, grads_same):
-        assert_within_torch_error(grad, grad64, same, GRADIENT_FACTOR, f"d{name}, {what}")
+    assert_within_torch_error(out, out64, out_same, FORWARD_FACTOR, f"out, {what}",
+                              baseline_floor=floors[0])
+    for name, grad, grad64, same, floor in zip("qkv", grads, grads64, grads_same, floors[1:]):
+        assert_within_torch_error(grad, grad64, same, GRADIENT_FACTOR, f"d{name}, {what}",
+                                  baseline_floor=floor)
 
 
 def naive_attention(q, k, v, lens_q, lens_k, causal, prefix, scale):

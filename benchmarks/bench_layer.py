@@ -216,7 +216,7 @@ def make_batch(cfg: LayerConfig, device, seed: int) -> dict:
     longest = max(lengths)
     # Padded layout: sample b's row t sits at [b, t]; index 0 of the row table is a zero row.
     source_ids, row_ids = layout.source_ids, layout.row_ids
-    padded_indices, offset, remap = [], 1, torch.zeros_like(source_ids)
+    padded_indices, offset, remap = [], 1, torch.zeros(source_ids.shape, dtype=torch.long)
     for s in range(5):
         hit = source_ids == s
         ids = row_ids[hit]

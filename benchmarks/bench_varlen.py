@@ -12,9 +12,12 @@ SDPA on the batch padded to its longest sequence, and the reference: on
 a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D = 128,
 bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded SDPA
 only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
-plan_layout (CPU only; cpp against the reference): 10^4 samples (2000 with --quick) of the SPHINX-X mix:
-0-3 images, tile grids 1x1..4x4, 30% of tiles skipped, 257 tokens per view, 32..2048 text tokens
-(about 3100 packed rows a sample; 10^5 samples would be 3 * 10^8 rows, 14 GB of int64 outputs).
+plan_layout (CPU only), in GB/s of the outputs written, next to a bare fill of those outputs:
+cpp against the reference on 10^4 samples (2000 with --quick) of a heavy mix (0-3 images, tile grids
+1x1..4x4, 30% of tiles skipped, 257 tokens per view, 32..2048 text tokens: about 3100 packed rows a
+sample); without --quick also cpp alone on 10^5 samples in one call, of SPHINX-X's shape (one image as
+2x2 tiles plus the global view, 32..256 text tokens: about 1430 rows a sample) and of the heavy mix,
+and 10^5 one-image samples planned 16 at a time (the data loader's calls).
 pack_by_token_budget (CPU only): first-fit decreasing of 10^5 lengths in 32..2048 into 16384-token bins.
 apply_rotary against the Hugging Face formula in eager PyTorch: q [T, 32, 128] and k [T, 8, 128]
 (Llama GQA), T = 16384 on a GPU in fp32, fp16, bf16; T = 2048 float32 on the CPU.
@@ -29,7 +32,7 @@ from benchmarks.counts import attention_flops
 from benchmarks.harness import (Row, backends_to_time, bandwidth_row, compute_row, run_family,
                                 time_ms)
 from benchmarks.peers import peer_missing
-from sphinx_kernels.backends import Request
+from sphinx_kernels.backends import CPP, Request
 from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
                                    pack_by_token_budget, plan_layout)
 from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS, apply_rotary
@@ -227,38 +230,82 @@ TOKENS_PER_VIEW = 257
 
 
 def layout_batch(num_samples: int, seed: int) -> LayoutInputs:
-    """The SPHINX-X mix: 0-3 images of 1x1..4x4 tiles, 30% skipped, 32..2048 text tokens."""
+    """A heavy mix: 0-3 images of 1x1..4x4 tiles, 30% skipped, 32..2048 text tokens."""
     gen = torch.Generator().manual_seed(seed)
     text_lens = torch.randint(32, 2049, (num_samples,), generator=gen)
     images = torch.randint(0, 4, (num_samples,), generator=gen)
     grids = torch.randint(1, 5, (int(images.sum()), 2), generator=gen)
+    return _layout_inputs(text_lens, images, grids, 0.3, gen)
+
+
+def one_image_batch(num_samples: int, seed: int) -> LayoutInputs:
+    """SPHINX-X's shape of a sample: one image as a 2x2 tile grid plus the global view (5 views, none
+    skipped), then 32..256 text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    text_lens = torch.randint(32, 257, (num_samples,), generator=gen)
+    images = torch.ones(num_samples, dtype=torch.int64)
+    return _layout_inputs(text_lens, images, torch.full((num_samples, 2), 2), 0.0, gen)
+
+
+def _layout_inputs(text_lens, images, grids, skip_fraction, gen) -> LayoutInputs:
     num_text, num_tiles = int(text_lens.sum()), int((grids[:, 0] * grids[:, 1]).sum())
     return LayoutInputs(torch.randint(32000, (num_text,), generator=gen), text_lens,
                         torch.rand(num_text, generator=gen) < 0.5, images, grids,
-                        torch.rand(num_tiles, generator=gen) < 0.3)
+                        torch.rand(num_tiles, generator=gen) < skip_fraction)
+
+
+def bench_plan_layout(batch: LayoutInputs, mix: str, backends: list[str],
+                      with_floor: bool) -> list[Row]:
+    """plan_layout of one call over ``batch``, in GB/s of the outputs it writes; ``with_floor``: also
+    the bare write of those bytes into memory already touched (any planner's floor)."""
+    cpu = torch.device("cpu")
+    layout = plan_layout(batch, TOKENS_PER_VIEW)
+    written = sum(t.nbytes for t in layout)
+    num_samples, packed_rows = batch.text_lens.shape[0], layout.source_ids.shape[0]
+    shape = f"{mix} B={num_samples} T={packed_rows}"
+    rows = []
+    for backend in backends:
+        ms = time_ms(lambda a, b=backend: plan_layout(a, TOKENS_PER_VIEW, backend=b), [batch], cpu,
+                     warmup=1, repeats=5)
+        row = bandwidth_row("plan_layout", shape, "int32", backend, ms, written, None)
+        row.extra = {"samples_per_s": num_samples / ms * 1e3, "rows_per_s": packed_rows / ms * 1e3}
+        rows.append(row)
+    if with_floor:
+        ms = time_ms(lambda outputs: [t.fill_(1) for t in outputs], [layout], cpu, warmup=1,
+                     repeats=5)
+        rows.append(bandwidth_row("plan_layout", shape, "int32", "fill of the outputs (floor)", ms,
+                                  written, None))
+    return rows
+
+
+def bench_plan_layout_per_batch(num_samples: int, batch_size: int) -> Row:
+    """The data loader's way: ``num_samples`` one-image samples planned ``batch_size`` at a time. Small
+    calls are bound by the per-call overhead (validation, dispatch), not by the rows."""
+    batches = [one_image_batch(batch_size, seed) for seed in range(num_samples // batch_size)]
+    packed_rows = sum(plan_layout(b, TOKENS_PER_VIEW).source_ids.shape[0] for b in batches)
+    ms = time_ms(lambda group: [plan_layout(b, TOKENS_PER_VIEW) for b in group], [batches],
+                 torch.device("cpu"), warmup=1, repeats=3)
+    row = Row("plan_layout", f"one 2x2 image B={len(batches) * batch_size} in calls of {batch_size}",
+              "int32", "cpp", ms)
+    row.extra = {"samples_per_s": len(batches) * batch_size / ms * 1e3,
+                 "rows_per_s": packed_rows / ms * 1e3, "us_per_call": ms * 1e3 / len(batches)}
+    return row
 
 
 def bench_layout(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
     """CPU data preparation: timed on the CPU whatever the device (the ceiling is the device's, so
     none is reported)."""
     cpu = Request(torch.device("cpu"), torch.int64)
-    rows = []
-    num_samples = 2000 if quick else 10**4
-    batch = layout_batch(num_samples, 0)
-    packed_rows = plan_layout(batch, TOKENS_PER_VIEW).source_ids.shape[0]
-    written = packed_rows * 4 * 8  # position, source, row and label: int64 per packed row
-    shape = f"B={num_samples} T={packed_rows}"
-    for backend in backends_to_time(PLAN_LAYOUT_BACKENDS, cpu):
-        ms = time_ms(lambda a, b=backend: plan_layout(a, TOKENS_PER_VIEW, backend=b), [batch],
-                     torch.device("cpu"), warmup=1, repeats=5)
-        row = bandwidth_row("plan_layout", shape, "int64", backend, ms, written, None)
-        row.extra = {"samples_per_s": num_samples / ms * 1e3, "rows_per_s": packed_rows / ms * 1e3}
-        rows.append(row)
-    # The floor of any planner: allocating the four [T] int64 outputs and writing them once.
-    ms = time_ms(lambda n: [torch.empty(n, dtype=torch.int64).fill_(0) for _ in range(4)],
-                 [packed_rows], torch.device("cpu"), warmup=1, repeats=5)
-    rows.append(bandwidth_row("plan_layout", shape, "int64", "torch.empty+fill (floor)", ms, written,
-                              None))
+    backends = backends_to_time(PLAN_LAYOUT_BACKENDS, cpu)
+    rows = bench_plan_layout(layout_batch(2000 if quick else 10**4, 0), "heavy mix", backends,
+                             with_floor=True)
+    if not quick:  # 10^5 samples in one call, the planner's throughput (no reference: minutes)
+        native = [b for b in backends if b == CPP.name]
+        rows += bench_plan_layout(one_image_batch(10**5, 0), "one 2x2 image", native,
+                                  with_floor=True)
+        rows += bench_plan_layout(layout_batch(10**5, 0), "heavy mix", native, with_floor=False)
+        if native:
+            rows.append(bench_plan_layout_per_batch(10**5, 16))
     num_lengths, budget = 10**4 if quick else 10**5, 16384
     lengths = [torch.randint(32, 2049, (num_lengths,), generator=torch.Generator().manual_seed(s))
                for s in range(INPUT_SETS)]

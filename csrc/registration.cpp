@@ -14,6 +14,11 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -64,6 +69,25 @@ void* stream_for(const at::Tensor& t) {
   return nullptr;
 }
 
+// A tensor about to be written once from start to end. Fresh memory costs a page fault per
+// 4 KiB page on its first write, which dominates a one-pass fill: asking for transparent huge pages
+// (Linux, THP in "madvise" mode) makes that one fault per 2 MiB. On the 2-core CI machine a fresh
+// 1.1 GB fill went from 0.34-0.80 s to 0.09 s, against 0.06 s for memory already touched. Only the
+// advice changes; the tensor is an ordinary one from torch's allocator (GPU memory: no advice).
+at::Tensor empty_to_fill(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#ifdef __linux__
+  if (!t.is_cpu()) return t;
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (start + t.nbytes()) & ~(kHugePage - 1);
+  // Advice only: where the kernel refuses (no THP), the fill runs on ordinary pages.
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
 at::Tensor gather_rows_native(at::TensorList sources, const at::Tensor& source_ids,
                               const at::Tensor& row_ids) {
   TORCH_CHECK(!sources.empty() && sources.size() <= static_cast<size_t>(kMaxGatherSources),
@@ -90,7 +114,7 @@ at::Tensor gather_rows_native(at::TensorList sources, const at::Tensor& source_i
               "gather_rows_native: indices must be on the sources' device");
   const at::Tensor sid = source_ids.contiguous();
   const at::Tensor rid = row_ids.contiguous();
-  at::Tensor out = at::empty({sid.size(0), first.size(1)}, first.options());
+  at::Tensor out = empty_to_fill({sid.size(0), first.size(1)}, first.options());
   const int64_t row_bytes = first.size(1) * first.element_size();
   const bool int64_index = sid.scalar_type() == at::kLong;
   const PoisonPattern poison = nan_pattern(first.scalar_type());
@@ -186,14 +210,17 @@ plan_layout_native(const at::Tensor& text_ids, const at::Tensor& text_lens,
   at::Tensor cu_seqlens = at::empty({num_samples + 1}, at::TensorOptions().dtype(at::kInt));
   int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b <= num_samples; ++b) cu[b] = static_cast<int32_t>(rows[b]);
-  at::Tensor position_ids = long_empty(total), source_ids = long_empty(total),
-             row_ids = long_empty(total), labels = long_empty(total),
-             visual_rows = long_empty(views[num_samples] * tokens_per_view),
-             view_starts = long_empty(views[num_samples]);
+  const auto int32_options = at::TensorOptions().dtype(at::kInt);
+  at::Tensor position_ids = empty_to_fill({total}, int32_options),
+             source_ids = empty_to_fill({total}, int32_options),
+             row_ids = empty_to_fill({total}, int32_options),
+             labels = empty_to_fill({total}, at::TensorOptions().dtype(at::kLong)),
+             visual_rows = empty_to_fill({views[num_samples] * tokens_per_view}, int32_options),
+             view_starts = empty_to_fill({views[num_samples]}, int32_options);
   plan_layout_fill_cpu(batch, offsets, total,
-                       LayoutOutputs{position_ids.data_ptr<int64_t>(), source_ids.data_ptr<int64_t>(),
-                                     row_ids.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
-                                     visual_rows.data_ptr<int64_t>(), view_starts.data_ptr<int64_t>()});
+                       LayoutOutputs{position_ids.data_ptr<int32_t>(), source_ids.data_ptr<int32_t>(),
+                                     row_ids.data_ptr<int32_t>(), labels.data_ptr<int64_t>(),
+                                     visual_rows.data_ptr<int32_t>(), view_starts.data_ptr<int32_t>()});
   return {cu_seqlens, position_ids, source_ids, row_ids, labels, visual_rows, view_starts};
 }
 

@@ -119,16 +119,20 @@ class PackedLayout(NamedTuple):
     Feed it to ``gather_rows([embedding_table, visual_rows, skip, begin, end], source_ids, row_ids)``
     with the tables in the order of the ``SOURCE_*`` constants (``skip``, ``begin``, ``end`` as
     ``[1, D]``), and let the projection write its rows to ``visual_rows`` directly.
+
+    Row indices are int32 like ``cu_seqlens`` (a batch holds fewer than 2^31 rows): they are most of
+    what the planner writes, and every op that takes them accepts int32. The labels are int64, the
+    dtype torch's cross-entropy requires.
     """
 
     cu_seqlens: torch.Tensor    # [B + 1] int32: sample b owns rows cu_seqlens[b]:cu_seqlens[b + 1]
-    position_ids: torch.Tensor  # [T] int64: 0, 1, ... within each sample; 0 on padding rows
-    source_ids: torch.Tensor    # [T] int64: SOURCE_* of each row (SOURCE_PADDING past cu_seqlens[B])
-    row_ids: torch.Tensor       # [T] int64: row within that source (0 for skip, markers, padding)
+    position_ids: torch.Tensor  # [T] int32: 0, 1, ... within each sample; 0 on padding rows
+    source_ids: torch.Tensor    # [T] int32: SOURCE_* of each row (SOURCE_PADDING past cu_seqlens[B])
+    row_ids: torch.Tensor       # [T] int32: row within that source (0 for skip, markers, padding)
     labels: torch.Tensor        # [T] int64: token of row t + 1 if it is an answer token of the same
                                 #   sample, else IGNORE_INDEX (the last row of a sample: always)
-    visual_rows: torch.Tensor   # [V * tokens_per_view] int64: packed row of each projected visual row
-    view_starts: torch.Tensor   # [V] int64: first packed row of each kept view (global + kept tiles)
+    visual_rows: torch.Tensor   # [V * tokens_per_view] int32: packed row of each projected visual row
+    view_starts: torch.Tensor   # [V] int32: first packed row of each kept view (global + kept tiles)
 
     @property
     def num_kept_views(self) -> int:
@@ -237,8 +241,10 @@ def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, t
     view_starts = seg_start[is_view]
     visual_rows = (view_starts[:, None] + torch.arange(tpv)).reshape(-1)
     pad = total - used
-    return (cu_seqlens.int(), _pad(positions, pad, 0), _pad(source, pad, SOURCE_PADDING),
-            _pad(rows, pad, 0), _pad(labels, pad, IGNORE_INDEX), visual_rows, view_starts)
+    rows32 = lambda t: t.to(torch.int32)
+    return (rows32(cu_seqlens), rows32(_pad(positions, pad, 0)),
+            rows32(_pad(source, pad, SOURCE_PADDING)), rows32(_pad(rows, pad, 0)),
+            _pad(labels, pad, IGNORE_INDEX), rows32(visual_rows), rows32(view_starts))
 
 
 def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
@@ -286,10 +292,9 @@ def _(text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_t
       tokens_per_view, total, backend):
     # The number of kept views depends on the values (the packed length is ``total``).
     views = torch.library.get_ctx().new_dynamic_size()
-    rows = total
-    new = lambda *shape: text_lens.new_empty(shape, dtype=_LONG)
-    return (text_lens.new_empty((text_lens.shape[0] + 1,), dtype=torch.int32), new(rows), new(rows),
-            new(rows), new(rows), new(views * tokens_per_view), new(views))
+    new = lambda *shape, dtype=torch.int32: text_lens.new_empty(shape, dtype=dtype)
+    return (new(text_lens.shape[0] + 1), new(total), new(total), new(total), new(total, dtype=_LONG),
+            new(views * tokens_per_view), new(views))
 
 
 def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
@@ -324,10 +329,14 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     if images_per_sample.shape != text_lens.shape:
         raise ValueError(f"inputs.images_per_sample has shape {tuple(images_per_sample.shape)} but "
                          f"inputs.text_lens has {tuple(text_lens.shape)}; both must be [B]")
-    for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample),
-                        ("text_ids", text_ids)):
+    for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample)):
         if value.numel() and int(value.min()) < 0:
             raise ValueError(f"inputs.{name} must be >= 0, got {int(value.min())}")
+    if text_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(text_ids))
+        if low < 0 or high >= 2**31:
+            raise ValueError(f"inputs.text_ids must be in [0, 2^31) (row ids are int32), got "
+                             f"{low if low < 0 else high}")
     num_text = int(text_lens.sum())
     if text_ids.shape[0] != num_text:
         raise ValueError(f"inputs.text_ids has {text_ids.shape[0]} tokens but inputs.text_lens sums "
@@ -346,8 +355,9 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     if skipped_tiles.shape[0] != num_tiles:
         raise ValueError(f"inputs.skipped_tiles has {skipped_tiles.shape[0]} flags but tile_grids "
                          f"hold {num_tiles} tiles (sum of rows * cols); they must match")
-    kept_views = num_images + num_tiles - int(skipped_tiles.sum())
-    used = num_text + 2 * num_images + int(skipped_tiles.sum()) + kept_views * tokens_per_view
+    num_skipped = int(skipped_tiles.sum())
+    kept_views = num_images + num_tiles - num_skipped
+    used = num_text + 2 * num_images + num_skipped + kept_views * tokens_per_view
     padded = -(-used // pad_multiple) * pad_multiple
     if length is not None and used > length:
         raise ValueError(f"the samples need {used} packed rows, more than length = {length}")

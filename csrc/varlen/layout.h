@@ -1,14 +1,16 @@
 // CPU kernels of packed-layout planning (see sphinx_kernels/layout.py for the op contracts).
 //
 // Plain C++ types only (no torch headers): the binding layer in csrc/registration.cpp allocates and
-// checks tensors, these take raw pointers. All counts and indices are int64.
+// checks tensors, these take raw pointers. Inputs, counts and offsets are int64; the per-row outputs
+// are int32 like cu_seqlens (a batch holds fewer than 2^31 rows, token ids are below 2^31), except
+// the labels, int64 as torch's cross-entropy requires.
 #pragma once
 #include <cstdint>
 
 namespace sphinx_kernels {
 
 // The fixed source numbering of a packed row (sphinx_kernels.layout.SOURCE_*).
-constexpr int64_t kSourceText = 0, kSourceVisual = 1, kSourceSkip = 2, kSourceImageBegin = 3,
+constexpr int32_t kSourceText = 0, kSourceVisual = 1, kSourceSkip = 2, kSourceImageBegin = 3,
                   kSourceImageEnd = 4, kSourcePadding = -1;
 constexpr int64_t kIgnoreIndex = -100;
 
@@ -35,12 +37,12 @@ struct LayoutOffsets {
 
 // [T] per-row outputs, then [V * tokens_per_view] visual rows and [V] view starts.
 struct LayoutOutputs {
-  int64_t* position_ids;
-  int64_t* source_ids;
-  int64_t* row_ids;
+  int32_t* position_ids;
+  int32_t* source_ids;
+  int32_t* row_ids;
   int64_t* labels;
-  int64_t* visual_rows;
-  int64_t* view_starts;
+  int32_t* visual_rows;
+  int32_t* view_starts;
 };
 
 // Prefix sums of the counts: sample_images, sample_text and image_tiles (reads no flags). The batch

@@ -95,8 +95,9 @@ def assert_layout_equals_loop(layout, samples, tokens_per_view, what):
     assert layout.labels.tolist() == labels + [IGNORE_INDEX] * pad, what
     assert layout.visual_rows.tolist() == visual_rows, what
     assert layout.view_starts.tolist() == view_starts, what
-    for name in ("position_ids", "source_ids", "row_ids", "labels", "visual_rows", "view_starts"):
-        assert getattr(layout, name).dtype == torch.int64, (what, name)
+    for name in ("position_ids", "source_ids", "row_ids", "visual_rows", "view_starts"):
+        assert getattr(layout, name).dtype == torch.int32, (what, name)
+    assert layout.labels.dtype == torch.int64, what  # what cross_entropy requires
 
 
 def test_hand_written_example():
@@ -201,7 +202,8 @@ def test_gather_rows_with_the_layout_builds_the_loop_embeddings(backend):
     expected.extend([torch.zeros(width)] * (out.shape[0] - len(expected)))
     assert torch.equal(out, torch.stack(expected)), f"seed {seed}"
     # A projection writing its rows to visual_rows of a zero sequence builds the same visual rows.
-    packed = torch.zeros_like(out).index_copy_(0, layout.visual_rows, visual)
+    packed = torch.zeros_like(out)
+    packed[layout.visual_rows] = visual
     is_visual = layout.source_ids == SOURCE_VISUAL
     assert torch.equal(packed[is_visual], out[is_visual]), f"seed {seed}"
 
@@ -239,7 +241,9 @@ BAD_LAYOUTS = [
     (lambda i: (i._replace(images_per_sample=torch.tensor([2, -1])), 2, {}), ValueError,
      "inputs.images_per_sample must be >= 0"),
     (lambda i: (i._replace(text_ids=torch.tensor([4, -5, 6])), 2, {}), ValueError,
-     "inputs.text_ids must be >= 0"),
+     "inputs.text_ids must be in [0, 2^31) (row ids are int32), got -5"),
+    (lambda i: (i._replace(text_ids=torch.tensor([4, 2**31, 6])), 2, {}), ValueError,
+     "inputs.text_ids must be in [0, 2^31) (row ids are int32), got 2147483648"),
     (lambda i: (i._replace(text_lens=torch.tensor([2, 2])), 2, {}), ValueError,
      "inputs.text_ids has 3 tokens but inputs.text_lens sums to 4"),
     (lambda i: (i._replace(answer_mask=i.answer_mask[:2]), 2, {}), ValueError,

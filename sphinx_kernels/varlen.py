@@ -7,12 +7,13 @@ Ops:
     find_padding_tiles: which tiles of pre-padded images are entirely padding (their sub-images are
         then never encoded: one skip token stands in). Backends: cuda, triton, reference.
     varlen_attention: flash attention over packed sequences (causal bottom-right, GQA, prefix-LM),
-        forward and backward. Backends: triton, torch_flash, reference.
+        forward and backward. Backends: triton, torch_flash, flash_attn, reference.
 
 Each op has a pure-PyTorch reference beside it (``*_reference``), which the tests compare against.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Sequence
 
 import torch
@@ -380,15 +381,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         max_seqlen_q, max_seqlen_k: optional upper bounds of the sequence lengths (host ints). They
             only shrink the launch grid; None uses a bound known from shapes (no host sync). A
             bound below a real length is a contract violation (rows are then left out, never read or
-            written out of bounds). The torch_flash peer, which needs host ints, serves only calls
-            that pass both.
+            written out of bounds). The FlashAttention-2 peers (torch_flash, flash_attn), which
+            need host ints, serve only calls that pass both.
         causal: mask keys after each query's position (bottom-right aligned, below).
         softmax_scale: scale of ``q @ k^T`` before the softmax; None: ``D ** -0.5``.
         prefix_lens: optional int32 ``[B]`` (causal only): the first ``prefix_lens[b]`` key positions
             of sequence b are a bidirectional prefix (prefix-LM: an image and its prompt).
             ``0 <= prefix_lens[b] <= Lk_b``.
         deterministic: require a bitwise-repeatable backward. The Triton kernels are always
-            deterministic (no atomics anywhere); the flag excludes peers whose backward is not.
+            deterministic (no atomics anywhere); flash_attn runs its deterministic backward; the
+            flag excludes torch_flash, whose backward is not.
         backend: force one of ``VARLEN_ATTENTION_BACKENDS.names`` (else chosen per call).
 
     Returns:
@@ -574,6 +576,48 @@ def _torch_flash_missing(device: torch.device) -> str | None:
 TORCH_FLASH = Platform("torch_flash", frozenset({"cuda"}), (8, 0), _torch_flash_missing)
 
 
+def _flash_attn_ops():
+    """flash-attn's varlen forward and backward: custom ops that flash-attn 2.7 and newer registers as
+    ``torch.ops.flashattn.*`` when its interface module is imported. Their public API differentiates
+    by autograd, which a custom op's impl cannot use; these two are what it calls underneath."""
+    import flash_attn.flash_attn_interface  # noqa: F401  (registers the ops)
+    ops = torch.ops.flashattn
+    return ops._flash_attn_varlen_forward, ops._flash_attn_varlen_backward
+
+
+def _flash_attn_attention(q, k, v, cu_q, cu_k, prefix, max_q, max_k, causal, scale, deterministic):
+    # flash-attn's FlashAttention-2: bottom-right causal alignment and GQA by head count, as here;
+    # its lse is float32 [Hq, Tq] and feeds its own backward only. It leaves padding rows unwritten.
+    # It declares q, k, v mutated (their version counters move) though their values are kept.
+    forward, _ = _flash_attn_ops()
+    out, lse, *_ = forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale,
+                           causal=causal)
+    return _zero_rows_past(out, cu_q), lse
+
+
+def _flash_attn_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, max_q, max_k,
+                                   causal, scale, deterministic):
+    _, backward = _flash_attn_ops()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)  # written in place
+    backward(grad.contiguous(), q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
+             dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
+             window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=deterministic)
+    return _zero_rows_past(dq, cu_q), _zero_rows_past(dk, cu_k), _zero_rows_past(dv, cu_k)
+
+
+def _flash_attn_missing(device: torch.device) -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    try:
+        _flash_attn_ops()
+    except (ImportError, AttributeError, RuntimeError) as error:
+        return f"flash-attn has no torch.ops.flashattn varlen ops (2.7 or newer has them): {error}"
+    return None
+
+
+FLASH_ATTN = Platform("flash_attn", frozenset({"cuda"}), (8, 0), _flash_attn_missing)
+
+
 # The checks read features with permissive defaults: `python -m sphinx_kernels.info` probes a backend
 # with device and dtype only.
 def _head_dim_reasons(request: Request, limit: int, multiple: int = 1) -> list[str]:
@@ -588,27 +632,35 @@ def _triton_attention_reasons(request: Request) -> list[str]:
     return _head_dim_reasons(request, MAX_ATTENTION_HEAD_DIM)
 
 
-def _torch_flash_reasons(request: Request) -> list[str]:
+def _flash_attn_reasons(request: Request) -> list[str]:
+    """What both FlashAttention-2 peers (torch's bundled copy, flash-attn) cannot serve."""
     reasons = _head_dim_reasons(request, 256, 8)
     if request.features.get("prefix", False):
         reasons.append("no prefix-LM mask (prefix_lens)")
     if not request.features.get("max_seqlen", True):
         reasons.append("needs max_seqlen_q and max_seqlen_k as host ints (not given; computing "
                        "them would be a host sync)")
+    return reasons
+
+
+def _torch_flash_reasons(request: Request) -> list[str]:
+    reasons = _flash_attn_reasons(request)
     if request.features.get("deterministic", False):
         reasons.append("deterministic=True: its backward accumulates dQ with atomic adds")
     return reasons
 
 
-# impl: (forward, backward). Not backends: xformers, whose varlen masks (BlockDiagonal*Mask.from_seqlens)
-# are built from host lists of lengths, a sync per call; flash-attn, whose separate backward is a
-# private function that changes signature between releases (its public API differentiates by autograd,
-# which a custom op's impl cannot use) and whose FlashAttention-2 kernels torch_flash already serves.
+# impl: (forward, backward). flash-attn serves deterministic=True (its own deterministic backward).
+# Not a backend: xformers, whose varlen masks (BlockDiagonal*Mask.from_seqlens) are built from host
+# lists of the lengths (a sync per call) and whose lse layout depends on the kernel its dispatcher
+# picks; it stays a benchmark peer (benchmarks/bench_varlen.py).
 VARLEN_ATTENTION_BACKENDS = OpBackends("varlen_attention", [
     Backend(TRITON, (_triton_attention, _triton_attention_backward), ATTENTION_DTYPES,
             _triton_attention_reasons),
     Backend(TORCH_FLASH, (_torch_flash_attention, _torch_flash_attention_backward), FLASH_DTYPES,
             _torch_flash_reasons),
+    Backend(FLASH_ATTN, (_flash_attn_attention, _flash_attn_attention_backward), FLASH_DTYPES,
+            _flash_attn_reasons),
     Backend(REFERENCE, (_reference_attention, _reference_attention_backward), FLOAT_DTYPES),
 ])
 

@@ -15,7 +15,9 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.backends import Request
-from sphinx_kernels.varlen import (VARLEN_ATTENTION_BACKENDS, _torch_flash_reasons,
+from sphinx_kernels import varlen
+from sphinx_kernels.varlen import (VARLEN_ATTENTION_BACKENDS, _flash_attn_reasons,
+                                   _reference_attention_backward, _torch_flash_reasons,
                                    _varlen_attention_op, _visible_keys, varlen_attention_reference)
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
 
@@ -35,7 +37,9 @@ def runnable_backends(dtype=torch.float32):
 # Here: triton (interpreted) and reference in float32 and float16; bf16 only on a GPU (the
 # interpreter's bf16 arithmetic is wrong, ENVIRONMENT.md).
 CPU_DTYPES = (torch.float32, torch.float16)
-BACKENDS = [b for b in runnable_backends() if b != "torch_flash"]
+# The FlashAttention-2 peers need max_seqlen and serve no prefix: the GPU tests below check them.
+FLASH_PEERS = ("torch_flash", "flash_attn")
+BACKENDS = [b for b in runnable_backends() if b not in FLASH_PEERS]
 
 
 def cu_seqlens(lengths):
@@ -325,6 +329,64 @@ def test_torch_flash_declares_what_it_cannot_serve():
                                             backend="torch_flash")
 
 
+def test_flash_attn_serves_deterministic_and_declares_the_rest():
+    request = lambda **features: Request(torch.device("cuda"), torch.bfloat16, {
+        "head_dim": 64, "causal": True, "prefix": False, "max_seqlen": True, "deterministic": False,
+        **features})
+    assert _flash_attn_reasons(request(deterministic=True)) == []
+    assert "prefix" in " ".join(_flash_attn_reasons(request(prefix=True)))
+    assert "max_seqlen" in " ".join(_flash_attn_reasons(request(max_seqlen=False)))
+    assert "multiple of 8" in " ".join(_flash_attn_reasons(request(head_dim=20)))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_flash_attn_adapter_against_stand_ins_with_its_signatures(monkeypatch, deterministic):
+    """The flash_attn backend's glue, run on the CPU against stand-ins for flash-attn 2.8's two ops
+    (the same parameter names and defaults, computing with the reference). Like flash-attn they leave
+    padding rows of the output unwritten (NaN here) and write gradients into the dq, dk, dv they are
+    handed. The real ops run in the gpu tests when flash-attn is installed."""
+    case = Case(config_seed=3, dtype=torch.float32, separate_keys=True,
+                first_lens_q=(7, 59), first_lens_k=(59, 7))
+    seen = {}
+
+    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+                alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
+                seqused_k=None):
+        assert (dropout_p, window_size_left, window_size_right, softcap) == (0.0, -1, -1, 0.0)
+        assert max_seqlen_q == max(case.lens_q) and max_seqlen_k == max(case.lens_k)
+        out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                              softmax_scale=softmax_scale)
+        out[int(cu_seqlens_q[-1]):] = float("nan")
+        return out, lse, q.new_empty(0), torch.zeros(2, dtype=torch.int64)
+
+    def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
+                 window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+        seen["deterministic"] = deterministic
+        grads = _reference_attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q,
+                                              cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
+                                              causal, softmax_scale, deterministic)
+        for into, grad, cu in zip((dq, dk, dv), grads, (cu_seqlens_q, cu_seqlens_k, cu_seqlens_k)):
+            into[:int(cu[-1])] = grad[:int(cu[-1])]
+        return softmax_lse.new_empty(0)
+
+    monkeypatch.setattr(varlen, "_flash_attn_ops", lambda: (forward, backward))
+    flash_forward, flash_backward = VARLEN_ATTENTION_BACKENDS["flash_attn"].impl
+    cu_k, scale = case.cu_k, 0.3
+    args = (case.cu_q, cu_k, None, max(case.lens_q), max(case.lens_k), True, scale, deterministic)
+    out, lse = flash_forward(case.q, case.k, case.v, *args)
+    grads = flash_backward(case.grad, case.q, case.k, case.v, out, lse, *args)
+    expected_out, _ = varlen_attention_reference(case.q, case.k, case.v, case.cu_q, cu_k,
+                                                 softmax_scale=scale)
+    expected_grads = _reference_attention_backward(case.grad, case.q, case.k, case.v, out, lse,
+                                                   *args)
+    assert torch.equal(out, expected_out), case.describe()  # padding rows zeroed, no NaN
+    for name, grad, expected in zip("qkv", grads, expected_grads):
+        assert torch.equal(grad, expected), f"d{name} {case.describe()}"
+    assert seen["deterministic"] is deterministic
+
+
 def _bad(**changes):
     """(q, k, v, cu_seqlens_q) plus keyword arguments with ``changes`` applied."""
     def make():
@@ -459,10 +521,10 @@ def test_gpu_real_size_bf16(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch_flash"])
+@pytest.mark.parametrize("backend", ["triton", *FLASH_PEERS])
 def test_gpu_bottom_right_with_separate_keys_bf16(backend):
-    """Checks torch_flash's causal alignment too: it serves cu_seqlens_k != cu_seqlens_q only because
-    FlashAttention-2 aligns bottom-right; this fails if the bundled kernels ever do not."""
+    """Checks the FlashAttention-2 peers' causal alignment too: they serve cu_seqlens_k !=
+    cu_seqlens_q only because FlashAttention-2 aligns bottom-right; this fails if they ever do not."""
     if backend not in runnable_backends(torch.bfloat16):
         pytest.skip(f"{backend} does not serve bf16 here")
     case = Case(config_seed=1, dtype=torch.bfloat16, mode="causal", separate_keys=True,

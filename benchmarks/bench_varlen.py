@@ -5,10 +5,12 @@
 gather_rows against index_select on one table and the reference: on the CPU 10^5 rows x 257 float32
 from three sources; on a GPU 10^6 rows x 4096 in fp32, fp16 and bf16.
 find_padding_tiles against the reference: a batch of images of 3x3 tiles of 448 px (fewer on the CPU).
-varlen_attention (causal, forward and forward + backward, TFLOP/s of the visible pairs only: see
-``benchmarks.counts.attention_flops``) against torch_flash (FlashAttention-2 bundled with torch),
-FlexAttention with a document-mask BlockMask, flash-attn's and xformers' varlen kernels when installed,
-SDPA on the batch padded to its longest sequence, and the reference: on
+varlen_attention, causal and prefix-LM (each sequence's first third bidirectional), forward, backward
+(through a graph built beforehand) and both, in TFLOP/s of the visible pairs only (see
+``benchmarks.counts.attention_flops``), against every backend that serves the mask (torch_flash and
+flash_attn: causal only), FlexAttention with a document BlockMask of either kind (the mask's build
+time in rows of its own), flash-attn's and xformers' own varlen calls when installed, SDPA on the batch
+padded to its longest sequence (causal), and the reference: on
 a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D = 128,
 bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded SDPA
 only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
@@ -134,22 +136,32 @@ def padded_sdpa(lengths, heads, kv_heads, device):
     return run
 
 
-def flex_document_attention(lengths, heads, kv_heads, device):
-    """FlexAttention over the packed tokens with a causal document mask (a BlockMask built once)."""
+def flex_document_attention(lengths, heads, kv_heads, device, prefix=None):
+    """FlexAttention over the packed tokens with a causal document mask, or with ``prefix`` (host
+    ints, one per sequence) a prefix-LM document mask. Returns the run function and the milliseconds
+    of building its BlockMask (done once per batch, outside the timed call)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    sizes = torch.tensor(lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), sizes).to(device)
+    start = (torch.cumsum(sizes, 0) - sizes).to(device)
+    prefix_of = torch.tensor(prefix or [0] * len(lengths)).to(device)
     total = doc.shape[0]
 
-    def document_causal(b, h, q_idx, kv_idx):
-        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+    def document_mask(b, h, q_idx, kv_idx):
+        visible = (q_idx >= kv_idx) | (kv_idx - start[doc[kv_idx]] < prefix_of[doc[kv_idx]])
+        return (doc[q_idx] == doc[kv_idx]) & visible
 
-    mask = create_block_mask(document_causal, None, None, total, total, device=device)
+    def build(_):
+        return create_block_mask(document_mask, None, None, total, total, device=device)
+
+    build_ms = time_ms(build, [None], device, warmup=1, repeats=5)
+    mask = build(None)
     compiled = torch.compile(flex_attention)
 
     def run(a):
         q, k, v = (t.transpose(0, 1)[None] for t in (a["q"], a["k"], a["v"]))
         return compiled(q, k, v, block_mask=mask, enable_gqa=heads != kv_heads)[0].transpose(0, 1)
-    return run
+    return run, build_ms
 
 
 def flash_attn_varlen(lengths):
@@ -180,53 +192,89 @@ def xformers_block_diagonal(lengths, heads, kv_heads):
     return run
 
 
+def build_peer(name: str, build):
+    """``build()``, or None when the installed peer cannot serve this case (said on stdout)."""
+    try:
+        return build()
+    except (ImportError, RuntimeError, ValueError) as error:
+        print(f"{name} skipped: {error}")
+        return None
+
+
+def time_attention(forward, sets, device, direction: str) -> float:
+    """Milliseconds of ``forward(inputs)`` ("fwd"), of the backward alone through a graph built
+    beforehand ("bwd"), or of both ("fwd+bwd")."""
+    def with_grads(a):
+        return {**a, **{n: a[n].detach().requires_grad_() for n in "qkv"}}
+
+    if direction == "fwd":
+        with torch.no_grad():
+            return time_ms(forward, sets, device)
+    if direction == "fwd+bwd":
+        return time_ms(lambda a: forward(with_grads(a)).backward(a["grad"]), sets, device)
+    graphs = []
+    for a in sets:
+        inputs = with_grads(a)
+        graphs.append((forward(inputs), [inputs[n] for n in "qkv"], a["grad"]))
+    return time_ms(lambda g: torch.autograd.grad(g[0], g[1], g[2], retain_graph=True), graphs,
+                   device)
+
+
 def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
+    """Causal and prefix-LM (the first third of every sequence bidirectional, as an image block)
+    attention: forward, backward and both, in TFLOP/s of the pairs the mask lets through."""
     if device.type == "cuda":
         lengths = attention_lengths(4096 if quick else 16384, 4096, seed=0)
         heads, kv_heads, head_dim, dtype = 32, 8, 128, torch.bfloat16
     else:
         lengths, heads, kv_heads, head_dim, dtype = [200, 7, 240, 65], 4, 2, 64, torch.float32
+    prefix = [n // 3 for n in lengths]
     sets = [attention_inputs(lengths, heads, kv_heads, head_dim, dtype, device, seed)
             for seed in range(INPUT_SETS)]
+    for a in sets:
+        a["prefix"] = torch.tensor(prefix, dtype=torch.int32, device=device)
     shape = f"T={sum(lengths)} B={len(lengths)} H={heads}/{kv_heads} D={head_dim}"
     dtype_name = str(dtype).removeprefix("torch.")
-    request = Request(device, dtype, {"head_dim": head_dim, "causal": True, "prefix": False,
-                                      "max_seqlen": True, "deterministic": False})
-    subjects = {
-        name: (lambda a, b=name: varlen_attention(a["q"], a["k"], a["v"], a["cu"],
-                                                  max_seqlen_q=a["max"], backend=b))
-        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, request)}
-    subjects["padded SDPA"] = padded_sdpa(lengths, heads, kv_heads, device)
-    peers = {"flex_attention": ("FlexAttention",
-                                lambda: flex_document_attention(lengths, heads, kv_heads, device)),
-             "flash_attn": ("flash-attn", lambda: flash_attn_varlen(lengths)),
+    rows, subjects = [], {"causal": {}, "prefix-LM": {}}
+    for mask in subjects:
+        request = Request(device, dtype, {"head_dim": head_dim, "causal": True,
+                                          "prefix": mask == "prefix-LM", "max_seqlen": True,
+                                          "deterministic": False})
+        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, request):
+            subjects[mask][name] = (
+                lambda a, b=name, p=(mask == "prefix-LM"): varlen_attention(
+                    a["q"], a["k"], a["v"], a["cu"], max_seqlen_q=a["max"], backend=b,
+                    prefix_lens=a["prefix"] if p else None))
+    subjects["causal"]["padded SDPA"] = padded_sdpa(lengths, heads, kv_heads, device)
+    peers = {"flash_attn": ("flash-attn", lambda: flash_attn_varlen(lengths)),
              "xformers": ("xformers", lambda: xformers_block_diagonal(lengths, heads, kv_heads))}
+    if peer_missing("flex_attention", device) is None:  # else listed with its reason
+        for mask, flex_prefix in (("causal", None), ("prefix-LM", prefix)):
+            built = build_peer("FlexAttention", lambda p=flex_prefix: flex_document_attention(
+                lengths, heads, kv_heads, device, p))
+            if built is not None:
+                subjects[mask]["FlexAttention"], build_ms = built
+                rows.append(Row(f"FlexAttention BlockMask build ({mask})", shape, "bool",
+                                "FlexAttention", build_ms))
     for peer, (name, build) in peers.items():
-        if peer_missing(peer, device) is not None:
-            continue  # listed with its reason by the harness
-        try:
-            subjects[name] = build()
-        except (ImportError, RuntimeError, ValueError) as error:  # installed but cannot serve this
-            print(f"{name} skipped: {error}")
-    rows = []
-    for backward, op in ((False, "attention fwd"), (True, "attention fwd+bwd")):
-        flops = attention_flops(lengths, num_heads=heads, head_dim=head_dim)
-        if backward:
-            flops += attention_flops(lengths, num_heads=heads, head_dim=head_dim, backward=True)
-        for name, forward in subjects.items():
-            if backward:
-                def step(a, forward=forward):
-                    inputs = {**a, **{n: a[n].detach().requires_grad_() for n in "qkv"}}
-                    forward(inputs).backward(a["grad"])
-            else:
-                step = forward
-            with torch.set_grad_enabled(backward):
-                ms = time_ms(step, sets, device)
-            rows.append(compute_row(op, shape, dtype_name, name, ms, flops, size=sum(lengths)))
+        if peer_missing(peer, device) is None:
+            built = build_peer(name, build)
+            if built is not None:
+                subjects["causal"][name] = built
+    for mask, by_name in subjects.items():
+        prefix_lens = prefix if mask == "prefix-LM" else None
+        forward_flops = attention_flops(lengths, num_heads=heads, head_dim=head_dim,
+                                        prefix_lens=prefix_lens)
+        backward_flops = attention_flops(lengths, num_heads=heads, head_dim=head_dim,
+                                         prefix_lens=prefix_lens, backward=True)
+        flops = {"fwd": forward_flops, "bwd": backward_flops,
+                 "fwd+bwd": forward_flops + backward_flops}
+        for direction, count in flops.items():
+            for name, forward in by_name.items():
+                ms = time_attention(forward, sets, device, direction)
+                rows.append(compute_row(f"attention {direction} ({mask})", shape, dtype_name, name,
+                                        ms, count, size=sum(lengths)))
     return rows
-
-
-TOKENS_PER_VIEW = 257
 
 
 def layout_batch(num_samples: int, seed: int) -> LayoutInputs:
@@ -376,5 +424,6 @@ def bench_family(device: torch.device, quick: bool, ceiling_gbps: float | None) 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
     return run_family("varlen", device, quick, bench_family, ("cuda", "cpp", "triton"),
-                      ("reference", "torch.index_select", "triton", "torch_flash", "FlexAttention",
-                       "padded SDPA", "torch eager (HF)", "torch.empty+fill (floor)"))
+                      ("reference", "torch.index_select", "triton", "torch_flash", "flash_attn",
+                       "flash-attn", "xformers", "FlexAttention", "padded SDPA", "torch eager (HF)",
+                       "fill of the outputs (floor)"))

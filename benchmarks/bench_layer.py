@@ -33,7 +33,7 @@ import torch
 
 import sphinx_kernels
 from benchmarks.bench_moe import TOP_K, eager_moe_layer
-from benchmarks.harness import Row, run_family, time_ms
+from benchmarks.harness import RESULTS_DIR, Row, run_family, time_ms
 from sphinx_kernels import nn as sk_nn
 from sphinx_kernels.layout import ImageSpec, SampleSpec, layout_inputs, plan_layout
 from sphinx_kernels.projection import patch_projection_reference
@@ -286,5 +286,6 @@ def bench_layer(device: torch.device, quick: bool, ceiling_gbps: float | None) -
     return rows
 
 
-def run(device: torch.device, quick: bool) -> list[Row]:
-    return run_family("layer", device, quick, bench_layer, (OURS,), (BASELINE,))
+def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
+    return run_family("layer", device, quick, bench_layer, (OURS,), (BASELINE,),
+                      results_dir=results_dir)

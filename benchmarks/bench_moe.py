@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.counts import swiglu_mlp_flops
-from benchmarks.harness import (Row, backends_to_time, bandwidth_row, compute_row, run_family,
-                                time_ms)
+from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
+                                run_family, time_ms)
 from benchmarks.peers import peer_missing
 from sphinx_kernels.backends import Request
 from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
@@ -259,7 +259,7 @@ def bench_all(device: torch.device, quick: bool, ceiling_gbps: float | None) -> 
     return bench_moe(device, quick, ceiling_gbps) + bench_expert_mlp(device, quick)
 
 
-def run(device: torch.device, quick: bool) -> list[Row]:
+def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     return run_family("moe", device, quick, bench_all,
                       ("cpp", "triton", "triton (recompute)", "reference", LAYER),
-                      (EAGER, LOOP, GROUPED_MM, MEGABLOCKS, DENSE))
+                      (EAGER, LOOP, GROUPED_MM, MEGABLOCKS, DENSE), results_dir=results_dir)

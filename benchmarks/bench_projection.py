@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Row, backends_to_time, compute_row, peak_memory_mb, run_family, time_ms
+from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, compute_row, peak_memory_mb,
+                                run_family, time_ms)
 from sphinx_kernels.backends import Request
 from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, _resample_reference,
                                        feature_layouts, patch_projection,
@@ -113,7 +114,7 @@ def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | No
     return rows
 
 
-def run(device: torch.device, quick: bool) -> list[Row]:
+def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     subjects = [f"fused {b}" for b in PATCH_PROJECTION_BACKENDS.names if b != "reference"]
     return run_family("projection", device, quick, bench_projection, subjects,
-                      (EAGER, COMPILED, GEMM))
+                      (EAGER, COMPILED, GEMM), results_dir=results_dir)

@@ -31,8 +31,8 @@ import random
 import torch
 
 from benchmarks.counts import attention_flops
-from benchmarks.harness import (Row, backends_to_time, bandwidth_row, compute_row, run_family,
-                                time_ms)
+from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
+                                run_family, time_ms)
 from benchmarks.peers import peer_missing
 from sphinx_kernels.backends import CPP, Request
 from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
@@ -277,6 +277,9 @@ def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
+TOKENS_PER_VIEW = 257
+
+
 def layout_batch(num_samples: int, seed: int) -> LayoutInputs:
     """A heavy mix: 0-3 images of 1x1..4x4 tiles, 30% skipped, 32..2048 text tokens."""
     gen = torch.Generator().manual_seed(seed)
@@ -422,8 +425,8 @@ def bench_family(device: torch.device, quick: bool, ceiling_gbps: float | None) 
             + bench_rotary(device, quick, ceiling_gbps))
 
 
-def run(device: torch.device, quick: bool) -> list[Row]:
+def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     return run_family("varlen", device, quick, bench_family, ("cuda", "cpp", "triton"),
                       ("reference", "torch.index_select", "triton", "torch_flash", "flash_attn",
                        "flash-attn", "xformers", "FlexAttention", "padded SDPA", "torch eager (HF)",
-                       "fill of the outputs (floor)"))
+                       "fill of the outputs (floor)"), results_dir=results_dir)

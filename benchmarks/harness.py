@@ -269,4 +269,5 @@ def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequ
         for subject in (s for s in subjects if s in times):
             ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines
                                if b in times and b != subject)
-            print(f"{op} {shape} {dtype}: {subject} is {ratios}")
+            if ratios:
+                print(f"{op} {shape} {dtype}: {subject} is {ratios}")

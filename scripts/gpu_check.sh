@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one go: the `gpu`-marked tests (real sizes, bf16), then every benchmark (results
-# files, plots, README tables). Set OUT to a folder to get the logs, results and README copied there
-# (how the lent GPU machines hand files back); otherwise they stay in the checkout.
+# files, plots, README tables). Set OUT to a folder to get the logs, results and README there (how the
+# lent GPU machines hand files back); otherwise they stay in the checkout. Each family's results are
+# written to OUT as soon as it finishes, so a run cut short by a time limit still returns them.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 set +e
@@ -11,10 +12,10 @@ log() { if [ -n "$out" ]; then tee "$out/$1"; else cat; fi; }
 python -m sphinx_kernels.info | log info.log
 python -m pytest -m gpu -q -ra 2>&1 | log gpu-tests.log
 tests=${PIPESTATUS[0]}
-python -m benchmarks 2>&1 | log benchmarks.log
+results="benchmarks/results"
+[ -n "$out" ] && results="$out/results" && mkdir -p "$results"
+python -m benchmarks --results-dir "$results" 2>&1 | log benchmarks.log
+[ -n "$out" ] && cp "$results"/*.json "$results"/*.png benchmarks/results/ 2>/dev/null
 python -m benchmarks.report
-if [ -n "$out" ]; then
-    mkdir -p "$out/results" && cp benchmarks/results/*.json benchmarks/results/*.png "$out/results/" 2>/dev/null
-    cp README.md "$out/"
-fi
+[ -n "$out" ] && cp README.md "$out/"
 exit "$tests"

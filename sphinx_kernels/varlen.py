@@ -605,13 +605,26 @@ def _flash_attn_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, 
     return _zero_rows_past(dq, cu_q), _zero_rows_past(dk, cu_k), _zero_rows_past(dv, cu_k)
 
 
+# The keyword arguments the two calls above pass: a release whose ops name them differently is
+# declared unsupported here rather than failing inside a training step.
+_FLASH_ATTN_KEYWORDS = (
+    {"dropout_p", "softmax_scale", "causal"},
+    {"dropout_p", "softmax_scale", "causal", "window_size_left", "window_size_right", "softcap",
+     "alibi_slopes", "deterministic"},
+)
+
+
 def _flash_attn_missing(device: torch.device) -> str | None:
     if importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed"
     try:
-        _flash_attn_ops()
+        ops = _flash_attn_ops()
     except (ImportError, AttributeError, RuntimeError) as error:
         return f"flash-attn has no torch.ops.flashattn varlen ops (2.7 or newer has them): {error}"
+    for op, keywords in zip(ops, _FLASH_ATTN_KEYWORDS):
+        lacking = keywords - {arg.name for arg in op.default._schema.arguments}
+        if lacking:
+            return f"flash-attn's {op.default._schema.name} has no argument(s) {sorted(lacking)}"
     return None
 
 

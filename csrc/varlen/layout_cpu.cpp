@@ -64,18 +64,22 @@ void plan_layout_fill_cpu(const LayoutBatch& batch, const LayoutOffsets& off, in
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = off.sample_rows[b];
       int64_t row = first, view = off.sample_views[b];
-      // One row per output array per loop: plain stores the compiler vectorises (the outputs are
-      // hundreds of MB for 10^5 samples, so the fill runs at memory speed or not at all).
+      // A run of rows with one source, one loop per output array: plain stores the compiler
+      // vectorises (the outputs are GBs for 10^5 samples, so the fill must run at memory speed).
+      // Row ids step by id_step from first_id.
       auto put_run = [&](int32_t source, int64_t count, int64_t first_id, int64_t id_step) {
-        for (int64_t k = 0; k < count; ++k) out.position_ids[row + k] = static_cast<int32_t>(row - first + k);
+        for (int64_t k = 0; k < count; ++k)
+          out.position_ids[row + k] = static_cast<int32_t>(row - first + k);
         std::fill_n(out.source_ids + row, count, source);
-        for (int64_t k = 0; k < count; ++k) out.row_ids[row + k] = static_cast<int32_t>(first_id + id_step * k);
+        for (int64_t k = 0; k < count; ++k)
+          out.row_ids[row + k] = static_cast<int32_t>(first_id + id_step * k);
         std::fill_n(out.labels + row, count, kIgnoreIndex);
         row += count;
       };
       auto put_view = [&] {
         out.view_starts[view] = static_cast<int32_t>(row);
-        for (int64_t j = 0; j < tpv; ++j) out.visual_rows[view * tpv + j] = static_cast<int32_t>(row + j);
+        for (int64_t j = 0; j < tpv; ++j)
+          out.visual_rows[view * tpv + j] = static_cast<int32_t>(row + j);
         put_run(kSourceVisual, tpv, view * tpv, 1);
         ++view;
       };
@@ -97,10 +101,12 @@ void plan_layout_fill_cpu(const LayoutBatch& batch, const LayoutOffsets& off, in
       // The row before an answer token of this sample predicts it; the sample's last row predicts
       // nothing (row > first: nothing crosses into the previous sample).
       if (count > 0 && row > first && answer[0]) out.labels[row - 1] = ids[0];
-      for (int64_t k = 0; k < count; ++k) out.position_ids[row + k] = static_cast<int32_t>(row - first + k);
+      for (int64_t k = 0; k < count; ++k)
+        out.position_ids[row + k] = static_cast<int32_t>(row - first + k);
       std::fill_n(out.source_ids + row, count, kSourceText);
       for (int64_t k = 0; k < count; ++k) out.row_ids[row + k] = static_cast<int32_t>(ids[k]);
-      for (int64_t k = 0; k + 1 < count; ++k) out.labels[row + k] = answer[k + 1] ? ids[k + 1] : kIgnoreIndex;
+      for (int64_t k = 0; k + 1 < count; ++k)
+        out.labels[row + k] = answer[k + 1] ? ids[k + 1] : kIgnoreIndex;
       if (count > 0) out.labels[row + count - 1] = kIgnoreIndex;
     }
   });

@@ -174,6 +174,13 @@ def native_extension():
     return _LOADED["_C"]
 
 
+def native_ops():
+    """``torch.ops.sphinx_kernels``, with the compiled ``*_native`` ops registered (for the cpp and
+    cuda backends, which are only chosen when the extension is built)."""
+    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
+    return torch.ops.sphinx_kernels
+
+
 def _native_missing(device: torch.device) -> str | None:
     ext = native_extension()
     if ext is None:

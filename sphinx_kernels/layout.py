@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, require_tensor
-from sphinx_kernels.backends import CPP, REFERENCE, Backend, OpBackends, Request, native_extension
+from sphinx_kernels.backends import CPP, REFERENCE, Backend, OpBackends, Request, native_ops
 
 __all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END",
            "SOURCE_PADDING", "IGNORE_INDEX", "ImageSpec", "SampleSpec", "LayoutInputs",
@@ -255,13 +255,8 @@ def _pad(values: torch.Tensor, count: int, fill: int) -> torch.Tensor:
     return torch.cat([values, values.new_full((count,), fill)]) if count else values
 
 
-def _native_ops():
-    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
-    return torch.ops.sphinx_kernels
-
-
 def _native_plan_layout(*args):
-    return tuple(_native_ops().plan_layout_native(*args))
+    return tuple(native_ops().plan_layout_native(*args))
 
 
 _INDEX = frozenset({torch.int64})
@@ -507,7 +502,7 @@ def pack_by_token_budget_reference(lengths: torch.Tensor, budget: int) -> tuple[
 
 
 def _native_pack_by_token_budget(lengths, budget):
-    return tuple(_native_ops().pack_by_token_budget_native(lengths, budget))
+    return tuple(native_ops().pack_by_token_budget_native(lengths, budget))
 
 
 PACK_BY_TOKEN_BUDGET_BACKENDS = OpBackends("pack_by_token_budget", [

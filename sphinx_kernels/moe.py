@@ -31,7 +31,7 @@ import torch
 from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device,
                                         require_index_range, require_tensor, should_check_values)
 from sphinx_kernels.backends import (CPP, CUDA, FLOAT_DTYPES, REFERENCE, TRITON, Backend,
-                                     OpBackends, Request, native_extension)
+                                     OpBackends, Request, native_ops)
 
 __all__ = ["Gating", "RoutingPlan", "topk_gating", "topk_gating_reference", "moe_routing",
            "moe_routing_reference", "moe_permute", "moe_permute_reference", "moe_unpermute",
@@ -315,9 +315,8 @@ def _triton_moe_routing(expert_ids, num_experts, block_size):
 
 
 def _native_moe_routing(expert_ids, num_experts, block_size):
-    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
     num_rows = padded_rows_bound(expert_ids.numel(), num_experts, block_size)
-    return torch.ops.sphinx_kernels.moe_routing_native(expert_ids, num_experts, block_size, num_rows)
+    return native_ops().moe_routing_native(expert_ids, num_experts, block_size, num_rows)
 
 
 # The compiled kernels keep a counter per expert in shared memory (csrc/moe/moe.h).
@@ -468,18 +467,15 @@ def _triton_pair_dots(*args):
 
 
 def _native_permute(x, position, row_to_pair, scale):
-    native_extension()
-    return torch.ops.sphinx_kernels.moe_permute_native(x, position, row_to_pair, scale)
+    return native_ops().moe_permute_native(x, position, row_to_pair, scale)
 
 
 def _native_unpermute(y_grouped, position, row_to_pair, weights):
-    native_extension()
-    return torch.ops.sphinx_kernels.moe_unpermute_native(y_grouped, position, weights)
+    return native_ops().moe_unpermute_native(y_grouped, position, weights)
 
 
 def _native_pair_dots(grad, y_grouped, position, dtype):
-    native_extension()
-    return torch.ops.sphinx_kernels.moe_pair_dots_native(grad, y_grouped, position).to(dtype)
+    return native_ops().moe_pair_dots_native(grad, y_grouped, position).to(dtype)
 
 
 # cpp: CPU loops over rows (csrc/moe/moe_cpu.cpp); on GPUs the Triton kernels serve.

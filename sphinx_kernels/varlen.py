@@ -21,7 +21,7 @@ import torch
 from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
                                         should_check_values)
 from sphinx_kernels.backends import (CPP, CUDA, FLOAT_DTYPES, REFERENCE, TRITON, Backend,
-                                     OpBackends, Platform, Request, native_extension)
+                                     OpBackends, Platform, Request, native_ops)
 
 __all__ = ["gather_rows", "gather_rows_reference", "GATHER_ROWS_BACKENDS", "MAX_GATHER_SOURCES",
            "find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_TILES_BACKENDS",
@@ -124,22 +124,17 @@ def _planned_backward(segment_sum):
     return backward
 
 
-def _native_ops():
-    native_extension()  # importing _C registers torch.ops.sphinx_kernels.*_native
-    return torch.ops.sphinx_kernels
-
-
 def _triton_kernels():
     from sphinx_kernels.triton import varlen
     return varlen
 
 
 def _native_gather_rows(sources, source_ids, row_ids):
-    return _native_ops().gather_rows_native(sources, source_ids, row_ids)
+    return native_ops().gather_rows_native(sources, source_ids, row_ids)
 
 
 def _native_segment_sum(rows, order, offsets):
-    return _native_ops().segment_sum_rows_native(rows, order, offsets)
+    return native_ops().segment_sum_rows_native(rows, order, offsets)
 
 
 def _triton_gather_rows(sources, source_ids, row_ids):
@@ -295,7 +290,7 @@ def find_padding_tiles_reference(images: torch.Tensor, pad: torch.Tensor, tile_h
 
 
 def _native_find_padding_tiles(images, pad, tile_h, tile_w):
-    return _native_ops().find_padding_tiles_native(images, pad, tile_h, tile_w)
+    return native_ops().find_padding_tiles_native(images, pad, tile_h, tile_w)
 
 
 def _triton_find_padding_tiles(images, pad, tile_h, tile_w):

@@ -64,13 +64,17 @@ void plan_layout_fill_cpu(const LayoutBatch& batch, const LayoutOffsets& off, in
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = off.sample_rows[b];
       int64_t row = first, view = off.sample_views[b];
-      // A run of rows with one source, one loop per output array: plain stores the compiler
-      // vectorises (the outputs are GBs for 10^5 samples, so the fill must run at memory speed).
-      // Row ids step by id_step from first_id.
-      auto put_run = [&](int32_t source, int64_t count, int64_t first_id, int64_t id_step) {
+      // Runs of rows with one source are written one loop per output array: plain stores the
+      // compiler vectorises (the outputs are GBs for 10^5 samples, so the fill must run at memory
+      // speed). Positions and source of the `count` rows from `row`:
+      auto put_positions_and_source = [&](int32_t source, int64_t count) {
         for (int64_t k = 0; k < count; ++k)
           out.position_ids[row + k] = static_cast<int32_t>(row - first + k);
         std::fill_n(out.source_ids + row, count, source);
+      };
+      // A run that predicts nothing, its row ids stepping by id_step from first_id.
+      auto put_run = [&](int32_t source, int64_t count, int64_t first_id, int64_t id_step) {
+        put_positions_and_source(source, count);
         for (int64_t k = 0; k < count; ++k)
           out.row_ids[row + k] = static_cast<int32_t>(first_id + id_step * k);
         std::fill_n(out.labels + row, count, kIgnoreIndex);
@@ -101,9 +105,7 @@ void plan_layout_fill_cpu(const LayoutBatch& batch, const LayoutOffsets& off, in
       // The row before an answer token of this sample predicts it; the sample's last row predicts
       // nothing (row > first: nothing crosses into the previous sample).
       if (count > 0 && row > first && answer[0]) out.labels[row - 1] = ids[0];
-      for (int64_t k = 0; k < count; ++k)
-        out.position_ids[row + k] = static_cast<int32_t>(row - first + k);
-      std::fill_n(out.source_ids + row, count, kSourceText);
+      put_positions_and_source(kSourceText, count);
       for (int64_t k = 0; k < count; ++k) out.row_ids[row + k] = static_cast<int32_t>(ids[k]);
       for (int64_t k = 0; k + 1 < count; ++k)
         out.labels[row + k] = answer[k + 1] ? ids[k + 1] : kIgnoreIndex;

@@ -27,13 +27,19 @@ if ! python -c "$torch_ok" 2>/dev/null; then
     echo "setup: installing torch (a CUDA build where the platform has one; several GB)"
     pip_install 'torch>=2.5'
 fi
-# Import name -> distribution name, installed only when the import fails (no network needed otherwise).
-# matplotlib is the optional `bench` extra: the main job draws the benchmark plots with it.
+# Import name -> distribution name, installed only when the import fails (no network needed otherwise):
+# the kernels' build and run, the model extra, the demo data, the tests' peers, the benchmark plots.
 missing=()
-for pair in triton:triton numpy:numpy pytest:pytest safetensors:safetensors tokenizers:tokenizers \
-            PIL:pillow tqdm:tqdm matplotlib:matplotlib ninja:ninja setuptools:'setuptools>=64' wheel:wheel; do
+for pair in triton:triton numpy:numpy ninja:ninja setuptools:'setuptools>=64' wheel:wheel \
+            timm:'timm>=1.0.20' safetensors:safetensors tokenizers:tokenizers sentencepiece:sentencepiece \
+            PIL:pillow tqdm:tqdm yaml:pyyaml skimage:scikit-image mistral_common:mistral-common \
+            pytest:pytest hypothesis:hypothesis transformers:'transformers>=4.56' matplotlib:matplotlib; do
     python -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
+# torchvision (timm needs it) must be the build made for the installed torch: pin torch beside it.
+if ! python -c "import torchvision" 2>/dev/null; then
+    missing+=(torchvision "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')")
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     pip_install "${missing[@]}"

@@ -20,7 +20,6 @@ from benchmarks.counts import swiglu_mlp_flops
 from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
                                 run_family, time_ms)
 from benchmarks.peers import peer_missing
-from sphinx_kernels.backends import Request
 from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
                                 MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
                                 TOPK_GATING_BACKENDS, moe_expert_mlp, moe_permute, moe_routing,
@@ -103,7 +102,7 @@ def bench_moe(device: torch.device, quick: bool, ceiling_gbps: float | None) -> 
              lambda a: eager_unpermute(a["sorted"], a["inverse"], a["weights"])),
         ]
         for op, registry, request_dtype, moved, run_op, run_eager in cases:
-            for backend in backends_to_time(registry, Request(device, request_dtype)):
+            for backend in backends_to_time(registry, device, request_dtype):
                 ms = time_ms(lambda a, b=backend: run_op(a, b), sets, device)
                 rows.append(bandwidth_row(op, shape, dtype_name, backend, ms, moved, ceiling_gbps))
             ms = time_ms(run_eager, sets, device)
@@ -170,7 +169,7 @@ def mlp_implementations(device, dtype):
     impls = {backend: (lambda a, b=backend: moe_expert_mlp(a["grouped"], a["w1"], a["w3"],
                                                            a["w2"], a["plan"], backend=b),
                        ("grouped",) + params)
-             for backend in backends_to_time(MOE_EXPERT_MLP_BACKENDS, Request(device, dtype))}
+             for backend in backends_to_time(MOE_EXPERT_MLP_BACKENDS, device, dtype)}
     if "triton" in impls:
         impls["triton (recompute)"] = (
             lambda a: moe_expert_mlp(a["grouped"], a["w1"], a["w3"], a["w2"], a["plan"],

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, compute_row, peak_memory_mb,
                                 run_family, time_ms)
-from sphinx_kernels.backends import Request
-from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, _resample_reference,
+from sphinx_kernels.ops.patch_projection import (PATCH_PROJECTION_BACKENDS, resample_reference,
                                        feature_layouts, patch_projection,
                                        patch_projection_reference)
 
@@ -44,7 +43,7 @@ def projection_inputs(views, width, channels, dtype, device, seed):
     out_rows = torch.randperm(packed.shape[0], generator=gen)[:rows].to(device)
     # The bare GEMM's input: the concatenation the fused op never materialises, made beforehand.
     layouts = feature_layouts(features, (GRID, GRID))
-    concat = torch.cat([_resample_reference(f, layout, (GRID, GRID))
+    concat = torch.cat([resample_reference(f, layout, (GRID, GRID))
                         for f, layout in zip(features, layouts)], dim=-1).flatten(0, 1)
     return {"features": features, "params": params, "packed": packed, "out_rows": out_rows,
             "concat": concat, "grad": rand(packed.shape[0], width), "grad_rows": rand(rows, width)}
@@ -82,7 +81,7 @@ def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | No
     else:
         dtype, channels, cases = torch.float32, (192, 384), [(2, 256)]
     compiled_chain = torch.compile(chain, fullgraph=True)
-    kernel_backends = backends_to_time(PATCH_PROJECTION_BACKENDS, Request(device, dtype))
+    kernel_backends = backends_to_time(PATCH_PROJECTION_BACKENDS, device, dtype)
     rows = []
     for views, width in cases:
         sets = [projection_inputs(views, width, channels, dtype, device, seed)

@@ -34,7 +34,7 @@ from benchmarks.counts import attention_flops
 from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
                                 run_family, time_ms)
 from benchmarks.peers import peer_missing
-from sphinx_kernels.backends import CPP, Request
+from sphinx_kernels.backends import CPP
 from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
                                    pack_by_token_budget, plan_layout)
 from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS, apply_rotary
@@ -68,7 +68,7 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
         moved = 2 * num_rows * width * sets[0][0][0].element_size()  # each row read once, written once
         shape = f"T={num_rows} D={width} S=3"
         dtype_name = str(dtype).removeprefix("torch.")
-        for backend in backends_to_time(GATHER_ROWS_BACKENDS, Request(device, dtype)):
+        for backend in backends_to_time(GATHER_ROWS_BACKENDS, device, dtype):
             ms = time_ms(lambda a, b=backend: gather_rows(*a, backend=b), sets, device)
             rows.append(bandwidth_row("gather_rows", shape, dtype_name, backend, ms, moved,
                                       ceiling_gbps))
@@ -94,7 +94,7 @@ def bench_find_padding_tiles(device: torch.device, quick: bool,
     return [bandwidth_row("find_padding_tiles", shape, str(dtype).removeprefix("torch."), backend,
                           time_ms(lambda x, b=backend: find_padding_tiles(x, tile, 0.0, backend=b),
                                   sets, device), moved, ceiling_gbps)
-            for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, Request(device, dtype))]
+            for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, device, dtype)]
 
 
 def attention_lengths(total: int, longest: int, seed: int) -> list[int]:
@@ -237,10 +237,8 @@ def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
     dtype_name = str(dtype).removeprefix("torch.")
     rows, subjects = [], {"causal": {}, "prefix-LM": {}}
     for mask in subjects:
-        request = Request(device, dtype, {"head_dim": head_dim, "causal": True,
-                                          "prefix": mask == "prefix-LM", "max_seqlen": True,
-                                          "deterministic": False})
-        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, request):
+        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, device, dtype, head_dim=head_dim,
+                                     prefix=mask == "prefix-LM"):
             subjects[mask][name] = (
                 lambda a, b=name, p=(mask == "prefix-LM"): varlen_attention(
                     a["q"], a["k"], a["v"], a["cu"], max_seqlen_q=a["max"], backend=b,
@@ -352,8 +350,8 @@ def bench_plan_layout_per_batch(num_samples: int, batch_size: int) -> Row:
 
 def bench_layout(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
     """CPU data preparation: timed on the CPU whatever the device."""
-    cpu = Request(torch.device("cpu"), torch.int64)
-    backends = backends_to_time(PLAN_LAYOUT_BACKENDS, cpu)
+    cpu = torch.device("cpu")
+    backends = backends_to_time(PLAN_LAYOUT_BACKENDS, cpu, torch.int64)
     rows = bench_plan_layout(layout_batch(2000 if quick else 10**4, 0), "heavy mix", backends)
     if not quick:  # 10^5 samples in one call, the planner's throughput (no reference: minutes)
         native = [b for b in backends if b == CPP.name]
@@ -365,7 +363,7 @@ def bench_layout(device: torch.device, quick: bool, ceiling_gbps: float | None) 
     lengths = [torch.randint(32, 2049, (num_lengths,), generator=torch.Generator().manual_seed(s))
                for s in range(INPUT_SETS)]
     packing = pack_by_token_budget(lengths[0], budget)
-    for backend in backends_to_time(PACK_BY_TOKEN_BUDGET_BACKENDS, cpu):
+    for backend in backends_to_time(PACK_BY_TOKEN_BUDGET_BACKENDS, cpu, torch.int64):
         ms = time_ms(lambda a, b=backend: pack_by_token_budget(a, budget, backend=b), lengths,
                      torch.device("cpu"), warmup=1, repeats=5)
         row = Row("pack_by_token_budget", f"n={num_lengths} budget={budget}", "int64", backend, ms)
@@ -412,7 +410,7 @@ def bench_rotary(device: torch.device, quick: bool, ceiling_gbps: float | None) 
         moved = (2 * (q.numel() + k.numel()) + 2 * num_tokens * q.shape[2]) * q.element_size()
         shape = f"T={num_tokens} Hq={q.shape[1]} Hk={k.shape[1]} D={q.shape[2]}"
         name = str(dtype).removeprefix("torch.")
-        for backend in backends_to_time(APPLY_ROTARY_BACKENDS, Request(device, dtype)):
+        for backend in backends_to_time(APPLY_ROTARY_BACKENDS, device, dtype):
             ms = time_ms(lambda a, b=backend: apply_rotary(*a, backend=b), sets, device)
             rows.append(bandwidth_row("apply_rotary", shape, name, backend, ms, moved, ceiling_gbps))
         ms = time_ms(lambda a: hf_eager_rotary(*a), sets, device)

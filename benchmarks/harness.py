@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.peers import peer_status
 from benchmarks.plots import plot_family
-from sphinx_kernels.backends import OpBackends, Request
+from sphinx_kernels.backends import OpBackends
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -76,11 +76,13 @@ def peak_memory_mb(fn: Callable[[object], object], args: object, device: torch.d
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def backends_to_time(op: OpBackends, request: Request) -> list[str]:
-    """The names of ``op``'s backends that serve ``request`` here, less Triton on the CPU: the
-    interpreter is a correctness tool, not a CPU backend to time."""
-    return [b.name for b in op.backends if not b.not_supported_reasons(request)
-            and not (b.name == "triton" and request.device.type == "cpu")]
+def backends_to_time(op: OpBackends, device: torch.device, dtype: torch.dtype,
+                     **features) -> list[str]:
+    """The names of ``op``'s backends that serve a call on ``device`` in ``dtype`` with ``features``
+    (its request type's fields) here, less Triton on the CPU: the interpreter is a correctness tool,
+    not a CPU backend to time."""
+    return [name for name in op.available(op.request(device, dtype, **features))
+            if not (name == "triton" and device.type == "cpu")]
 
 
 def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: torch.device, *,

@@ -13,12 +13,12 @@ from typing import Iterable
 
 import torch
 
+from sphinx_kernels.dtypes import INDEX_DTYPES, dtype_name
+
+__all__ = ["ENV_CHECK_INPUTS", "INDEX_DTYPES", "dtype_name", "require_tensor", "require_device",
+           "require_int", "require_unit_stride", "should_check_values", "require_index_range"]
+
 ENV_CHECK_INPUTS = "SPHINX_KERNELS_CHECK_INPUTS"
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def require_tensor(name: str, value, *, dims: int | None = None,
@@ -27,7 +27,7 @@ def require_tensor(name: str, value, *, dims: int | None = None,
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None:
-        dtypes = tuple(dtypes)
+        dtypes = sorted(dtypes, key=dtype_name)  # a stable message whatever the set's order
         if value.dtype not in dtypes:
             allowed = ", ".join(dtype_name(d) for d in dtypes)
             raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
@@ -40,6 +40,23 @@ def require_device(name: str, value: torch.Tensor, device: torch.device, other: 
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but {other} is on {device}; "
                          "all tensors of one call must be on one device")
+
+
+def require_int(name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int (not a bool) of at least ``minimum``, else TypeError/ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def require_unit_stride(name: str, value: torch.Tensor, axis: str = "its last dimension") -> None:
+    """The kernels read rows along the last dimension contiguously: a unit stride there (any other
+    strides) is required, and copying is left to the caller, who sees the cost."""
+    if value.shape[-1] > 1 and value.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along {axis} (strides "
+                         f"{tuple(value.stride())}); pass .contiguous() explicitly")
 
 
 def should_check_values(*tensors: torch.Tensor) -> bool:

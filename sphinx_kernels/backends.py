@@ -2,9 +2,14 @@
 
 Every public op has several backends, tried in priority order: the compiled kernel (``cuda`` on a GPU,
 ``cpp`` on the CPU), the ``triton`` kernel, installed peer libraries where one fits, and the pure-PyTorch
-``reference``, which serves everything. A backend declares where it can run (a :class:`Platform`:
-devices, minimum compute capability, whether it is installed) and what it supports for one op (dtypes
-and an op-specific check); :meth:`Backend.not_supported_reasons` turns that into plain reasons.
+``reference``, which serves everything. A :class:`Backend` is an :class:`Impl` (the forward, the
+backward when the op has one, named extras), the :class:`Platform` it runs on (devices, minimum compute
+capability, whether it is installed) and what it supports for one op (dtypes and an op-specific check
+of the op's request); :meth:`Backend.not_supported_reasons` turns that into plain reasons.
+
+Each op's table (an :class:`OpBackends`) owns the op's request type: a frozen :class:`Request`, or a
+subclass with one field per feature its backends differ on, built only by :meth:`OpBackends.request`,
+which the op, the tests, the benchmarks and ``python -m sphinx_kernels.info`` all call.
 
 The choice is made per call, from tensor metadata only (no host synchronisation, so it also runs while
 ``torch.compile`` traces). ``backend=`` on the call forces one; so does the environment variable
@@ -14,12 +19,21 @@ call, :class:`BackendUnavailableError` lists each backend with its reasons.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+
+from sphinx_kernels.dtypes import FLOAT_DTYPES, dtype_name
+
+__all__ = ["ENV_BACKEND", "BackendUnavailableError", "Request", "Platform", "Impl", "Backend",
+           "OpBackends", "forced_backend", "native_extension", "native_ops", "native",
+           "triton_interpreted", "triton_module", "triton_launcher", "CUDA", "CPP", "TRITON",
+           "REFERENCE", "CPU_REFERENCE", "FLOAT_DTYPES"]
 
 ENV_BACKEND = "SPHINX_KERNELS_BACKEND"
 
@@ -30,15 +44,18 @@ class BackendUnavailableError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """What one op call needs, from metadata only: device, dtype and op-specific features."""
+    """What one op call needs, from metadata only: the device and the main input's dtype.
+
+    Ops whose backends differ in more than that declare a subclass with one field per feature (a
+    frozen dataclass: a misspelled feature is a TypeError, never a silently approved backend), and
+    build it with their table's :meth:`OpBackends.request`."""
 
     device: torch.device
     dtype: torch.dtype
-    features: Mapping[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        extra = "".join(f", {k}={v}" for k, v in self.features.items())
-        return f"device={self.device.type}, dtype={str(self.dtype).removeprefix('torch.')}{extra}"
+        extra = "".join(f", {f.name}={getattr(self, f.name)}" for f in fields(self)[2:])
+        return f"device={self.device.type}, dtype={dtype_name(self.dtype)}{extra}"
 
 
 @dataclass(frozen=True)
@@ -66,13 +83,35 @@ class Platform:
 
 
 @dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one op: the forward, the backward when the op has one, and
+    named extras (e.g. ``moe_unpermute``'s ``pair_dots``, its weights' backward).
+
+    Each op's custom op calls them with keyword arguments named as in the op's docstring of its
+    table, so every backend's functions take the same parameters."""
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Any] | None = None
+    extras: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+    def extra(self, name: str) -> Callable[..., Any]:
+        if name not in self.extras:
+            raise KeyError(f"this implementation has no {name!r}; it has {sorted(self.extras)}")
+        return self.extras[name]
+
+
+@dataclass(frozen=True)
 class Backend:
-    """One implementation of one op: a platform, the dtypes it takes, and an op-specific check."""
+    """One implementation of one op: a platform, the dtypes it takes, and an op-specific check of the
+    op's request type."""
 
     platform: Platform
-    impl: Any
+    impl: Impl
     dtypes: frozenset[torch.dtype]
-    check: Callable[[Request], Iterable[str]] | None = None
+    check: Callable[[Any], Iterable[str]] | None = None
 
     @property
     def name(self) -> str:
@@ -81,22 +120,33 @@ class Backend:
     def not_supported_reasons(self, request: Request) -> list[str]:
         reasons = self.platform.not_supported_reasons(request.device)
         if request.dtype not in self.dtypes:
-            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
-            reasons.append(f"dtype {str(request.dtype).removeprefix('torch.')} not in {{{names}}}")
+            names = ", ".join(sorted(dtype_name(d) for d in self.dtypes))
+            reasons.append(f"dtype {dtype_name(request.dtype)} not in {{{names}}}")
         if self.check is not None:
             reasons.extend(self.check(request))
         return reasons
 
 
 class OpBackends:
-    """The backends of one op, in priority order."""
+    """The backends of one op, in priority order, and the op's request type."""
 
-    def __init__(self, op: str, backends: Sequence[Backend]):
+    def __init__(self, op: str, backends: Sequence[Backend], request_type: type[Request] = Request):
         names = [b.name for b in backends]
         if len(set(names)) != len(names):
             raise ValueError(f"{op}: backend names must be unique, got {names}")
         self.op = op
         self.backends = tuple(backends)
+        self.request_type = request_type
+
+    def request(self, device: torch.device | str, dtype: torch.dtype, **features) -> Request:
+        """The op's request: what the op builds per call, and what tests, benchmarks and ``info``
+        probe the backends with. ``features`` are the request type's fields (TypeError for any
+        other name); those not given take the type's defaults (a typical training call)."""
+        return self.request_type(torch.device(device), dtype, **features)
+
+    def available(self, request: Request) -> list[str]:
+        """The names of the backends that can serve ``request`` here, in priority order."""
+        return [b.name for b in self.backends if not b.not_supported_reasons(request)]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -110,10 +160,15 @@ class OpBackends:
 
     def reasons(self, request: Request) -> dict[str, list[str]]:
         """Every backend's reasons for not serving ``request`` (an empty list: it can)."""
+        if type(request) is not self.request_type:
+            raise TypeError(f"{self.op} takes a {self.request_type.__name__} (built by "
+                            f"{self.op.upper()}_BACKENDS.request), got {type(request).__name__}")
         return {b.name: b.not_supported_reasons(request) for b in self.backends}
 
     def select(self, request: Request, backend: str | None = None) -> Backend:
         """The backend that serves ``request``: the forced one, else the first that supports it."""
+        if type(request) is not self.request_type:
+            self.reasons(request)  # raises the TypeError
         forced = backend if backend is not None else forced_backend(self.op)
         if forced is not None and forced not in self.names:
             raise BackendUnavailableError(
@@ -209,5 +264,34 @@ CUDA = Platform("cuda", frozenset({"cuda"}), (8, 0), _native_missing)
 CPP = Platform("cpp", frozenset({"cpu"}), None, _native_missing)
 TRITON = Platform("triton", frozenset({"cuda", "cpu"}), (8, 0), _triton_missing)
 REFERENCE = Platform("reference", frozenset({"cuda", "cpu"}), None, lambda device: None)
+# The reference of an op that prepares data on the CPU (in the data loader) and nowhere else.
+CPU_REFERENCE = Platform("reference", frozenset({"cpu"}), None, lambda device: None)
 
-FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+# ---------------------------------------------------------------------------------------------------
+# Implementations behind a lazy load: what an Impl holds for the compiled ops and the Triton launchers.
+
+
+def native(op_name: str) -> Callable[..., Any]:
+    """A function that calls the compiled ``torch.ops.sphinx_kernels.<op_name>`` (loading ``_C`` on
+    its first call) with the arguments it is given."""
+    def call(*args, **kwargs):
+        return getattr(native_ops(), op_name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = op_name
+    return call
+
+
+def triton_module(name: str):
+    """``sphinx_kernels.triton.<name>``, imported on first use: Triton reads ``TRITON_INTERPRET`` when
+    a kernel is defined, and the package must import without Triton."""
+    return importlib.import_module(f"sphinx_kernels.triton.{name}")
+
+
+def triton_launcher(module: str, function: str) -> Callable[..., Any]:
+    """A function that calls ``sphinx_kernels.triton.<module>.<function>`` (imported on first call)."""
+    def call(*args, **kwargs):
+        return getattr(triton_module(module), function)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"{module}.{function}"
+    return call

@@ -17,11 +17,14 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from sphinx_kernels.moe import (moe_expert_mlp, moe_permute, moe_routing, moe_unpermute,
-                                topk_gating)
-from sphinx_kernels.projection import patch_projection
-from sphinx_kernels.rotary import apply_rotary
-from sphinx_kernels.varlen import varlen_attention
+from sphinx_kernels.ops.apply_rotary import apply_rotary
+from sphinx_kernels.ops.moe_expert_mlp import moe_expert_mlp
+from sphinx_kernels.ops.moe_permute import moe_permute
+from sphinx_kernels.ops.moe_routing import moe_routing
+from sphinx_kernels.ops.moe_unpermute import moe_unpermute
+from sphinx_kernels.ops.patch_projection import patch_projection
+from sphinx_kernels.ops.topk_gating import topk_gating
+from sphinx_kernels.ops.varlen_attention import varlen_attention
 
 __all__ = ["VarlenSelfAttention", "rotary_tables", "PatchProjector", "MoEAux", "MoEMLP", "moe_mlp_from_mixtral",
            "moe_mlp_to_mixtral"]

@@ -1,6 +1,7 @@
 """The backend registry: per-call selection, forcing by argument and environment, and errors that list
 every backend's reasons."""
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -8,10 +9,11 @@ import torch
 import sphinx_kernels
 from sphinx_kernels import info
 from sphinx_kernels.backends import (CPP, CUDA, ENV_BACKEND, REFERENCE, TRITON, Backend,
-                                     BackendUnavailableError, OpBackends, Request, native_extension)
-from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS
+                                     BackendUnavailableError, Impl, OpBackends, Request,
+                                     native_extension)
+from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS
 
-CPU_FP32 = Request(torch.device("cpu"), torch.float32)
+CPU_FP32 = GATHER_ROWS_BACKENDS.request("cpu", torch.float32)
 
 
 def test_forcing_a_backend_that_cannot_serve_lists_every_backend():
@@ -61,15 +63,24 @@ def test_first_supporting_backend_in_priority_order_is_chosen():
         assert supporting[0] == "cpp"
 
 
-def test_no_backend_at_all_lists_dtype_and_op_specific_reasons():
-    def head_dim_check(request):
-        return [] if request.features.get("head_dim", 0) <= 128 else ["head_dim above 128"]
+@dataclass(frozen=True)
+class ToyRequest(Request):
+    head_dim: int = 64
 
-    op = OpBackends("toy", [
-        Backend(CUDA, None, frozenset({torch.float16})),
-        Backend(REFERENCE, None, frozenset({torch.float16}), check=head_dim_check),
-    ])
-    request = Request(torch.device("cpu"), torch.float32, {"head_dim": 256})
+
+def toy_op() -> OpBackends:
+    def head_dim_check(request):
+        return [] if request.head_dim <= 128 else ["head_dim above 128"]
+
+    return OpBackends("toy", [
+        Backend(CUDA, Impl(None), frozenset({torch.float16})),
+        Backend(REFERENCE, Impl(None), frozenset({torch.float16}), check=head_dim_check),
+    ], request_type=ToyRequest)
+
+
+def test_no_backend_at_all_lists_dtype_and_op_specific_reasons():
+    op = toy_op()
+    request = op.request("cpu", torch.float32, head_dim=256)
     with pytest.raises(BackendUnavailableError) as caught:
         op.select(request)
     message = str(caught.value)
@@ -77,14 +88,25 @@ def test_no_backend_at_all_lists_dtype_and_op_specific_reasons():
     assert "reference: dtype float32 not in {float16}; head_dim above 128" in message
 
 
+def test_a_misspelled_feature_or_a_foreign_request_is_an_error():
+    op = toy_op()
+    with pytest.raises(TypeError, match="head_dims"):
+        op.request("cpu", torch.float16, head_dims=64)
+    with pytest.raises(TypeError, match="toy takes a ToyRequest"):
+        op.select(Request(torch.device("cpu"), torch.float16))
+    with pytest.raises(TypeError, match="toy takes a ToyRequest"):
+        op.reasons(CPU_FP32)
+
+
 def test_backend_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
-        OpBackends("toy", [Backend(CPP, None, frozenset()), Backend(CPP, None, frozenset())])
+        OpBackends("toy", [Backend(CPP, Impl(None), frozenset()),
+                           Backend(CPP, Impl(None), frozenset())])
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    reasons = Backend(TRITON, None, frozenset({torch.float32})).not_supported_reasons(CPU_FP32)
+    reasons = Backend(TRITON, Impl(None), frozenset({torch.float32})).not_supported_reasons(CPU_FP32)
     assert any("TRITON_INTERPRET=1" in r for r in reasons)
 
 

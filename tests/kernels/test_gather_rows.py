@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request, triton_interpreted
-from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS, _gather_rows_op, gather_rows_reference
+from sphinx_kernels.backends import triton_interpreted
+from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
 from tests.numerics import GRADIENT_FACTOR, assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -17,8 +17,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def runnable_backends(device=DEVICE):
-    request = Request(device, torch.float32)
-    return [b.name for b in GATHER_ROWS_BACKENDS.backends if not b.not_supported_reasons(request)]
+    return GATHER_ROWS_BACKENDS.available(GATHER_ROWS_BACKENDS.request(device, torch.float32))
 
 
 BACKENDS = runnable_backends()
@@ -153,7 +152,7 @@ def test_out_of_range_index_past_validation_gives_nan_rows(backend):
     sources = [torch.randn(3, 6, device=DEVICE)]
     source_ids = torch.tensor([0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
     row_ids = torch.tensor([2, 3, 0, -1], dtype=torch.int32, device=DEVICE)
-    out = _gather_rows_op(sources, source_ids, row_ids, backend)
+    out = torch.ops.sphinx_kernels.gather_rows(sources, source_ids, row_ids, backend)
     assert torch.equal(out[0], sources[0][2])
     assert torch.isnan(out[1:]).all()
 
@@ -191,7 +190,7 @@ def test_bad_input_raises_naming_the_argument(make_bad, error, message):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     sources, source_ids, row_ids = make_case(37, 9, torch.float32, seed=3, requires_grad=True)
-    torch.library.opcheck(_gather_rows_op, (sources, source_ids, row_ids, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.gather_rows.default, (sources, source_ids, row_ids, backend))
 
 
 def test_compiles_with_fullgraph_forward_and_backward():

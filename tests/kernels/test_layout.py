@@ -10,18 +10,15 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
 from sphinx_kernels.layout import (IGNORE_INDEX, PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS,
                                    SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
                                    SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec,
-                                   SampleSpec, _pack_by_token_budget_op, _plan_layout_op,
+                                   SampleSpec,
                                    layout_inputs, pack_by_token_budget, plan_layout)
 
-CPU_INT64 = Request(torch.device("cpu"), torch.int64)
-LAYOUT_BACKENDS = [b.name for b in PLAN_LAYOUT_BACKENDS.backends
-                   if not b.not_supported_reasons(CPU_INT64)]
-PACK_BACKENDS = [b.name for b in PACK_BY_TOKEN_BUDGET_BACKENDS.backends
-                 if not b.not_supported_reasons(CPU_INT64)]
+LAYOUT_BACKENDS = PLAN_LAYOUT_BACKENDS.available(PLAN_LAYOUT_BACKENDS.request("cpu", torch.int64))
+PACK_BACKENDS = PACK_BY_TOKEN_BUDGET_BACKENDS.available(
+    PACK_BY_TOKEN_BUDGET_BACKENDS.request("cpu", torch.int64))
 
 
 def fresh_seed() -> int:
@@ -315,7 +312,7 @@ def test_plan_layout_opcheck(backend):
     inputs = layout_inputs(random_samples(random.Random(7), 9))
     args = tuple(t.long() if t.dtype != torch.bool else t for t in inputs)
     used = plan_layout(inputs, 3).source_ids.shape[0]
-    torch.library.opcheck(_plan_layout_op, (*args, 3, used + 5, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.plan_layout.default, (*args, 3, used + 5, backend))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,4 +405,4 @@ def test_bad_packing_input_raises_naming_the_argument(make_bad, error, message):
 @pytest.mark.parametrize("backend", PACK_BACKENDS)
 def test_pack_opcheck(backend):
     lengths = torch.tensor([5, 3, 7, 2, 2, 8, 0, 9, 1])
-    torch.library.opcheck(_pack_by_token_budget_op, (lengths, 10, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.pack_by_token_budget.default, (lengths, 10, backend))

@@ -10,14 +10,11 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
-from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, _moe_expert_mlp_backward_op,
-                                _moe_expert_mlp_op)
+from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b.name for b in MOE_EXPERT_MLP_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+BACKENDS = MOE_EXPERT_MLP_BACKENDS.available(MOE_EXPERT_MLP_BACKENDS.request(DEVICE, torch.float32))
 # The interpreter's bf16 arithmetic is wrong (ENVIRONMENT.md): bf16 is checked by the GPU tests.
 DTYPES = [torch.float32, torch.float16]
 WIDTHS = [(48, 100), (96, 200)]  # (H, F): odd widths, not multiples of any tile
@@ -219,10 +216,10 @@ def test_opcheck(backend, recompute):
     x_grouped = clean(x_grouped, plan).requires_grad_(True)
     weights = [w.requires_grad_(True) for w in weights]
     args = (x_grouped, *weights, plan.tokens_per_expert, plan.padded_offsets, recompute, backend)
-    torch.library.opcheck(_moe_expert_mlp_op, args)
-    _, h1, h3 = _moe_expert_mlp_op(*(a.detach() if isinstance(a, torch.Tensor) else a
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_expert_mlp.default, args)
+    _, h1, h3 = torch.ops.sphinx_kernels.moe_expert_mlp(*(a.detach() if isinstance(a, torch.Tensor) else a
                                      for a in args))
-    torch.library.opcheck(_moe_expert_mlp_backward_op,
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_expert_mlp_backward.default,
                           (grad_y, x_grouped.detach(), *(w.detach() for w in weights),
                            plan.tokens_per_expert, plan.padded_offsets, h1, h3, backend))
 

@@ -9,23 +9,17 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
-from sphinx_kernels.moe import (_moe_pair_dots_op, _moe_permute_op, _moe_routing_op,
-                                _moe_unpermute_op, _topk_gating_backward_op, _topk_gating_op,
-                                MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, TOPK_GATING_BACKENDS,
+from sphinx_kernels.moe import (MOE_PERMUTE_BACKENDS, MOE_ROUTING_BACKENDS, TOPK_GATING_BACKENDS,
                                 padded_rows_bound, topk_gating_reference)
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter's bf16 arithmetic is wrong (ENVIRONMENT.md): bf16 is checked by the GPU tests.
 DTYPES = [torch.float32, torch.float16]
-BACKENDS = [b.name for b in TOPK_GATING_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+BACKENDS = TOPK_GATING_BACKENDS.available(TOPK_GATING_BACKENDS.request(DEVICE, torch.float32))
 # moe_routing has compiled backends too (cpp on the CPU, cuda on a GPU), moe_permute/unpermute cpp.
-ROUTING_BACKENDS = [b.name for b in MOE_ROUTING_BACKENDS.backends
-                    if not b.not_supported_reasons(Request(DEVICE, torch.int32))]
-PERMUTE_BACKENDS = [b.name for b in MOE_PERMUTE_BACKENDS.backends
-                    if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+ROUTING_BACKENDS = MOE_ROUTING_BACKENDS.available(MOE_ROUTING_BACKENDS.request(DEVICE, torch.int32))
+PERMUTE_BACKENDS = MOE_PERMUTE_BACKENDS.available(MOE_PERMUTE_BACKENDS.request(DEVICE, torch.float32))
 # (T, E, k): empty, a single token and expert, odd sizes, more slots than half the experts.
 CASES = [(0, 8, 2), (1, 1, 1), (7, 2, 1), (97, 8, 4), (300, 8, 2)]
 
@@ -207,7 +201,7 @@ def test_routing_all_tokens_to_one_expert(backend):
 def test_routing_kernel_places_an_unchecked_bad_id_nowhere(backend):
     """Kernels stay in bounds on ids that reach them unchecked (a GPU without value checks)."""
     expert_ids = torch.tensor([[0, 1], [7, 1], [-1, 0]], dtype=torch.int32, device=DEVICE)
-    tokens_per_expert, _, position, row_to_pair = _moe_routing_op(expert_ids, 2, 4, backend)
+    tokens_per_expert, _, position, row_to_pair = torch.ops.sphinx_kernels.moe_routing(expert_ids, 2, 4, backend)
     assert tokens_per_expert.tolist() == [2, 2]
     assert position[1, 0] == -1 and position[2, 0] == -1
     assert sorted(row_to_pair[row_to_pair >= 0].tolist()) == [0, 1, 3, 5]
@@ -409,22 +403,22 @@ def test_bad_input_raises_naming_the_argument(op, changes, error, message):
 def test_opcheck(backend):
     gen = generator(7)
     logits = random_logits(37, 8, torch.float32, gen, requires_grad=True)
-    torch.library.opcheck(_topk_gating_op, (logits, 2, True, backend))
-    gating = _topk_gating_op(logits.detach(), 2, True, backend)
+    torch.library.opcheck(torch.ops.sphinx_kernels.topk_gating.default, (logits, 2, True, backend))
+    gating = torch.ops.sphinx_kernels.topk_gating(logits.detach(), 2, True, backend)
     scalar = torch.tensor(0.5, device=DEVICE)
-    torch.library.opcheck(_topk_gating_backward_op,
+    torch.library.opcheck(torch.ops.sphinx_kernels.topk_gating_backward.default,
                           (logits.detach(), gating[1], gating[0], gating[4],
                            torch.randn(37, 2, device=DEVICE), scalar, scalar, True, backend))
     for routing_backend in ROUTING_BACKENDS:
-        torch.library.opcheck(_moe_routing_op, (gating[1], 8, 16, routing_backend))
+        torch.library.opcheck(torch.ops.sphinx_kernels.moe_routing.default, (gating[1], 8, 16, routing_backend))
     plan = make_plan(37, 8, 2, 16, gen, backend)
     x = torch.randn(37, 9, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(_moe_permute_op, (x, plan.position, plan.row_to_pair, None, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_permute.default, (x, plan.position, plan.row_to_pair, None, backend))
     y_grouped = torch.randn(plan.num_padded_rows, 9, device=DEVICE, requires_grad=True)
     weights = torch.rand(37, 2, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(_moe_unpermute_op,
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute.default,
                           (y_grouped, plan.position, plan.row_to_pair, weights, backend))
-    torch.library.opcheck(_moe_pair_dots_op, (x.detach(), y_grouped.detach(), plan.position,
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_pair_dots.default, (x.detach(), y_grouped.detach(), plan.position,
                                               torch.float32, backend))
 
 
@@ -435,13 +429,13 @@ def test_opcheck_of_permutations_only_backends(backend):
     x = torch.randn(37, 9, device=DEVICE, requires_grad=True)
     scale = torch.rand(37 * 2, device=DEVICE)
     for s in (None, scale):
-        torch.library.opcheck(_moe_permute_op, (x, plan.position, plan.row_to_pair, s, backend))
+        torch.library.opcheck(torch.ops.sphinx_kernels.moe_permute.default, (x, plan.position, plan.row_to_pair, s, backend))
     y_grouped = torch.randn(plan.num_padded_rows, 9, device=DEVICE, requires_grad=True)
     weights = torch.rand(37, 2, device=DEVICE, requires_grad=True)
     for w in (None, weights):
-        torch.library.opcheck(_moe_unpermute_op,
+        torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute.default,
                               (y_grouped, plan.position, plan.row_to_pair, w, backend))
-    torch.library.opcheck(_moe_pair_dots_op, (x.detach(), y_grouped.detach(), plan.position,
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_pair_dots.default, (x.detach(), y_grouped.detach(), plan.position,
                                               torch.float32, backend))
 
 
@@ -517,5 +511,6 @@ def test_gpu_routing_and_permutation_at_mixtral_size():
     out = sphinx_kernels.moe_unpermute(grouped, plan, weights, backend="triton")
     assert_within_torch_error(out, torch_unpermute(grouped.double(), plan, weights.double()),
                               torch_unpermute(grouped, plan, weights), FORWARD_FACTOR, "unpermute")
-    request = Request(expert_ids.device, expert_ids.dtype, {"num_experts": num_experts})
+    request = MOE_ROUTING_BACKENDS.request(expert_ids.device, expert_ids.dtype,
+                                           num_experts=num_experts)
     assert MOE_ROUTING_BACKENDS.select(request).name == "cuda"

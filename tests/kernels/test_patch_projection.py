@@ -14,16 +14,14 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
 from sphinx_kernels.nn import PatchProjector
-from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, FeatureLayout,
-                                       _patch_projection_op, feature_layouts,
+from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, FeatureLayout, feature_layouts,
                                        patch_projection_reference)
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b.name for b in PATCH_PROJECTION_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+BACKENDS = PATCH_PROJECTION_BACKENDS.available(
+    PATCH_PROJECTION_BACKENDS.request(DEVICE, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -251,15 +249,15 @@ def test_kernel_backend_makes_no_concatenated_or_resampled_copy(backend):
     case = Case(3, 2, (Encoder(True, True, 4, 100), Encoder(False, False, 4, 48)), 16, True, True,
                 False)
     features, weight, kwargs, _ = make_inputs(case, torch.float32, torch.Generator(), False)
-    forward, backward = PATCH_PROJECTION_BACKENDS[backend].impl
+    impl = PATCH_PROJECTION_BACKENDS[backend].impl
     args = (kwargs["bias"], kwargs["norm_weight"], kwargs["norm_bias"])
     rows = case.views * 5
     with _RecordAllocations() as record:
-        _, pre_norm, mean, rstd = forward(features, weight, *args, None, None, 2, 2, 1e-5)
+        _, pre_norm, mean, rstd = impl.forward(features, weight, *args, None, None, 2, 2, 1e-5)
     assert all(numel <= rows * case.width for _, numel in record.ops), record.ops
     with _RecordAllocations() as record:
-        backward(torch.ones(rows, case.width), features, weight, *args, None, pre_norm, mean, rstd,
-                 2, 2, 1e-5, [True] * 6)
+        impl.backward(torch.ones(rows, case.width), features, weight, *args, None, pre_norm, mean,
+                      rstd, 2, 2, 1e-5, [True] * 6)
     operands = {rows * 100, rows * 48, rows * 148, 3 * 100 * 4, 3 * 48 * 4}
     assert not any(numel in operands or "cat" in op for op, numel in record.ops), record.ops
 
@@ -348,7 +346,7 @@ def test_bad_input_raises_naming_the_argument(index):
 def test_opcheck(backend, norm, out):
     case = Case(2, 2, (Encoder(True, True, 4, 5), Encoder(False, False, 1, 3)), 16, True, norm, out)
     features, weight, kwargs, _ = make_inputs(case, torch.float32, torch.Generator().manual_seed(0))
-    torch.library.opcheck(_patch_projection_op, (
+    torch.library.opcheck(torch.ops.sphinx_kernels.patch_projection.default, (
         features, weight, kwargs["bias"], kwargs.get("norm_weight"), kwargs.get("norm_bias"),
         kwargs.get("out"), kwargs.get("out_rows"), 2, 2, 1e-5, backend))
 

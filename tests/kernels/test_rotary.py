@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request, triton_interpreted
-from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS, _apply_rotary_op
+from sphinx_kernels.backends import triton_interpreted
+from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b.name for b in APPLY_ROTARY_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+BACKENDS = APPLY_ROTARY_BACKENDS.available(APPLY_ROTARY_BACKENDS.request(DEVICE, torch.float32))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The acceptance grid; each test draws a few configurations from it.
 TOKENS, Q_HEADS, K_HEADS, HEAD_DIMS = (1, 7, 59, 97), (1, 3, 8), (1, 2), (16, 64, 80, 128)
@@ -173,7 +172,7 @@ def test_out_of_table_position_past_validation_gives_nan_rows(backend):
     cos, sin = hf_tables(4, 16, torch.float32)
     q = torch.randn(3, 2, 16, device=DEVICE)
     pos = torch.tensor([1, 4, -1], device=DEVICE)
-    q_out, _ = _apply_rotary_op(q, q[:, :0], cos, sin, pos, False, backend)
+    q_out, _ = torch.ops.sphinx_kernels.apply_rotary(q, q[:, :0], cos, sin, pos, False, backend)
     assert torch.isfinite(q_out[0]).all() and torch.isnan(q_out[1:]).all()
 
 
@@ -218,7 +217,7 @@ def test_bad_input_raises_naming_the_argument(make_bad, error, message, value_ch
 def test_opcheck(backend):
     gen = torch.Generator().manual_seed(11)
     q, k, cos, sin, pos = make_inputs(9, 3, 1, 16, torch.float32, gen, requires_grad=True)
-    torch.library.opcheck(_apply_rotary_op, (q, k, cos, sin, pos, False, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.apply_rotary.default, (q, k, cos, sin, pos, False, backend))
 
 
 def test_compiles_with_fullgraph_forward_and_backward():

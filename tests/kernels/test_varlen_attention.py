@@ -7,6 +7,7 @@ interpreter is slow); tensor values are fresh on every run, and the seed is in e
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
 
@@ -14,11 +15,11 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
-from sphinx_kernels import varlen
-from sphinx_kernels.varlen import (VARLEN_ATTENTION_BACKENDS, _flash_attn_reasons,
-                                   _reference_attention_backward, _torch_flash_reasons,
-                                   _varlen_attention_op, _visible_keys, varlen_attention_reference)
+from sphinx_kernels.ops import flash_attn
+from sphinx_kernels.ops.varlen_attention import (VARLEN_ATTENTION_BACKENDS,
+                                                 varlen_attention_backward_reference,
+                                                 varlen_attention_mask, varlen_attention_reference)
+from sphinx_kernels.triton.varlen_attention import tile_table
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,10 +29,8 @@ MODES = ("causal", "non-causal", "prefix")
 
 
 def runnable_backends(dtype=torch.float32):
-    request = Request(DEVICE, dtype, {"head_dim": 64, "causal": True, "prefix": False,
-                                      "max_seqlen": True, "deterministic": False})
-    return [b.name for b in VARLEN_ATTENTION_BACKENDS.backends
-            if not b.not_supported_reasons(request)]
+    return VARLEN_ATTENTION_BACKENDS.available(
+        VARLEN_ATTENTION_BACKENDS.request(DEVICE, dtype, head_dim=64))
 
 
 # Here: triton (interpreted) and reference in float32 and float16; bf16 only on a GPU (the
@@ -184,11 +183,11 @@ def test_mask_is_the_documented_drawing():
     def drawing(text):
         return torch.tensor([[c == "1" for c in row.split()] for row in text.strip().split("\n")])
 
-    assert torch.equal(_visible_keys(2, 5, 0, True, torch.device("cpu")),
+    assert torch.equal(varlen_attention_mask(2, 5, 0, True, torch.device("cpu")),
                        drawing("1 1 1 1 0\n1 1 1 1 1"))
-    assert torch.equal(_visible_keys(5, 2, 0, True, torch.device("cpu")),
+    assert torch.equal(varlen_attention_mask(5, 2, 0, True, torch.device("cpu")),
                        drawing("0 0\n0 0\n0 0\n1 0\n1 1"))
-    assert torch.equal(_visible_keys(5, 5, 3, True, torch.device("cpu")),
+    assert torch.equal(varlen_attention_mask(5, 5, 3, True, torch.device("cpu")),
                        drawing("1 1 1 0 0\n1 1 1 0 0\n1 1 1 0 0\n1 1 1 1 0\n1 1 1 1 1"))
 
 
@@ -224,7 +223,7 @@ def test_padding_rows_and_keyless_rows_are_zero_without_nan(backend):
     q = torch.randn(15, 4, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(13, 2, 16, device=DEVICE, requires_grad=True)
     v = torch.randn(13, 2, 16, device=DEVICE, requires_grad=True)
-    out, lse = _varlen_attention_op(q, k, v, cu_q, cu_k, None, 15, 13, True, 0.25, False, backend)
+    out, lse = torch.ops.sphinx_kernels.varlen_attention(q, k, v, cu_q, cu_k, None, 15, 13, True, 0.25, False, backend)
     grad = torch.randn_like(out)
     grad[12:] = 1e6  # a gradient arriving at padding rows must vanish
     out.backward(grad)
@@ -243,7 +242,7 @@ def test_padding_rows_and_keyless_rows_are_zero_without_nan(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_matches_float64(backend):
     case = Case(config_seed=5, dtype=torch.float32, mode="prefix", separate_keys=True, max_seqs=4)
-    _, lse = _varlen_attention_op(case.q, case.k, case.v, case.cu_q, case.cu_k, case.prefix,
+    _, lse = torch.ops.sphinx_kernels.varlen_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.prefix,
                                   case.q.shape[0], case.k.shape[0], True, case.head_dim ** -0.5,
                                   False, backend)
     _, lse64 = varlen_attention_reference(case.q.double(), case.k.double(), case.v.double(),
@@ -281,9 +280,8 @@ def test_strided_views_of_a_fused_projection_give_the_same_bits():
 
 @pytest.mark.parametrize("last_block_first", [False, True])
 def test_tile_table_lists_every_block_once(last_block_first):
-    from sphinx_kernels.triton.varlen import _tile_table
     lengths = [130, 0, 1, 64, 65]
-    tiles = _tile_table(cu_seqlens(lengths), 300, 64, 130, last_block_first).cpu()
+    tiles = tile_table(cu_seqlens(lengths), 300, 64, 130, last_block_first).cpu()
     assert tiles.shape[0] == min(-(-300 // 64) + 5, 5 * 3)  # the static bound
     real = [(b, i) for b, n in enumerate(lengths) for i in range(-(-n // 64))]
     listed = [tuple(t) for t in tiles.tolist() if t[0] < len(lengths)]
@@ -315,13 +313,13 @@ def test_torch_flash_declares_what_it_cannot_serve():
     def request(**features):
         base = {"head_dim": 64, "causal": True, "prefix": False, "max_seqlen": True,
                 "deterministic": False}
-        return Request(torch.device("cuda"), torch.bfloat16, {**base, **features})
+        return VARLEN_ATTENTION_BACKENDS.request("cuda", torch.bfloat16, **{**base, **features})
 
-    assert _torch_flash_reasons(request()) == []
-    assert "prefix" in " ".join(_torch_flash_reasons(request(prefix=True)))
-    assert "max_seqlen" in " ".join(_torch_flash_reasons(request(max_seqlen=False)))
-    assert "atomic" in " ".join(_torch_flash_reasons(request(deterministic=True)))
-    assert "multiple of 8" in " ".join(_torch_flash_reasons(request(head_dim=20)))
+    assert VARLEN_ATTENTION_BACKENDS["torch_flash"].check(request()) == []
+    assert "prefix" in " ".join(VARLEN_ATTENTION_BACKENDS["torch_flash"].check(request(prefix=True)))
+    assert "max_seqlen" in " ".join(VARLEN_ATTENTION_BACKENDS["torch_flash"].check(request(max_seqlen=False)))
+    assert "atomic" in " ".join(VARLEN_ATTENTION_BACKENDS["torch_flash"].check(request(deterministic=True)))
+    assert "multiple of 8" in " ".join(VARLEN_ATTENTION_BACKENDS["torch_flash"].check(request(head_dim=20)))
     if DEVICE.type == "cpu":
         with pytest.raises(sphinx_kernels.BackendUnavailableError, match="torch_flash"):
             sphinx_kernels.varlen_attention(torch.ones(2, 1, 8), torch.ones(2, 1, 8),
@@ -330,13 +328,12 @@ def test_torch_flash_declares_what_it_cannot_serve():
 
 
 def test_flash_attn_serves_deterministic_and_declares_the_rest():
-    request = lambda **features: Request(torch.device("cuda"), torch.bfloat16, {
-        "head_dim": 64, "causal": True, "prefix": False, "max_seqlen": True, "deterministic": False,
-        **features})
-    assert _flash_attn_reasons(request(deterministic=True)) == []
-    assert "prefix" in " ".join(_flash_attn_reasons(request(prefix=True)))
-    assert "max_seqlen" in " ".join(_flash_attn_reasons(request(max_seqlen=False)))
-    assert "multiple of 8" in " ".join(_flash_attn_reasons(request(head_dim=20)))
+    request = lambda **features: VARLEN_ATTENTION_BACKENDS.request(  # noqa: E731
+        "cuda", torch.bfloat16, **{"head_dim": 64, **features})
+    assert VARLEN_ATTENTION_BACKENDS["flash_attn"].check(request(deterministic=True)) == []
+    assert "prefix" in " ".join(VARLEN_ATTENTION_BACKENDS["flash_attn"].check(request(prefix=True)))
+    assert "max_seqlen" in " ".join(VARLEN_ATTENTION_BACKENDS["flash_attn"].check(request(max_seqlen=False)))
+    assert "multiple of 8" in " ".join(VARLEN_ATTENTION_BACKENDS["flash_attn"].check(request(head_dim=20)))
 
 
 # Stand-ins for flash-attn 2.8's varlen ops: custom ops with its schemas (names, defaults, which
@@ -375,7 +372,7 @@ def _flash_varlen_backward(
         rng_state: torch.Tensor | None = None) -> torch.Tensor:
     _FLASH_CALLS["backward"] = (dropout_p, window_size_left, window_size_right, softcap,
                                 deterministic)
-    grads = _reference_attention_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q,
+    grads = varlen_attention_backward_reference(dout, q, k, v, out, softmax_lse, cu_seqlens_q,
                                           cu_seqlens_k, None, max_seqlen_q, max_seqlen_k, causal,
                                           softmax_scale, deterministic)
     for into, grad, cu in zip((dq, dk, dv), grads, (cu_seqlens_q, cu_seqlens_k, cu_seqlens_k)):
@@ -395,15 +392,15 @@ def test_flash_attn_glue_against_stand_ins_with_its_schemas(monkeypatch, determi
     deterministic flag reaches the backward. The real ops run in the gpu tests when installed."""
     case = Case(config_seed=3, dtype=torch.float32, separate_keys=True,
                 first_lens_q=(7, 59), first_lens_k=(59, 7))
-    monkeypatch.setattr(varlen, "_flash_attn_ops", _flash_stand_ins)
-    flash_forward, flash_backward = VARLEN_ATTENTION_BACKENDS["flash_attn"].impl
+    monkeypatch.setattr(flash_attn, "flash_attn_ops", _flash_stand_ins)
+    impl = VARLEN_ATTENTION_BACKENDS["flash_attn"].impl
     cu_k, scale = case.cu_k, 0.3
     args = (case.cu_q, cu_k, None, max(case.lens_q), max(case.lens_k), True, scale, deterministic)
-    out, lse = flash_forward(case.q, case.k, case.v, *args)
-    grads = flash_backward(case.grad, case.q, case.k, case.v, out, lse, *args)
+    out, lse = impl.forward(case.q, case.k, case.v, *args)
+    grads = impl.backward(case.grad, case.q, case.k, case.v, out, lse, *args)
     expected_out, _ = varlen_attention_reference(case.q, case.k, case.v, case.cu_q, cu_k,
                                                  softmax_scale=scale)
-    expected_grads = _reference_attention_backward(case.grad, case.q, case.k, case.v, out, lse,
+    expected_grads = varlen_attention_backward_reference(case.grad, case.q, case.k, case.v, out, lse,
                                                    *args)
     assert torch.equal(out, expected_out), case.describe()  # padding rows zeroed, no NaN
     for name, grad, expected in zip("qkv", grads, expected_grads):
@@ -413,14 +410,14 @@ def test_flash_attn_glue_against_stand_ins_with_its_schemas(monkeypatch, determi
 
 
 def test_flash_attn_is_declared_missing_when_its_ops_lack_an_argument(monkeypatch):
-    monkeypatch.setattr(varlen.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(varlen, "_flash_attn_ops", _flash_stand_ins)
-    assert varlen._flash_attn_missing(torch.device("cuda")) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    monkeypatch.setattr(flash_attn, "flash_attn_ops", _flash_stand_ins)
+    assert flash_attn.flash_attn_missing(torch.device("cuda")) is None
     # torch's own FlashAttention ops name their arguments differently (is_causal, scale, ...).
     aten = torch.ops.aten
-    monkeypatch.setattr(varlen, "_flash_attn_ops", lambda: (aten._flash_attention_forward,
+    monkeypatch.setattr(flash_attn, "flash_attn_ops", lambda: (aten._flash_attention_forward,
                                                             aten._flash_attention_backward))
-    why = varlen._flash_attn_missing(torch.device("cuda"))
+    why = flash_attn.flash_attn_missing(torch.device("cuda"))
     assert why is not None and "causal" in why and "softmax_scale" in why
 
 
@@ -489,7 +486,7 @@ def test_opcheck(backend):
     k = torch.randn(18, 1, 16, device=DEVICE, requires_grad=True)
     v = torch.randn(18, 1, 16, device=DEVICE, requires_grad=True)
     prefix = torch.tensor([2, 1, 4], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(_varlen_attention_op, (q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k),
+    torch.library.opcheck(torch.ops.sphinx_kernels.varlen_attention.default, (q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k),
                                                  prefix, 9, 9, True, 0.3, False, backend))
 
 

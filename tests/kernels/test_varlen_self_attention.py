@@ -9,9 +9,8 @@ import random
 import pytest
 import torch
 
-from sphinx_kernels.backends import Request
 from sphinx_kernels.nn import VarlenSelfAttention, rotary_tables
-from sphinx_kernels.varlen import VARLEN_ATTENTION_BACKENDS
+from sphinx_kernels.ops.varlen_attention import VARLEN_ATTENTION_BACKENDS
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,8 +20,8 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 48, 4, 2, 16
 def kernel_backends():
     """Backend pairs (attention, rotary) to run the module on: the kernels where they run here, and
     the references."""
-    request = Request(DEVICE, torch.float32, {"head_dim": HEAD_DIM, "causal": True, "prefix": False,
-                                              "max_seqlen": False, "deterministic": False})
+    request = VARLEN_ATTENTION_BACKENDS.request(DEVICE, torch.float32, head_dim=HEAD_DIM,
+                                                max_seqlen=False)
     attention = [b.name for b in VARLEN_ATTENTION_BACKENDS.backends
                  if b.name in ("triton", "reference") and not b.not_supported_reasons(request)]
     return [(name, "triton" if name == "triton" else "reference") for name in attention]

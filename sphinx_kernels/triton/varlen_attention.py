@@ -1,152 +1,22 @@
-"""Triton kernels of the packed-sequence family: the multi-source row gather and its deterministic
-backward (a segment sum in a fixed order), the padding-tile detector, and varlen flash attention
-(forward, and a backward without atomics). Contracts: ``sphinx_kernels.varlen``."""
-from __future__ import annotations
+"""Triton kernels of ``varlen_attention``: flash attention over packed sequences, the forward and a
+backward without atomics (dK/dV per key block, dQ per query block). Contract:
+``sphinx_kernels.ops.varlen_attention``.
 
-from typing import Sequence
+Mask, per sequence b with Lq queries, Lk keys and prefix P (0 without prefix_lens): query i sits at
+key position p = i + Lk - Lq (bottom-right alignment) and sees keys j < kv_end(i), where
+    causal:      kv_end = min(Lk, max(p + 1, P)) if p >= 0 else 0
+    non-causal:  kv_end = Lk
+Every visible set is a prefix of the keys and kv_end is non-decreasing in i, which is what lets the
+forward and dQ loops stop at a block's last row's kv_end and the dK/dV loop start at the first query
+that sees its first key.
+"""
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-# Elements of one row a program moves per step; rows per program fill a tile of about 4096 elements.
-_MAX_BLOCK_D = 512
-_TILE = 4096
-
-
-# The gather moves bits, not numbers: every float dtype is viewed as the integer of its width, so the
-# copy is exact by construction (and needs no bf16 arithmetic, which the interpreter gets wrong).
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}
-
-
-@triton.jit
-def _gather_rows_kernel(sources, row_strides, source_rows, source_ids_ptr, row_ids_ptr, out_ptr,
-                        num_rows, width, nan_bits, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t_in = t < num_rows
-    d_in = d < width
-    sid = tl.load(source_ids_ptr + t, mask=t_in, other=-1)
-    rid = tl.load(row_ids_ptr + t, mask=t_in, other=0).to(tl.int64)
-    rows = tl.zeros([BLOCK_T, BLOCK_D], dtype=out_ptr.dtype.element_ty)
-    known = sid < 0  # a negative source id is a zero row
-    # One masked load per source: each row is read from its own source only, so data moves once.
-    for s in tl.static_range(len(sources)):
-        hit = (sid == s) & (rid >= 0) & (rid < source_rows[s])
-        vals = tl.load(sources[s] + rid[:, None] * row_strides[s] + d[None, :],
-                       mask=hit[:, None] & d_in[None, :], other=0)
-        rows = tl.where(hit[:, None], vals, rows)
-        known = known | hit
-    # An out-of-range index that slipped past validation gives a NaN row, never an out-of-bounds read.
-    rows = tl.where(known[:, None], rows, nan_bits)
-    tl.store(out_ptr + t[:, None].to(tl.int64) * width + d[None, :], rows,
-             mask=t_in[:, None] & d_in[None, :])
-
-
-@triton.jit
-def _segment_sum_rows_kernel(rows_ptr, order_ptr, offsets_ptr, out_ptr, width,
-                             ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = d < width
-    begin = tl.load(offsets_ptr + r)
-    end = tl.load(offsets_ptr + r + 1)
-    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
-    for i in range(begin, end):  # ascending: the same order, so the same bits, on every backend
-        src = tl.load(order_ptr + i)
-        acc += tl.load(rows_ptr + src * width + d, mask=d_in, other=0).to(ACC_DTYPE)
-    tl.store(out_ptr + r.to(tl.int64) * width + d, acc.to(out_ptr.dtype.element_ty), mask=d_in)
-
-
-def _block_d(width: int) -> int:
-    return min(triton.next_power_of_2(max(width, 1)), _MAX_BLOCK_D)
-
-
-def gather_rows(sources: Sequence[torch.Tensor], source_ids: torch.Tensor,
-                row_ids: torch.Tensor) -> torch.Tensor:
-    dtype = sources[0].dtype
-    bits = _BITS[dtype]
-    num_rows, width = source_ids.shape[0], sources[0].shape[1]
-    out = torch.empty((num_rows, width), dtype=bits, device=sources[0].device)
-    if num_rows > 0 and width > 0:
-        block_d = _block_d(width)
-        block_t = max(1, _TILE // block_d)
-        grid = (triton.cdiv(num_rows, block_t), triton.cdiv(width, block_d))
-        nan_bits = torch.tensor(float("nan"), dtype=dtype).view(bits).item()
-        _gather_rows_kernel[grid](tuple(s.view(bits) for s in sources),
-                                  tuple(s.stride(0) for s in sources),
-                                  tuple(s.shape[0] for s in sources), source_ids.contiguous(),
-                                  row_ids.contiguous(), out, num_rows, width, nan_bits,
-                                  BLOCK_T=block_t, BLOCK_D=block_d)
-    return out.view(dtype)
-
-
-def segment_sum_rows(rows: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    rows = rows.contiguous()
-    num_segments, width = offsets.shape[0] - 1, rows.shape[1]
-    out = torch.empty((num_segments, width), dtype=rows.dtype, device=rows.device)
-    if num_segments == 0 or width == 0:
-        return out
-    block_d = _block_d(width)
-    acc = tl.float64 if rows.dtype == torch.float64 else tl.float32
-    _segment_sum_rows_kernel[(num_segments, triton.cdiv(width, block_d))](
-        rows, order, offsets, out, width, ACC_DTYPE=acc, BLOCK_D=block_d)
-    return out
-
-
-@triton.jit
-def _find_padding_tiles_kernel(images_ptr, pad_ptr, flags_ptr, channels, tiles_h, tiles_w,
-                               tile_h, tile_w, stride_n, stride_c, stride_h, stride_w,
-                               BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    tile = tl.program_id(0)
-    j = tile % tiles_w
-    i = (tile // tiles_w) % tiles_h
-    n = (tile // (tiles_w * tiles_h)).to(tl.int64)
-    rows = tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_W)
-    col_in = cols < tile_w
-    base = (images_ptr + n * stride_n + (i * tile_h).to(tl.int64) * stride_h
-            + (j * tile_w + cols).to(tl.int64)[None, :] * stride_w)
-    mismatches = 0
-    for c in range(channels):
-        pad = tl.load(pad_ptr + c)
-        for r0 in range(0, tile_h, BLOCK_R):
-            r = r0 + rows
-            inside = (r < tile_h)[:, None] & col_in[None, :]
-            pixels = tl.load(base + c * stride_c + r.to(tl.int64)[:, None] * stride_h, mask=inside,
-                             other=0).to(tl.float32)
-            mismatches += tl.sum(tl.where(inside & (pixels != pad), 1, 0))
-    tl.store(flags_ptr + tile, (mismatches == 0).to(tl.uint8))
-
-
-def find_padding_tiles(images: torch.Tensor, pad: torch.Tensor, tile_h: int,
-                       tile_w: int) -> torch.Tensor:
-    num, channels, height, width = images.shape
-    tiles_h, tiles_w = height // tile_h, width // tile_w
-    flags = torch.empty((num, tiles_h, tiles_w), dtype=torch.uint8, device=images.device)
-    if flags.numel() > 0:
-        block_w = triton.next_power_of_2(tile_w)
-        block_r = min(triton.next_power_of_2(tile_h), max(1, _TILE // block_w))
-        _find_padding_tiles_kernel[(flags.numel(),)](
-            images, pad, flags, channels, tiles_h, tiles_w, tile_h, tile_w, *images.stride(),
-            BLOCK_R=block_r, BLOCK_W=block_w)
-    return flags.view(torch.bool)
-
-
-# ---------------------------------------------------------------------------------------------------
-# varlen_attention: flash attention over packed sequences (forward, and a backward without atomics).
-#
-# Mask, per sequence b with Lq queries, Lk keys and prefix P (0 without prefix_lens): query i sits at
-# key position p = i + Lk - Lq (bottom-right alignment) and sees keys j < kv_end(i), where
-#     causal:      kv_end = min(Lk, max(p + 1, P)) if p >= 0 else 0
-#     non-causal:  kv_end = Lk
-# Every visible set is a prefix of the keys and kv_end is non-decreasing in i, which is what lets the
-# forward and dQ loops stop at a block's last row's kv_end and the dK/dV loop start at the first query
-# that sees its first key.
-
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(1.4426950408889634)
+from sphinx_kernels.triton.common import LN2, LOG2E, dot_precision
 
 
 @triton.jit
@@ -183,7 +53,7 @@ def _kv_end(rows, len_q, len_k, prefix, CAUSAL: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                     total_q, total_k, num_seqs, head_dim, scale_log2,
+                     total_q, total_k, num_seqs, head_dim, scale,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -194,6 +64,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
         tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
     head = tl.program_id(1)
     kv_head = head // GROUP
+    scale_log2 = scale * LOG2E
 
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -232,7 +103,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
     l_safe = tl.where(empty, 1.0, l_i)
     m_safe = tl.where(empty, 0.0, m_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * _LN2)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * LN2)
     out_rows = (q_start + rows).to(tl.int64)
     # out is a fresh contiguous [Tq, Hq, D]
     tl.store(out_ptr + out_rows[:, None] * (tl.num_programs(1) * head_dim) + head * head_dim
@@ -262,7 +133,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
                           cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_gt, stride_gh, total_q, total_k, num_seqs, head_dim, scale,
-                          scale_log2, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                          GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                           HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV of one key block of one kv head: loops over the query heads of its GQA group and the
@@ -273,6 +144,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
     block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
         tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
     kv_head = tl.program_id(1)
+    scale_log2 = scale * LOG2E
 
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in_block = tl.arange(0, BLOCK_M)
@@ -310,7 +182,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
             visible = row_in[:, None] & (keys[None, :] < kv_end[:, None])
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             # where, not a product: a row that sees nothing has lse -inf, and exp2 there is inf.
-            p = tl.where(visible, tl.exp2(s - lse[:, None] * _LOG2E), 0.0)
+            p = tl.where(visible, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -326,7 +198,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_pt
                         cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_gt, stride_gh, total_q, total_k, num_seqs, head_dim, scale,
-                        scale_log2, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                        GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of one query block of one head, looping over the key blocks it sees."""
@@ -337,6 +209,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_pt
         tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
     head = tl.program_id(1)
     kv_head = head // GROUP
+    scale_log2 = scale * LOG2E
 
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -364,7 +237,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_pt
         v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0)
         visible = row_in[:, None] & (n[None, :] < kv_end[:, None])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        p = tl.where(visible, tl.exp2(s - lse[:, None] * _LOG2E), 0.0)
+        p = tl.where(visible, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -383,13 +256,8 @@ def _attention_config(head_dim: int, device: torch.device) -> dict:
                 fwd_warps=4 if block_d <= 64 else 8, stages=3 if block_d <= 128 else 2)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs multiply in float32 ("ieee"), as PyTorch does by default, not in TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
-                last_block_first: bool) -> torch.Tensor:
+def tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
+               last_block_first: bool) -> torch.Tensor:
     """int32 ``[N, 2]``: program -> (sequence, block within it), from torch ops only (no host sync).
 
     ``N = min(cdiv(total, block) + B, B * cdiv(max_len, block))`` bounds the real tile count
@@ -414,39 +282,48 @@ def _tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
     return torch.stack([seq, block_id], dim=1).to(torch.int32)
 
 
-def varlen_attention_forward(q, k, v, cu_q, cu_k, prefix, max_q, max_k, causal, scale):
-    """``(out [Tq, Hq, D], lse float32 [Hq, Tq])``; rows past ``cu_q[-1]`` are 0 and -inf."""
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q,
+                             max_seqlen_k, causal, softmax_scale, deterministic=True):
+    """``(out [Tq, Hq, D], lse float32 [Hq, Tq])``; rows past ``cu_seqlens_q[-1]`` are 0 and -inf.
+    ``deterministic`` asks nothing of these kernels: they use no atomics, so they always are."""
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape
     out = torch.zeros((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.full((heads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
-    num_seqs = cu_q.shape[0] - 1
+    num_seqs = cu_seqlens_q.shape[0] - 1
     if num_seqs == 0 or total_q == 0 or heads == 0 or head_dim == 0:
         return out, lse
     cfg = _attention_config(head_dim, q.device)
     block_m, block_n = cfg["fwd"]
-    tiles = _tile_table(cu_q, total_q, block_m, max_q, last_block_first=True)
+    tiles = tile_table(cu_seqlens_q, total_q, block_m, max_seqlen_q, last_block_first=True)
     if tiles.shape[0] == 0:
         return out, lse
     _attn_fwd_kernel[(tiles.shape[0], heads)](
-        q, k, v, out, lse, cu_q, cu_k, cu_q if prefix is None else prefix, tiles,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        total_q, total_k, num_seqs, head_dim, scale * 1.4426950408889634,
-        GROUP=heads // kv_heads, CAUSAL=causal, HAS_PREFIX=prefix is not None,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg["block_d"],
-        num_warps=cfg["fwd_warps"], num_stages=cfg["stages"])
+        q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, lse_ptr=lse, cu_q_ptr=cu_seqlens_q,
+        cu_k_ptr=cu_seqlens_k, prefix_ptr=cu_seqlens_q if prefix_lens is None else prefix_lens,
+        tiles_ptr=tiles, **_strides(q=q, k=k, v=v), total_q=total_q, total_k=total_k,
+        num_seqs=num_seqs, head_dim=head_dim, scale=softmax_scale, GROUP=heads // kv_heads,
+        CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], num_warps=cfg["fwd_warps"],
+        num_stages=cfg["stages"])
     return out, lse
 
 
-def varlen_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, max_q, max_k, causal,
-                              scale):
+def _strides(**tensors: torch.Tensor) -> dict[str, int]:
+    """``stride_<x>t``, ``stride_<x>h``: the token and head strides of each ``[T, H, D]`` tensor."""
+    return {f"stride_{name}{axis}": t.stride(i) for name, t in tensors.items()
+            for i, axis in enumerate("th")}
+
+
+def varlen_attention_backward(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens,
+                              max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic=True):
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype; zero rows where no query or key is."""
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape
     dq = torch.zeros((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.zeros((total_k, kv_heads, head_dim), dtype=k.dtype, device=k.device)
     dv = torch.zeros((total_k, kv_heads, head_dim), dtype=v.dtype, device=v.device)
-    num_seqs = cu_q.shape[0] - 1
+    num_seqs = cu_seqlens_q.shape[0] - 1
     if num_seqs == 0 or total_q == 0 or total_k == 0 or heads == 0 or head_dim == 0:
         return dq, dk, dv
     if grad.stride(2) != 1:  # e.g. the expanded gradient of a .sum()
@@ -456,23 +333,22 @@ def varlen_attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, prefix, max_q
     block_d = cfg["block_d"]
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(total_q, block_m), heads)](
-        out, grad, delta, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), total_q,
-        head_dim, BLOCK_M=block_m, BLOCK_D=block_d)
-    common = dict(GROUP=heads // kv_heads, CAUSAL=causal, HAS_PREFIX=prefix is not None,
-                  PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  num_warps=cfg["warps"], num_stages=cfg["stages"])
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               grad.stride(0), grad.stride(1))
-    sizes = (total_q, total_k, num_seqs, head_dim, scale, scale * 1.4426950408889634)
-    prefix_arg = cu_q if prefix is None else prefix
-    key_tiles = _tile_table(cu_k, total_k, block_n, max_k, last_block_first=False)
+        out_ptr=out, grad_ptr=grad, delta_ptr=delta, **_strides(o=out, g=grad), total_q=total_q,
+        head_dim=head_dim, BLOCK_M=block_m, BLOCK_D=block_d)
+    common = dict(q_ptr=q, k_ptr=k, v_ptr=v, grad_ptr=grad, lse_ptr=lse, delta_ptr=delta,
+                  cu_q_ptr=cu_seqlens_q, cu_k_ptr=cu_seqlens_k,
+                  prefix_ptr=cu_seqlens_q if prefix_lens is None else prefix_lens,
+                  **_strides(q=q, k=k, v=v, g=grad), total_q=total_q, total_k=total_k,
+                  num_seqs=num_seqs, head_dim=head_dim, scale=softmax_scale,
+                  GROUP=heads // kv_heads, CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
+                  PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=block_d, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    key_tiles = tile_table(cu_seqlens_k, total_k, block_n, max_seqlen_k, last_block_first=False)
     if key_tiles.shape[0] > 0:
-        _attn_bwd_dkdv_kernel[(key_tiles.shape[0], kv_heads)](
-            q, k, v, grad, lse, delta, dk, dv, cu_q, cu_k, prefix_arg, key_tiles, *strides, *sizes,
-            **common)
-    query_tiles = _tile_table(cu_q, total_q, block_m, max_q, last_block_first=True)
+        _attn_bwd_dkdv_kernel[(key_tiles.shape[0], kv_heads)](dk_ptr=dk, dv_ptr=dv,
+                                                              tiles_ptr=key_tiles, **common)
+    query_tiles = tile_table(cu_seqlens_q, total_q, block_m, max_seqlen_q, last_block_first=True)
     if query_tiles.shape[0] > 0:
-        _attn_bwd_dq_kernel[(query_tiles.shape[0], heads)](
-            q, k, v, grad, lse, delta, dq, cu_q, cu_k, prefix_arg, query_tiles, *strides, *sizes,
-            **common)
+        _attn_bwd_dq_kernel[(query_tiles.shape[0], heads)](dq_ptr=dq, tiles_ptr=query_tiles,
+                                                           **common)
     return dq, dk, dv

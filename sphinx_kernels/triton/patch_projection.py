@@ -1,7 +1,7 @@
-"""Triton kernels of the patch-projection family: the projection GEMM with the resampling of every
-encoder fused into its loads, the LayerNorm epilogue that scatters rows into the packed sequence, and
-the backward (LayerNorm, grad-weight and grad-features GEMMs reading and writing through the
-resampling). Contracts: ``sphinx_kernels.projection``.
+"""Triton kernels of ``patch_projection``: the projection GEMM with the resampling of every encoder
+fused into its loads, the LayerNorm epilogue that scatters rows into the packed sequence, and the
+backward (LayerNorm, grad-weight and grad-features GEMMs reading and writing through the
+resampling). Contract: ``sphinx_kernels.ops.patch_projection``.
 
 Every encoder arrives here as a ``[V, C, H, W]`` view of its own storage (a token layout is viewed
 that way without a copy) plus a ``[V, C]`` global row (the CLS token's view, or the map mean). The
@@ -36,18 +36,18 @@ import triton
 import triton.language as tl
 
 from sphinx_kernels.backends import triton_interpreted
+from sphinx_kernels.ops.patch_projection import FeatureLayout, feature_layouts
+from sphinx_kernels.triton.common import block_of, dot_precision, rows_per_program, swizzled_tile
 
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 operands get an IEEE product, as torch's matmul (TF32 would be 10x its error).
-    return "ieee" if dtype == torch.float32 else "tf32"
+# Row tiles of the projection GEMM that share each weight column tile while it is in L2.
+GROUP_M = 8
 
 
 def _gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The interpreter's cost is per program, so
     there blocks only shrink to the problem (at least 16 for ``tl.dot``)."""
     def fit(size: int, cap: int) -> int:
-        return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+        return max(16, min(cap, block_of(size)))
     if triton_interpreted():
         return fit(m, 128), fit(n, 128), fit(k, 64), 4, 1
     return fit(m, 128), fit(n, 128), fit(k, 64), 8, 3
@@ -106,17 +106,9 @@ def _patch_projection_kernel(maps, globs, map_strides, glob_strides, channels,
                              HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(num_rows, BLOCK_M)
-    tiles_n = tl.cdiv(width, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0, n0 = swizzled_tile(num_rows, width, BLOCK_M, BLOCK_N, GROUP_M)
+    m = m0 + tl.arange(0, BLOCK_M)
+    n = n0 + tl.arange(0, BLOCK_N)
     n_in = n < width
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_base = 0
@@ -298,10 +290,10 @@ def _rows_fastest(map_: torch.Tensor) -> bool:
     return map_.stride(1) != 1
 
 
-def project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
-            factors: Sequence[tuple[int, int, int, int]], weight: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor, rows: torch.Tensor | None,
-            grid_w: int, tokens_per_view: int) -> None:
+def _project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
+             factors: Sequence[tuple[int, int, int, int]], weight: torch.Tensor,
+             bias: torch.Tensor | None, out: torch.Tensor, rows: torch.Tensor | None,
+             grid_w: int, tokens_per_view: int) -> None:
     """Writes ``concat(resampled) @ weight.T + bias`` into ``out[rows]`` (``out[:M]`` without rows)."""
     num_rows = maps[0].shape[0] * tokens_per_view
     width = weight.shape[0]
@@ -309,27 +301,29 @@ def project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
         return
     block_m, block_n, block_k, warps, stages = _gemm_blocks(num_rows, width, max(
         m.shape[1] for m in maps))
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(width, block_n),)
-    _patch_projection_kernel[grid](
-        tuple(maps), tuple(globs), tuple(tuple(m.stride()) for m in maps),
-        tuple(tuple(g.stride()) for g in globs), tuple(m.shape[1] for m in maps),
-        tuple((*f, _rows_fastest(m)) for f, m in zip(factors, maps)), weight, weight.stride(0),
-        weight.stride(1),
-        bias if bias is not None else weight, out, out.stride(0),
-        rows if rows is not None else out, num_rows, width, tokens_per_view, grid_w,
-        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, DOT_PRECISION=_dot_precision(weight.dtype), num_warps=warps,
+    _patch_projection_kernel[(triton.cdiv(num_rows, block_m) * triton.cdiv(width, block_n),)](
+        maps=tuple(maps), globs=tuple(globs), map_strides=tuple(tuple(m.stride()) for m in maps),
+        glob_strides=tuple(tuple(g.stride()) for g in globs),
+        channels=tuple(m.shape[1] for m in maps),
+        FACTORS=tuple((*f, _rows_fastest(m)) for f, m in zip(factors, maps)), weight_ptr=weight,
+        w_sn=weight.stride(0), w_sk=weight.stride(1),
+        bias_ptr=bias if bias is not None else weight, out_ptr=out, out_stride=out.stride(0),
+        rows_ptr=rows if rows is not None else out, num_rows=num_rows, width=width,
+        tokens_per_view=tokens_per_view, grid_w=grid_w, HAS_BIAS=bias is not None,
+        HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=GROUP_M, DOT_PRECISION=dot_precision(weight.dtype), num_warps=warps,
         num_stages=stages)
 
 
 def _norm_blocks(width: int) -> tuple[int, int]:
-    block_d = triton.next_power_of_2(max(width, 1))
-    rows = max(1, 4096 // block_d) if triton_interpreted() else 1
-    return block_d, rows
+    """(BLOCK_D, rows per program) of the LayerNorm kernels: one row per program on a GPU, a tile of
+    rows under the interpreter (whose cost is per program)."""
+    block_d = block_of(width)
+    return block_d, rows_per_program(block_d) if triton_interpreted() else 1
 
 
-def layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-               out: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                out: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm of the ``[M, D]`` rows of ``y`` into ``out[rows]``; returns float32 mean and rstd."""
     num_rows, width = y.shape
     mean = torch.empty(num_rows, dtype=torch.float32, device=y.device)
@@ -337,16 +331,17 @@ def layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if num_rows > 0:
         block_d, per_program = _norm_blocks(width)
         _layer_norm_kernel[(triton.cdiv(num_rows, per_program),)](
-            y, weight, bias if bias is not None else weight, out, out.stride(0),
-            rows if rows is not None else y, mean, rstd, num_rows, width, eps,
-            HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, ROWS=per_program,
-            BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+            y_ptr=y, w_ptr=weight, b_ptr=bias if bias is not None else weight, out_ptr=out,
+            out_stride=out.stride(0), rows_ptr=rows if rows is not None else y, mean_ptr=mean,
+            rstd_ptr=rstd, num_rows=num_rows, width=width, eps=eps, HAS_BIAS=bias is not None,
+            HAS_ROWS=rows is not None, ROWS=per_program, BLOCK_D=block_d,
+            num_warps=8 if block_d >= 2048 else 4)
     return mean, rstd
 
 
-def layer_norm_backward(grad: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor,
-                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_backward(grad: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor,
+                         weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of the pre-norm rows ``[M, D]`` in y's dtype, float64 grad of the norm weight and bias)."""
     num_rows, width = y.shape
     dy = torch.empty_like(y)
@@ -356,9 +351,11 @@ def layer_norm_backward(grad: torch.Tensor, rows: torch.Tensor | None, y: torch.
     if num_rows > 0:
         block_d, _ = _norm_blocks(width)
         _layer_norm_backward_kernel[(programs,)](
-            grad, grad.stride(0), rows if rows is not None else grad, y, weight, mean, rstd, dy,
-            dw_part, db_part, num_rows, width, triton.cdiv(num_rows, programs),
-            HAS_ROWS=rows is not None, BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
+            grad_ptr=grad, grad_stride=grad.stride(0), rows_ptr=rows if rows is not None else grad,
+            y_ptr=y, w_ptr=weight, mean_ptr=mean, rstd_ptr=rstd, dy_ptr=dy, dw_part_ptr=dw_part,
+            db_part_ptr=db_part, num_rows=num_rows, width=width,
+            rows_per_program=triton.cdiv(num_rows, programs), HAS_ROWS=rows is not None,
+            BLOCK_D=block_d, num_warps=8 if block_d >= 2048 else 4)
     return dy, dw_part.sum(0), db_part.sum(0)
 
 
@@ -368,9 +365,9 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def grad_weight(dy: torch.Tensor, map_: torch.Tensor, glob: torch.Tensor,
-                factors: tuple[int, int, int, int], grid_w: int, tokens_per_view: int,
-                dw: torch.Tensor, k_base: int) -> None:
+def _grad_weight(dy: torch.Tensor, map_: torch.Tensor, glob: torch.Tensor,
+                 factors: tuple[int, int, int, int], grid_w: int, tokens_per_view: int,
+                 dw: torch.Tensor, k_base: int) -> None:
     """Writes ``dy^T @ resampled(map_, glob)`` into ``dw[:, k_base:k_base + C]``."""
     num_rows, width = dy.shape
     channels = map_.shape[1]
@@ -378,18 +375,22 @@ def grad_weight(dy: torch.Tensor, map_: torch.Tensor, glob: torch.Tensor,
     if num_rows == 0:
         dw[:, k_base:k_base + channels] = 0
         return
-    grid = (triton.cdiv(width, block_d), triton.cdiv(channels, block_c))
-    _grad_weight_kernel[grid](
-        dy, map_, glob, *map_.stride(), *glob.stride(), channels, num_rows, width, tokens_per_view,
-        grid_w, dw, dw.stride(0), dw.stride(1), k_base, *factors,
-        ROWS_FASTEST=_rows_fastest(map_), BLOCK_D=block_d,
-        BLOCK_C=block_c, BLOCK_M=block_m, DOT_PRECISION=_dot_precision(dy.dtype),
-        num_warps=warps, num_stages=stages)
+    s_v, s_c, s_h, s_w = map_.stride()
+    g_v, g_c = glob.stride()
+    pool_h, pool_w, repeat_h, repeat_w = factors
+    _grad_weight_kernel[(triton.cdiv(width, block_d), triton.cdiv(channels, block_c))](
+        dy_ptr=dy, map_ptr=map_, glob_ptr=glob, s_v=s_v, s_c=s_c, s_h=s_h, s_w=s_w, g_v=g_v,
+        g_c=g_c, channels=channels, num_rows=num_rows, width=width,
+        tokens_per_view=tokens_per_view, grid_w=grid_w, dw_ptr=dw, dw_sn=dw.stride(0),
+        dw_sk=dw.stride(1), k_base=k_base, POOL_H=pool_h, POOL_W=pool_w, REPEAT_H=repeat_h,
+        REPEAT_W=repeat_w, ROWS_FASTEST=_rows_fastest(map_), BLOCK_D=block_d, BLOCK_C=block_c,
+        BLOCK_M=block_m, DOT_PRECISION=dot_precision(dy.dtype), num_warps=warps,
+        num_stages=stages)
 
 
-def grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map: torch.Tensor,
-                  grad_cls: torch.Tensor | None, factors: tuple[int, int, int, int], grid_w: int,
-                  tokens_per_view: int) -> None:
+def _grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map: torch.Tensor,
+                   grad_cls: torch.Tensor | None, factors: tuple[int, int, int, int], grid_w: int,
+                   tokens_per_view: int) -> None:
     """Writes one encoder's gradient through its views: ``grad_map`` ``[V, C, H, W]`` and, for an
     encoder with a CLS token, ``grad_cls`` ``[V, C]``.
 
@@ -398,19 +399,100 @@ def grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map:
     its epilogue (kept out of the K loop, where it would add a load per step and a rounding)."""
     num_views, channels, height, src_w = grad_map.shape
     width = dy.shape[1]
-    glob_grad = dy.view(num_views, tokens_per_view, width)[:, 0, :] @ weight[:, k_base:k_base + channels]
+    glob_grad = (dy.view(num_views, tokens_per_view, width)[:, 0, :]
+                 @ weight[:, k_base:k_base + channels])
     if grad_cls is not None:
         grad_cls.copy_(glob_grad)
     pixels = num_views * height * src_w
     if pixels == 0:
         return
     block_r, block_c, block_d, warps, stages = _gemm_blocks(pixels, channels, width)
-    grid = (triton.cdiv(pixels, block_r), triton.cdiv(channels, block_c))
-    _grad_features_kernel[grid](
-        dy, weight, weight.stride(0), weight.stride(1), k_base, grad_map, *grad_map.stride(),
-        glob_grad.contiguous(), num_views, height, src_w, channels, width, tokens_per_view, grid_w,
-        1.0 / (height * src_w), MEAN=grad_cls is None, POOL_H=factors[0], POOL_W=factors[1],
-        REPEAT_H=factors[2], REPEAT_W=factors[3], PIXELS_FASTEST=_rows_fastest(grad_map),
-        BLOCK_R=block_r, BLOCK_C=block_c,
-        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(dy.dtype), num_warps=warps,
-        num_stages=stages)
+    gs_v, gs_c, gs_h, gs_w = grad_map.stride()
+    pool_h, pool_w, repeat_h, repeat_w = factors
+    _grad_features_kernel[(triton.cdiv(pixels, block_r), triton.cdiv(channels, block_c))](
+        dy_ptr=dy, weight_ptr=weight, w_sn=weight.stride(0), w_sk=weight.stride(1),
+        k_base=k_base, gmap_ptr=grad_map, gs_v=gs_v, gs_c=gs_c, gs_h=gs_h, gs_w=gs_w,
+        glob_grad_ptr=glob_grad.contiguous(), num_views=num_views, height=height, src_w=src_w,
+        channels=channels, width=width, tokens_per_view=tokens_per_view, grid_w=grid_w,
+        inv_area=1.0 / (height * src_w), MEAN=grad_cls is None, POOL_H=pool_h, POOL_W=pool_w,
+        REPEAT_H=repeat_h, REPEAT_W=repeat_w, PIXELS_FASTEST=_rows_fastest(grad_map),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(dy.dtype), num_warps=warps, num_stages=stages)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op's forward and backward: the launchers above, encoder by encoder.
+
+
+def _global_rows(features: Sequence[torch.Tensor],
+                 layouts: Sequence[FeatureLayout]) -> list[torch.Tensor]:
+    """Each encoder's ``[V, C]`` global rows: its CLS view, else the mean of its grid (rounded once to
+    the features' dtype, as the reference's mean)."""
+    return [layout.cls_view(f) if layout.global_tokens else
+            torch.mean(layout.map_view(f), dim=(2, 3), dtype=torch.float32).to(f.dtype)
+            for f, layout in zip(features, layouts)]
+
+
+def patch_projection_forward(features, weight, bias, norm_weight, norm_bias, out, out_rows, grid_h,
+                             grid_w, eps):
+    """``(result, pre-norm rows [M, D] or [0, D], float32 mean and rstd [M] or [0])``."""
+    layouts = feature_layouts(features, (grid_h, grid_w))
+    tokens_per_view = 1 + grid_h * grid_w
+    num_rows, width = features[0].shape[0] * tokens_per_view, weight.shape[0]
+    if out is not None:
+        result = torch.empty_like(out, memory_format=torch.contiguous_format).copy_(out)
+    else:
+        result = weight.new_empty((num_rows, width))
+    maps = [layout.map_view(f) for f, layout in zip(features, layouts)]
+    globs = _global_rows(features, layouts)
+    factors = [layout.factors for layout in layouts]
+    if norm_weight is None:
+        _project(maps, globs, factors, weight, bias, result, out_rows, grid_w, tokens_per_view)
+        empty = weight.new_empty((0,), dtype=torch.float32)
+        return result, weight.new_empty((0, width)), empty, empty.clone()
+    pre_norm = weight.new_empty((num_rows, width))
+    _project(maps, globs, factors, weight, bias, pre_norm, None, grid_w, tokens_per_view)
+    mean, rstd = _layer_norm(pre_norm, norm_weight, norm_bias, eps, result, out_rows)
+    return result, pre_norm, mean, rstd
+
+
+def patch_projection_backward(grad, features, weight, bias, norm_weight, norm_bias, out_rows,
+                              pre_norm, mean, rstd, grid_h, grid_w, eps, needs):
+    """The gradients of the inputs flagged in ``needs`` (per feature, then weight, bias, norm
+    weight, norm bias), in that order."""
+    layouts = feature_layouts(features, (grid_h, grid_w))
+    tokens_per_view = 1 + grid_h * grid_w
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    norm_grads = []
+    if norm_weight is not None:
+        dy, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad, out_rows, pre_norm,
+                                                                    norm_weight, mean, rstd)
+        norm_grads = [grad_norm_weight.to(norm_weight.dtype),
+                      None if norm_bias is None else grad_norm_bias.to(norm_weight.dtype)]
+    else:
+        dy = (grad if out_rows is None else grad.index_select(0, out_rows)).contiguous()
+    grads = []
+    k_base = 0
+    for feature, layout, need in zip(features, layouts, needs):
+        if need:
+            grad_feature = torch.empty(feature.shape, dtype=feature.dtype, device=feature.device)
+            _grad_features(dy, weight, k_base, layout.map_view(grad_feature),
+                           layout.cls_view(grad_feature), layout.factors, grid_w, tokens_per_view)
+            grads.append(grad_feature)
+        k_base += layout.channels
+    need_weight, need_bias, need_norm_weight, need_norm_bias = needs[len(features):]
+    if need_weight:
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        k_base = 0
+        for feature, layout, glob in zip(features, layouts, _global_rows(features, layouts)):
+            _grad_weight(dy, layout.map_view(feature), glob, layout.factors, grid_w,
+                         tokens_per_view, grad_weight, k_base)
+            k_base += layout.channels
+        grads.append(grad_weight)
+    if need_bias:
+        grads.append(dy.sum(0, dtype=torch.float64).to(bias.dtype))
+    if need_norm_weight:
+        grads.append(norm_grads[0])
+    if need_norm_bias:
+        grads.append(norm_grads[1])
+    return grads

@@ -1,13 +1,12 @@
-"""Triton kernel of rotary position embedding on packed tokens, q and k in one launch (and the same
-kernel, transposed, for the backward). Contracts: ``sphinx_kernels.rotary``."""
+"""Triton kernel of ``apply_rotary``: rotary position embedding of packed tokens, q and k in one launch
+(and the same kernel, transposed, for the backward). Contract: ``sphinx_kernels.ops.apply_rotary``."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-# Elements of one half-row tile per program: about 4096 (x1 and x2 tiles of this size each).
-_TILE = 4096
+from sphinx_kernels.triton.common import TILE_ELEMENTS, block_of
 
 
 @triton.jit
@@ -74,6 +73,8 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  position_ids: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``(q_out, k_out)``; each program rotates a tile of about ``TILE_ELEMENTS`` elements
+    of each half of the head dim."""
     num_tokens, q_heads, dim = q.shape
     k_heads = k.shape[1]
     q_out = torch.empty((num_tokens, q_heads, dim), dtype=q.dtype, device=q.device)
@@ -81,13 +82,16 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     half = dim // 2
     if num_tokens == 0 or half == 0 or q_heads + k_heads == 0:
         return q_out, k_out
-    block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(q_heads, k_heads)), max(1, _TILE // block_half))
-    block_t = max(1, _TILE // (block_half * block_h))
+    block_half = block_of(half)
+    block_h = min(block_of(max(q_heads, k_heads)), max(1, TILE_ELEMENTS // block_half))
+    block_t = max(1, TILE_ELEMENTS // (block_half * block_h))
     grid = (triton.cdiv(num_tokens, block_t),
             triton.cdiv(q_heads, block_h) + triton.cdiv(k_heads, block_h))
-    _rotary_kernel[grid](q, k, q_out, k_out, cos, sin, position_ids.contiguous(), num_tokens,
-                         q_heads, k_heads, cos.shape[0], q.stride(0), q.stride(1), k.stride(0),
-                         k.stride(1), cos.stride(0), sin.stride(0), half, TRANSPOSE=transpose,
-                         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half)
+    _rotary_kernel[grid](
+        q_ptr=q, k_ptr=k, q_out_ptr=q_out, k_out_ptr=k_out, cos_ptr=cos, sin_ptr=sin,
+        pos_ptr=position_ids.contiguous(), num_tokens=num_tokens, q_heads=q_heads,
+        k_heads=k_heads, table_rows=cos.shape[0], stride_qt=q.stride(0), stride_qh=q.stride(1),
+        stride_kt=k.stride(0), stride_kh=k.stride(1), stride_ct=cos.stride(0),
+        stride_st=sin.stride(0), half=half, TRANSPOSE=transpose, BLOCK_T=block_t,
+        BLOCK_H=block_h, BLOCK_HALF=block_half)
     return q_out, k_out

@@ -17,13 +17,28 @@ from __future__ import annotations
 import torch
 
 from benchmarks.counts import swiglu_mlp_flops
-from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
-                                run_family, time_ms)
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Row,
+    backends_to_time,
+    bandwidth_row,
+    compute_row,
+    run_family,
+    time_ms,
+)
 from benchmarks.peers import peer_missing
-from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
-                                MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS,
-                                TOPK_GATING_BACKENDS, moe_expert_mlp, moe_permute, moe_routing,
-                                moe_unpermute, topk_gating)
+from sphinx_kernels.moe import (
+    MOE_EXPERT_MLP_BACKENDS,
+    MOE_PERMUTE_BACKENDS,
+    MOE_ROUTING_BACKENDS,
+    MOE_UNPERMUTE_BACKENDS,
+    TOPK_GATING_BACKENDS,
+    moe_expert_mlp,
+    moe_permute,
+    moe_routing,
+    moe_unpermute,
+    topk_gating,
+)
 from sphinx_kernels.nn import MoEMLP
 
 INPUT_SETS = 3

@@ -17,11 +17,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, compute_row, peak_memory_mb,
-                                run_family, time_ms)
-from sphinx_kernels.ops.patch_projection import (PATCH_PROJECTION_BACKENDS, resample_reference,
-                                       feature_layouts, patch_projection,
-                                       patch_projection_reference)
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Row,
+    backends_to_time,
+    compute_row,
+    peak_memory_mb,
+    run_family,
+    time_ms,
+)
+from sphinx_kernels.ops.patch_projection import (
+    PATCH_PROJECTION_BACKENDS,
+    feature_layouts,
+    patch_projection,
+    patch_projection_reference,
+    resample_reference,
+)
 
 INPUT_SETS = 2
 GRID = 16

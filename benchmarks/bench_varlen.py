@@ -31,16 +31,33 @@ import random
 import torch
 
 from benchmarks.counts import attention_flops
-from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
-                                run_family, time_ms)
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Row,
+    backends_to_time,
+    bandwidth_row,
+    compute_row,
+    run_family,
+    time_ms,
+)
 from benchmarks.peers import peer_missing
 from sphinx_kernels.backends import CPP
-from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
-                                   pack_by_token_budget, plan_layout)
+from sphinx_kernels.layout import (
+    PACK_BY_TOKEN_BUDGET_BACKENDS,
+    PLAN_LAYOUT_BACKENDS,
+    LayoutInputs,
+    pack_by_token_budget,
+    plan_layout,
+)
 from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS, apply_rotary
-from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
-                                   VARLEN_ATTENTION_BACKENDS, find_padding_tiles, gather_rows,
-                                   varlen_attention)
+from sphinx_kernels.varlen import (
+    FIND_PADDING_TILES_BACKENDS,
+    GATHER_ROWS_BACKENDS,
+    VARLEN_ATTENTION_BACKENDS,
+    find_padding_tiles,
+    gather_rows,
+    varlen_attention,
+)
 
 INPUT_SETS = 3
 

@@ -4,14 +4,25 @@ module per op). The ops live in ``sphinx_kernels.ops``: ``gather_rows``, ``find_
 from sphinx_kernels.dtypes import HALF_DTYPES as FLASH_DTYPES
 from sphinx_kernels.dtypes import KERNEL_DTYPES as ATTENTION_DTYPES
 from sphinx_kernels.dtypes import KERNEL_DTYPES as IMAGE_DTYPES
-from sphinx_kernels.ops.find_padding_tiles import (FIND_PADDING_TILES_BACKENDS, find_padding_tiles,
-                                                   find_padding_tiles_reference)
+from sphinx_kernels.ops.find_padding_tiles import (
+                                                   FIND_PADDING_TILES_BACKENDS,
+                                                   find_padding_tiles,
+                                                   find_padding_tiles_reference,
+)
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN
-from sphinx_kernels.ops.gather_rows import (GATHER_ROWS_BACKENDS, MAX_GATHER_SOURCES, gather_rows,
-                                            gather_rows_reference)
+from sphinx_kernels.ops.gather_rows import (
+                                                   GATHER_ROWS_BACKENDS,
+                                                   MAX_GATHER_SOURCES,
+                                                   gather_rows,
+                                                   gather_rows_reference,
+)
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH
-from sphinx_kernels.ops.varlen_attention import (MAX_ATTENTION_HEAD_DIM, VARLEN_ATTENTION_BACKENDS,
-                                                 varlen_attention, varlen_attention_reference)
+from sphinx_kernels.ops.varlen_attention import (
+                                                   MAX_ATTENTION_HEAD_DIM,
+                                                   VARLEN_ATTENTION_BACKENDS,
+                                                   varlen_attention,
+                                                   varlen_attention_reference,
+)
 
 __all__ = ["gather_rows", "gather_rows_reference", "GATHER_ROWS_BACKENDS", "MAX_GATHER_SOURCES",
            "find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_TILES_BACKENDS",

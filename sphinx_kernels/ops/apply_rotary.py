@@ -11,8 +11,14 @@ from typing import Sequence
 
 import torch
 
-from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device,
-                                        require_index_range, require_tensor, require_unit_stride)
+from sphinx_kernels._validation import (
+    INDEX_DTYPES,
+    dtype_name,
+    require_device,
+    require_index_range,
+    require_tensor,
+    require_unit_stride,
+)
 from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
 

@@ -12,10 +12,25 @@ from typing import Sequence
 
 import torch
 
-from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device, require_tensor,
-                                        require_unit_stride, should_check_values)
-from sphinx_kernels.backends import (CPP, CUDA, REFERENCE, TRITON, Backend, Impl, OpBackends,
-                                     native, triton_launcher)
+from sphinx_kernels._validation import (
+    INDEX_DTYPES,
+    dtype_name,
+    require_device,
+    require_tensor,
+    require_unit_stride,
+    should_check_values,
+)
+from sphinx_kernels.backends import (
+    CPP,
+    CUDA,
+    REFERENCE,
+    TRITON,
+    Backend,
+    Impl,
+    OpBackends,
+    native,
+    triton_launcher,
+)
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
 
 __all__ = ["gather_rows", "gather_rows_reference", "gather_rows_backward_reference",

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from sphinx_kernels._validation import (dtype_name, require_device, require_tensor,
-                                        should_check_values)
+from sphinx_kernels._validation import (
+    dtype_name,
+    require_device,
+    require_tensor,
+    should_check_values,
+)
 from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from sphinx_kernels.backends import (CPP, REFERENCE, TRITON, Backend, Impl, OpBackends, native,
-                                     triton_launcher)
+from sphinx_kernels.backends import (
+    CPP,
+    REFERENCE,
+    TRITON,
+    Backend,
+    Impl,
+    OpBackends,
+    native,
+    triton_launcher,
+)
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
 
@@ -84,7 +92,9 @@ def _backward(ctx, grad):
     if scale is not None and ctx.needs_input_grad[3]:
         raise NotImplementedError("moe_permute: no gradient for scale (an internal argument)")
     # moe_unpermute's custom op: the package registers every op when it is imported.
-    grad_x = torch.ops.sphinx_kernels.moe_unpermute(grad, position, row_to_pair, scale, ctx.backend)
+    weights = None if scale is None else scale.view(position.shape)  # [T * k] -> [T, k]
+    grad_x = torch.ops.sphinx_kernels.moe_unpermute(grad, position, row_to_pair, weights,
+                                                    ctx.backend)
     return grad_x, None, None, None, None
 
 

@@ -18,10 +18,25 @@ from typing import NamedTuple
 
 import torch
 
-from sphinx_kernels._validation import (INDEX_DTYPES, require_device, require_index_range,
-                                        require_int, require_tensor)
-from sphinx_kernels.backends import (CPP, CUDA, REFERENCE, TRITON, Backend, Impl, OpBackends, Request,
-                                     native_ops, triton_module)
+from sphinx_kernels._validation import (
+    INDEX_DTYPES,
+    require_device,
+    require_index_range,
+    require_int,
+    require_tensor,
+)
+from sphinx_kernels.backends import (
+    CPP,
+    CUDA,
+    REFERENCE,
+    TRITON,
+    Backend,
+    Impl,
+    OpBackends,
+    Request,
+    native_ops,
+    triton_module,
+)
 from sphinx_kernels.dtypes import FLOAT_DTYPES
 
 __all__ = ["RoutingPlan", "MoeRoutingRequest", "moe_routing", "moe_routing_reference",
@@ -46,13 +61,6 @@ class RoutingPlan(NamedTuple):
     def num_padded_rows(self) -> int:
         """``R``, the static number of grouped rows (an upper bound of ``padded_offsets[E]``)."""
         return self.row_to_pair.shape[0]
-
-
-def padded_rows_bound(num_pairs: int, num_experts: int, block_size: int) -> int:
-    """``R``: the largest multiple of ``block_size`` that every routing of ``num_pairs`` pairs to
-    ``num_experts`` experts may need (each expert wastes at most ``block_size - 1`` rows), known from
-    shapes alone so that no op needs a host sync."""
-    return (num_pairs + num_experts * (block_size - 1)) // block_size * block_size
 
 
 def padded_rows_bound(num_pairs: int, num_experts: int, block_size: int) -> int:

@@ -15,8 +15,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sphinx_kernels._validation import (INDEX_DTYPES, dtype_name, require_device,
-                                        require_index_range, require_tensor, should_check_values)
+from sphinx_kernels._validation import (
+    INDEX_DTYPES,
+    dtype_name,
+    require_device,
+    require_index_range,
+    require_tensor,
+    should_check_values,
+)
 from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
 

@@ -12,8 +12,15 @@ from typing import NamedTuple
 import torch
 
 from sphinx_kernels._validation import require_tensor
-from sphinx_kernels.backends import (REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher,
-                                     triton_module)
+from sphinx_kernels.backends import (
+    REFERENCE,
+    TRITON,
+    Backend,
+    Impl,
+    OpBackends,
+    triton_launcher,
+    triton_module,
+)
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
 
 __all__ = ["Gating", "topk_gating", "topk_gating_reference", "topk_gating_backward_reference",

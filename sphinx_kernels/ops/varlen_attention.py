@@ -13,10 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from sphinx_kernels._validation import (dtype_name, require_device, require_tensor,
-                                        require_unit_stride, should_check_values)
-from sphinx_kernels.backends import (REFERENCE, TRITON, Backend, Impl, OpBackends, Request,
-                                     triton_launcher)
+from sphinx_kernels._validation import (
+    dtype_name,
+    require_device,
+    require_tensor,
+    require_unit_stride,
+    should_check_values,
+)
+from sphinx_kernels.backends import (
+    REFERENCE,
+    TRITON,
+    Backend,
+    Impl,
+    OpBackends,
+    Request,
+    triton_launcher,
+)
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN_BACKEND
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH_BACKEND

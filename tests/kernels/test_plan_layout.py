@@ -1,6 +1,6 @@
-"""plan_layout and pack_by_token_budget: every backend against a plain per-sample Python loop and a
-hand-written example, the C++ kernel against the reference on random batches, label and padding
-properties, gather_rows fed by the layout, first-fit-decreasing properties, bad inputs, opcheck."""
+"""plan_layout: every backend against a plain per-sample Python loop and hand-written examples, the C++
+kernel against the reference on random batches, label and padding properties, gather_rows fed by
+the layout, bad inputs, opcheck."""
 from __future__ import annotations
 
 import random
@@ -10,20 +10,22 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.layout import (IGNORE_INDEX, PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS,
-                                   SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
-                                   SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec,
-                                   SampleSpec,
-                                   layout_inputs, pack_by_token_budget, plan_layout)
+from sphinx_kernels.ops.plan_layout import (
+    IGNORE_INDEX,
+    PLAN_LAYOUT_BACKENDS,
+    SOURCE_IMAGE_BEGIN,
+    SOURCE_IMAGE_END,
+    SOURCE_PADDING,
+    SOURCE_SKIP,
+    SOURCE_TEXT,
+    SOURCE_VISUAL,
+    ImageSpec,
+    SampleSpec,
+    layout_inputs,
+    plan_layout,
+)
 
 LAYOUT_BACKENDS = PLAN_LAYOUT_BACKENDS.available(PLAN_LAYOUT_BACKENDS.request("cpu", torch.int64))
-PACK_BACKENDS = PACK_BY_TOKEN_BUDGET_BACKENDS.available(
-    PACK_BY_TOKEN_BUDGET_BACKENDS.request("cpu", torch.int64))
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
 
 def random_samples(rng: random.Random, num_samples: int, vocab: int = 50) -> list[SampleSpec]:
     """A mix with the edge cases: empty samples, text only, images only, all tiles skipped."""
@@ -143,8 +145,7 @@ def test_hand_written_example_with_text_before_the_images():
 
 
 @pytest.mark.parametrize("backend", LAYOUT_BACKENDS)
-def test_random_batches_equal_the_loop(backend):
-    seed = fresh_seed()
+def test_random_batches_equal_the_loop(backend, seed):
     rng = random.Random(seed)
     for trial in range(6):
         samples = random_samples(rng, rng.choice([0, 1, 7, 40]))
@@ -159,8 +160,7 @@ def test_random_batches_equal_the_loop(backend):
 
 
 @pytest.mark.skipif("cpp" not in LAYOUT_BACKENDS, reason="sphinx_kernels._C is not built")
-def test_cpp_equals_reference_on_a_large_random_batch():
-    seed = fresh_seed()
+def test_cpp_equals_reference_on_a_large_random_batch(seed):
     samples = random_samples(random.Random(seed), 2000, vocab=32000)
     inputs = layout_inputs(samples)
     # int32 count tensors are accepted as well as int64.
@@ -172,8 +172,7 @@ def test_cpp_equals_reference_on_a_large_random_batch():
 
 
 @pytest.mark.parametrize("backend", LAYOUT_BACKENDS)
-def test_labels_never_cross_sample_boundaries(backend):
-    seed = fresh_seed()
+def test_labels_never_cross_sample_boundaries(backend, seed):
     samples = random_samples(random.Random(seed), 60)
     # Every text token an answer: the only ignored labels are at boundaries and before non-text rows.
     for sample in samples:
@@ -195,8 +194,7 @@ def test_labels_never_cross_sample_boundaries(backend):
 
 
 @pytest.mark.parametrize("backend", LAYOUT_BACKENDS)
-def test_gather_rows_with_the_layout_builds_the_loop_embeddings(backend):
-    seed = fresh_seed()
+def test_gather_rows_with_the_layout_builds_the_loop_embeddings(backend, seed):
     rng = random.Random(seed)
     samples = random_samples(rng, 25, vocab=40)
     tpv, width = 3, 6
@@ -313,96 +311,3 @@ def test_plan_layout_opcheck(backend):
     args = tuple(t.long() if t.dtype != torch.bool else t for t in inputs)
     used = plan_layout(inputs, 3).source_ids.shape[0]
     torch.library.opcheck(torch.ops.sphinx_kernels.plan_layout.default, (*args, 3, used + 5, backend))
-
-
-# ---------------------------------------------------------------------------------------------------
-# pack_by_token_budget
-
-
-def naive_ffd(lengths: list[int], budget: int) -> list[int]:
-    """First-fit decreasing, the textbook way: scan every open bin for each sample."""
-    free, bins = [], [0] * len(lengths)
-    for sample in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, room in enumerate(free):
-            if room >= lengths[sample]:
-                break
-        else:
-            b = len(free)
-            free.append(budget)
-        free[b] -= lengths[sample]
-        bins[sample] = b
-    return bins
-
-
-@pytest.mark.parametrize("backend", PACK_BACKENDS)
-def test_ffd_matches_the_naive_scan_and_its_properties(backend):
-    seed = fresh_seed()
-    rng = random.Random(seed)
-    for trial in range(8):
-        budget = rng.choice([1, 7, 64, 2048])
-        num = rng.choice([0, 1, 5, 97, 600])
-        lengths = [rng.choice([0, budget, rng.randrange(budget + 1)]) for _ in range(num)]
-        packing = pack_by_token_budget(lengths, budget, backend=backend)
-        what = f"seed {seed} trial {trial}"
-        assert packing.bin_ids.tolist() == naive_ffd(lengths, budget), what
-        # Every sample in exactly one bin, bins in placement order, none over budget.
-        assert sorted(packing.order.tolist()) == list(range(num)), what
-        counts = torch.bincount(packing.bin_ids, minlength=packing.num_bins)
-        assert packing.bin_offsets.tolist() == [0] + torch.cumsum(counts, 0).tolist(), what
-        for b in range(packing.num_bins):
-            members = packing.order[packing.bin_offsets[b]:packing.bin_offsets[b + 1]].tolist()
-            assert all(packing.bin_ids[m] == b for m in members), what
-            assert members == sorted(members, key=lambda i: (-lengths[i], i)), what
-            assert int(packing.bin_tokens[b]) == sum(lengths[m] for m in members) <= budget, what
-        assert packing.padding_tokens == packing.num_bins * budget - sum(lengths), what
-
-
-def test_ffd_hand_example_and_reported_padding():
-    for backend in PACK_BACKENDS:
-        packing = pack_by_token_budget(torch.tensor([5, 3, 7, 2, 2, 8, 0], dtype=torch.int32), 10,
-                                       backend=backend)
-        # Placed 8, 7, 5, 3, 2, 2, 0: bins {8, 2, 0}, {7, 3}, {5, 2}.
-        assert packing.bin_ids.tolist() == [2, 1, 1, 0, 2, 0, 0]
-        assert packing.order.tolist() == [5, 3, 6, 2, 1, 0, 4]
-        assert packing.bin_offsets.tolist() == [0, 3, 5, 7]
-        assert packing.bin_tokens.tolist() == [10, 10, 7]
-        # 3 bins of 10 hold 27 tokens; batches of ceil(7 / 3) = 3 padded to their longest:
-        # [5, 3, 7] -> 6, [2, 2, 8] -> 12, [0] -> 0.
-        assert (packing.padding_tokens, packing.baseline_batch_size,
-                packing.baseline_padding_tokens, packing.saved_padding_tokens) == (3, 3, 18, 15)
-        again = pack_by_token_budget([5, 3, 7, 2, 2, 8, 0], 10, baseline_batch_size=2,
-                                     backend=backend)
-        assert again.baseline_padding_tokens == 2 + 5 + 6 + 0  # [5, 3], [7, 2], [2, 8], [0]
-
-
-@pytest.mark.skipif("cpp" not in PACK_BACKENDS, reason="sphinx_kernels._C is not built")
-def test_ffd_cpp_equals_reference_at_scale():
-    seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(32, 2049, (20000,), generator=gen)
-    cpp = pack_by_token_budget(lengths, 8192, backend="cpp")
-    reference = pack_by_token_budget(lengths, 8192, backend="reference")
-    assert all(torch.equal(a, b) for a, b in zip(cpp[:4], reference[:4])), f"seed {seed}"
-    assert cpp.padding_tokens < 0.01 * 8192 * cpp.num_bins, f"seed {seed}: FFD packs tightly"
-
-
-BAD_PACKINGS = [
-    (lambda: ([3, 11, 2], 10), ValueError, "lengths[1] = 11 exceeds budget = 10"),
-    (lambda: ([3, -1], 10), ValueError, "lengths must be >= 0"),
-    (lambda: ([3], 0), ValueError, "budget must be >= 1"),
-    (lambda: ([3], 2.5), TypeError, "budget must be an int"),
-    (lambda: (torch.tensor([1.0]), 4), TypeError, "lengths must have dtype"),
-    (lambda: (torch.tensor([[1]]), 4), ValueError, "lengths must be 1-D"),
-]
-
-
-@pytest.mark.parametrize("make_bad,error,message", BAD_PACKINGS)
-def test_bad_packing_input_raises_naming_the_argument(make_bad, error, message):
-    with pytest.raises(error, match=re.escape(message)):
-        pack_by_token_budget(*make_bad())
-
-
-@pytest.mark.parametrize("backend", PACK_BACKENDS)
-def test_pack_opcheck(backend):
-    lengths = torch.tensor([5, 3, 7, 2, 2, 8, 0, 9, 1])
-    torch.library.opcheck(torch.ops.sphinx_kernels.pack_by_token_budget.default, (lengths, 10, backend))

@@ -1,6 +1,7 @@
-"""apply_rotary on every backend this machine can run: forward and gradients within DESIGN.md's
-tolerance of a float64 evaluation of the Hugging Face formula, q and k together, strided views, tables
-with unequal halves, bad inputs, out-of-table positions, opcheck and torch.compile."""
+"""apply_rotary on every backend this machine can run: forward and gradients within the tolerance
+rule (docs/numerics.md) of transformers' own ``apply_rotary_pos_emb`` evaluated in float64, q and k
+together, strided views, tables with unequal halves, bad inputs, out-of-table positions, opcheck and
+torch.compile."""
 from __future__ import annotations
 
 import random
@@ -10,9 +11,13 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import triton_interpreted
 from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS
-from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
+from tests.numerics import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_all_within_torch_error,
+    interpreter_rounds_bf16,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = APPLY_ROTARY_BACKENDS.available(APPLY_ROTARY_BACKENDS.request(DEVICE, torch.float32))
@@ -21,17 +26,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOKENS, Q_HEADS, K_HEADS, HEAD_DIMS = (1, 7, 59, 97), (1, 3, 8), (1, 2), (16, 64, 80, 128)
 
 
-def interpreter_rounds_wrong(backend, dtype):
-    """The Triton interpreter truncates float32 -> bfloat16 (GPUs round to nearest even): bf16 results
-    of the Triton kernel are checked on a GPU (ENVIRONMENT.md)."""
-    return backend == "triton" and dtype == torch.bfloat16 and triton_interpreted()
-
-
-def sample_configs(count: int):
-    seed = random.SystemRandom().randrange(2**31)
+def sample_configs(count: int, seed: int):
     rng = random.Random(seed)
-    return seed, [(rng.choice(TOKENS), rng.choice(Q_HEADS), rng.choice(K_HEADS),
-                   rng.choice(HEAD_DIMS)) for _ in range(count)]
+    return [(rng.choice(TOKENS), rng.choice(Q_HEADS), rng.choice(K_HEADS), rng.choice(HEAD_DIMS))
+            for _ in range(count)]
 
 
 def hf_tables(positions: int, dim: int, dtype, device=DEVICE, base=10000.0):
@@ -42,17 +40,13 @@ def hf_tables(positions: int, dim: int, dtype, device=DEVICE, base=10000.0):
     return emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
 
 
-def rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def hf_formula(x, cos, sin, pos, dtype):
-    """``x * cos[pos] + rotate_half(x) * sin[pos]`` evaluated in ``dtype`` (HF casts the tables)."""
-    c = cos.to(dtype)[pos.long()][:, None, :]
-    s = sin.to(dtype)[pos.long()][:, None, :]
-    x = x.to(dtype)
-    return x * c + rotate_half(x) * s
+def hf_formula(q, k, cos, sin, pos, dtype):
+    """transformers' ``apply_rotary_pos_emb`` of packed ``[T, H, D]`` q and k, evaluated in ``dtype``
+    (Llama casts the tables to the activations' dtype)."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama",
+                                reason="transformers (the test extra) is the rotary oracle")
+    c, s = (t.to(dtype)[pos.long()] for t in (cos, sin))
+    return llama.apply_rotary_pos_emb(q.to(dtype), k.to(dtype), c, s, unsqueeze_dim=1)
 
 
 def make_inputs(num_tokens, q_heads, k_heads, dim, dtype, gen, general_tables=False,
@@ -69,58 +63,75 @@ def make_inputs(num_tokens, q_heads, k_heads, dim, dtype, gen, general_tables=Fa
     return q, k, cos, sin, pos
 
 
+def rotation_pairs(q, k, cos, sin, pos, grads=None):
+    """(same dtype, float64) pairs of transformers' rotation of q and k, or, with ``grads``, of the
+    gradients of q and k for those output gradients."""
+    if grads is None:
+        return list(zip(hf_formula(q, k, cos, sin, pos, q.dtype),
+                        hf_formula(q, k, cos, sin, pos, torch.float64)))
+    results = []
+    for dtype in (q.dtype, torch.float64):
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k)]
+        torch.autograd.backward(hf_formula(*leaves, cos, sin, pos, dtype),
+                                [g.to(dtype) for g in grads])
+        results.append([x.grad for x in leaves])
+    return list(zip(*results))
+
+
+def random_like(tensors, gen):
+    return [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).to(DEVICE)
+            for t in tensors]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("general_tables", [False, True])
-def test_forward_within_tolerance_of_float64(backend, dtype, general_tables):
-    if interpreter_rounds_wrong(backend, dtype):
+def test_forward_within_tolerance_of_float64(backend, dtype, general_tables, seed):
+    if interpreter_rounds_bf16(backend, dtype):
         pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
-    seed, configs = sample_configs(3)
     gen = torch.Generator().manual_seed(seed)
-    for num_tokens, q_heads, k_heads, dim in configs:
-        what = f"seed {seed} T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend}"
+    for num_tokens, q_heads, k_heads, dim in sample_configs(3, seed):
+        what = f"T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend}"
         q, k, cos, sin, pos = make_inputs(num_tokens, q_heads, k_heads, dim, dtype, gen,
                                           general_tables)
         pos = pos.int() if num_tokens % 2 else pos  # int32 and int64 positions
         q_out, k_out = sphinx_kernels.apply_rotary((q, k), cos, sin, pos, backend=backend)
         single = sphinx_kernels.apply_rotary(q, cos, sin, pos, backend=backend)
         assert torch.equal(single, q_out), what
-        for x, out, name in ((q, q_out, "q"), (k, k_out, "k")):
+        for x, out in ((q, q_out), (k, k_out)):
             assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous(), what
-            assert_within_torch_error(out, hf_formula(x, cos, sin, pos, torch.float64),
-                                      hf_formula(x, cos, sin, pos, dtype), FORWARD_FACTOR,
-                                      f"{what} {name}")
+        first = rotation_pairs(q, k, cos, sin, pos)
+        assert_all_within_torch_error(
+            [q_out, k_out], [exact for _, exact in first],
+            lambda g: rotation_pairs(*random_like((q, k), g), cos, sin, pos), gen,
+            [FORWARD_FACTOR] * 2, ["q", "k"], what, first=first)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradients_within_tolerance_of_float64(backend, dtype):
-    if interpreter_rounds_wrong(backend, dtype):
+def test_gradients_within_tolerance_of_float64(backend, dtype, seed):
+    if interpreter_rounds_bf16(backend, dtype):
         pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
-    seed, configs = sample_configs(2)
     gen = torch.Generator().manual_seed(seed)
-    for num_tokens, q_heads, k_heads, dim in configs:
-        what = f"seed {seed} T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend}"
+    for num_tokens, q_heads, k_heads, dim in sample_configs(2, seed):
+        what = f"T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend} grad"
         # Unequal table halves: the backward must swap sin's halves, not only negate them.
         q, k, cos, sin, pos = make_inputs(num_tokens, q_heads, k_heads, dim, dtype, gen,
                                           general_tables=True, requires_grad=True)
-        grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-                 for x in (q, k)]
+        grads = random_like((q, k), gen)
         q_out, k_out = sphinx_kernels.apply_rotary((q, k), cos, sin, pos, backend=backend)
         torch.autograd.backward([q_out, k_out], grads)
-        for x, g, name in ((q, grads[0], "q"), (k, grads[1], "k")):
-            leaf64 = x.detach().double().requires_grad_(True)
-            hf_formula(leaf64, cos, sin, pos, torch.float64).backward(g.double())
-            leaf = x.detach().clone().requires_grad_(True)
-            hf_formula(leaf, cos, sin, pos, dtype).backward(g)
-            assert_within_torch_error(x.grad, leaf64.grad, leaf.grad, GRADIENT_FACTOR,
-                                      f"{what} grad {name}")
+        first = rotation_pairs(q, k, cos, sin, pos, grads)
+        assert_all_within_torch_error(
+            [q.grad, k.grad], [exact for _, exact in first],
+            lambda g: rotation_pairs(q, k, cos, sin, pos, random_like(grads, g)), gen,
+            [GRADIENT_FACTOR] * 2, ["q", "k"], what, first=first)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_views_of_a_fused_projection(backend):
+def test_strided_views_of_a_fused_projection(backend, seed):
     """q and k as views of one qkv tensor (token stride (Hq + 2 Hk) D) are read in place."""
-    gen = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    gen = torch.Generator().manual_seed(seed)
     num_tokens, q_heads, k_heads, dim = 13, 4, 2, 64
     qkv = torch.randn(num_tokens, (q_heads + 2 * k_heads) * dim, generator=gen).to(DEVICE)
     q = qkv[:, :q_heads * dim].view(num_tokens, q_heads, dim)
@@ -134,9 +145,9 @@ def test_strided_views_of_a_fused_projection(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_positions_reset_per_packed_sample(backend):
+def test_positions_reset_per_packed_sample(backend, seed):
     """Each packed sample rotated from position 0 equals that sample rotated on its own."""
-    gen = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    gen = torch.Generator().manual_seed(seed)
     lengths = [5, 0, 9, 1]
     cos, sin = hf_tables(16, 16, torch.float32)
     x = torch.randn(sum(lengths), 3, 16, generator=gen).to(DEVICE)
@@ -249,11 +260,13 @@ def test_gpu_forward_and_backward_at_scale(dtype, dim):
     grads = [torch.randn(x.shape, generator=gen).to(dtype).to(DEVICE) for x in (q, k)]
     q_out, k_out = sphinx_kernels.apply_rotary((q, k), cos, sin, pos, backend="triton")
     torch.autograd.backward([q_out, k_out], grads)
-    for x, out, g in ((q, q_out, grads[0]), (k, k_out, grads[1])):
-        assert_within_torch_error(out, hf_formula(x, cos, sin, pos, torch.float64),
-                                  hf_formula(x, cos, sin, pos, dtype), FORWARD_FACTOR, f"{dtype}")
-        leaf64 = x.detach().double().requires_grad_(True)
-        hf_formula(leaf64, cos, sin, pos, torch.float64).backward(g.double())
-        leaf = x.detach().clone().requires_grad_(True)
-        hf_formula(leaf, cos, sin, pos, dtype).backward(g)
-        assert_within_torch_error(x.grad, leaf64.grad, leaf.grad, GRADIENT_FACTOR, f"{dtype} grad")
+    first = rotation_pairs(q, k, cos, sin, pos)
+    assert_all_within_torch_error(
+        [q_out, k_out], [exact for _, exact in first],
+        lambda g: rotation_pairs(*random_like((q, k), g), cos, sin, pos), gen,
+        [FORWARD_FACTOR] * 2, ["q", "k"], f"{dtype} D={dim}", first=first)
+    first = rotation_pairs(q, k, cos, sin, pos, grads)
+    assert_all_within_torch_error(
+        [q.grad, k.grad], [exact for _, exact in first],
+        lambda g: rotation_pairs(q, k, cos, sin, pos, random_like(grads, g)), gen,
+        [GRADIENT_FACTOR] * 2, ["q", "k"], f"{dtype} D={dim} grad", first=first)

@@ -1,8 +1,8 @@
 """sphinx_kernels.nn.MoEMLP: output, auxiliary losses and the gradients of x, the router and the
 three expert weights against a float64 loop over tokens written on the Hugging Face Mixtral state
-dict (so the conversion is checked too), within DESIGN.md's tolerance (PyTorch's own error: the
-Hugging Face block in the low dtype); any leading shape; the conversion round trip;
-torch.compile(fullgraph=True)."""
+dict (so the conversion is checked too), within the tolerance rule (docs/numerics.md; PyTorch's own
+error: the Hugging Face block in the low dtype); any leading shape; the conversion round trip;
+torch.compile(fullgraph=True) of the layer and of the routing chain on every backend; FSDP2."""
 from __future__ import annotations
 
 import socket
@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import sphinx_kernels
 from sphinx_kernels.backends import ENV_BACKEND
-from sphinx_kernels.moe import topk_gating, topk_gating_reference
 from sphinx_kernels.nn import MoEMLP, moe_mlp_from_mixtral, moe_mlp_to_mixtral
-from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
+from sphinx_kernels.ops.topk_gating import TOPK_GATING_BACKENDS, topk_gating, topk_gating_reference
+from tests.kernels.moe_cases import DEVICE
+from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PREFIX = "model.layers.3."
 # "kernels": each op's first backend here (cpp routing, Triton for the rest under the interpreter);
 # "reference": every op forced to its pure-PyTorch reference.
@@ -86,12 +87,12 @@ def mixtral_block(x, state, k, chosen, *, per_token):
     return y, lb_loss, z_loss
 
 
-def loop_outputs_and_grads(x, state, k, chosen, grad_y, dtype):
-    """The block's (y, lb, z) and the gradients of x and of every state-dict tensor, in ``dtype``
-    (float64: the per-token oracle)."""
+def loop_outputs_and_grads(x, state, k, chosen, grad_y, dtype, per_token=False):
+    """The block's (y, lb, z), the gradient of x and those of every parameter (``MoEMLP`` names), in
+    ``dtype`` (``per_token``: the oracle's loop over tokens)."""
     x = x.detach().to(dtype).requires_grad_(True)
     state = {key: v.detach().to(dtype).requires_grad_(True) for key, v in state.items()}
-    y, lb_loss, z_loss = mixtral_block(x, state, k, chosen, per_token=dtype == torch.float64)
+    y, lb_loss, z_loss = mixtral_block(x, state, k, chosen, per_token=per_token)
     loss = (y * grad_y.to(dtype)).sum() + LOSS_WEIGHTS[0] * lb_loss + LOSS_WEIGHTS[1] * z_loss
     loss.backward()
     grads = {key: v.grad if v.grad is not None else torch.zeros_like(v) for key, v in state.items()}
@@ -101,73 +102,90 @@ def loop_outputs_and_grads(x, state, k, chosen, grad_y, dtype):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "T{}-E{}-k{}-H{}-F{}-b{}-{}".format(
     *c[:6], str(c[6]).removeprefix("torch.")))
-def test_moe_mlp_matches_a_float64_loop_over_tokens(backend, config):
+def test_moe_mlp_matches_a_float64_loop_over_tokens(backend, config, seed):
     num_tokens, num_experts, k, hidden, ffn, block_size, dtype = config
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(seed)
     module = make_module(num_experts, k, hidden, ffn, block_size, dtype, gen)
-    x = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-    grad_y = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64).to(DEVICE)
-    # With k = 1 the renormalised gate is exactly 1: the router's gradient comes from the two
-    # auxiliary losses alone, a few small sums whose max error is a rounding coin flip for PyTorch
-    # as for the kernels (a CI run failed on 3.6x at T = 7). The gating tests check that gradient
-    # against float64; here it is checked for k > 1, where the gates carry the main loss.
-    unchecked = ("router.weight",) if k == 1 else ()
-    check_module_against_loop(module, x, grad_y, backend, unchecked=unchecked)
+    x, grad_y = random_tokens(num_tokens, hidden, dtype, gen)
+    check_module_against_loop(module, x, grad_y, backend, gen)
 
 
-def test_all_tokens_to_one_expert(backend):
+def test_all_tokens_to_one_expert(backend, seed):
     """A constant input feature and a router that favours expert 5 on it: every token, k = 1."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(seed)
     module = make_module(8, 1, 48, 100, 16, torch.float32, gen)
-    x = torch.randn(97, 48, generator=gen).to(DEVICE)
-    x[:, 0] = 4.0
     with torch.no_grad():
         module.router.weight[:, 0] = -2.0
         module.router.weight[5, 0] = 2.0
-    # The forced router makes every token's logit gradient share one sign along one constant
-    # feature: its gradient is a few large same-sign sums whose max error is a one-ulp coin flip,
-    # for PyTorch as for the kernels. The sampled-grid test checks the router gradient.
-    aux = check_module_against_loop(module, x, torch.randn(97, 48, generator=gen).to(DEVICE),
-                                    backend, unchecked=("router.weight",))
+
+    def tokens(g):
+        x, grad_y = random_tokens(97, 48, torch.float32, g)
+        x[:, 0] = 4.0
+        return x, grad_y
+
+    aux = check_module_against_loop(module, *tokens(gen), backend, gen, tokens)
     assert aux.tokens_per_expert.tolist() == [0] * 5 + [97, 0, 0]
 
 
-def check_module_against_loop(module, x, grad_y, backend, unchecked=()):
+def random_tokens(num_tokens, hidden, dtype, gen):
+    """Tokens ``[T, H]`` in ``dtype`` and a float64 output gradient."""
+    x = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    grad_y = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64).to(DEVICE)
+    return x, grad_y
+
+
+def loop_pairs(module, x, grad_y, oracle=False):
+    """(same dtype, float64) pairs of the Hugging Face block's y, grad of x and parameter gradients
+    (the experts the module's router chooses), and the float64 losses. ``oracle``: the float64 side
+    is the loop over tokens, independent of any grouping (what the module is checked against); else
+    the block in float64, which measures PyTorch's error as well and costs far less."""
     k = module.top_k
+    chosen = topk_gating_reference(module.router(x.detach()).detach(), k).expert_ids.long()
+    state = moe_mlp_to_mixtral(module.state_dict(), PREFIX)
+    exact = loop_outputs_and_grads(x, state, k, chosen, grad_y, torch.float64, per_token=oracle)
+    same = loop_outputs_and_grads(x, state, k, chosen, grad_y, x.dtype)
+
+    def checked(results):
+        (y, _, _), grad_x, grads = results
+        return [y, grad_x] + [grads[name] for name in PARAMETERS]
+
+    return list(zip(checked(same), checked(exact))), exact[0][1:], chosen
+
+
+PARAMETERS = ("router.weight", "w1", "w3", "w2")
+
+
+def check_module_against_loop(module, x, grad_y, backend, gen, tokens=None):
+    """Output and gradients of ``module`` against the float64 loop over tokens, judged by the Hugging
+    Face block's own error in x's dtype over fresh tokens (``tokens(generator)``)."""
     x = x.detach().requires_grad_(True)
     y, aux = module(x)
     loss = ((y * grad_y.to(y.dtype)).sum() + LOSS_WEIGHTS[0] * aux.load_balancing_loss
             + LOSS_WEIGHTS[1] * aux.z_loss)
     module.zero_grad()
     loss.backward()
-    # The experts the module chose: top-k of its own router logits (the op tests check that every
-    # backend chooses exactly as the reference does).
-    chosen = topk_gating_reference(module.router(x.detach()).detach(), k).expert_ids.long()
+    first, (lb_loss, z_loss), chosen = loop_pairs(module, x, grad_y, oracle=True)
+    # The experts the module chose are its router's top k (the op tests check that every backend
+    # chooses exactly as the reference does).
     assert torch.equal(aux.tokens_per_expert.long(),
                        torch.bincount(chosen.reshape(-1), minlength=module.num_experts))
-    state = moe_mlp_to_mixtral(module.state_dict(), PREFIX)
-    expected = loop_outputs_and_grads(x, state, k, chosen, grad_y, torch.float64)
-    same_dtype = loop_outputs_and_grads(x, state, k, chosen, grad_y, x.dtype)
     assert y.dtype == x.dtype and y.shape == x.shape
-    assert_within_torch_error(y.detach(), expected[0][0], same_dtype[0][0], FORWARD_FACTOR,
-                              f"{backend} y")
     # The losses are the gating op's, passed through (the gating tests hold them to the float64
-    # reference; one scalar's error against PyTorch's is a coin flip of a rounding or two). Here:
-    # the same bits, and close to the float64 loop (whose logits are not rounded to x's dtype).
-    gating = topk_gating(module.router(x.detach()), k)
+    # reference): the same bits, and close to the float64 loop (whose logits are not rounded).
+    gating = topk_gating(module.router(x.detach()), module.top_k)
     rtol = 16 * torch.finfo(x.dtype).eps
-    for name, got, exp in (("load_balancing_loss", aux.load_balancing_loss, expected[0][1]),
-                           ("z_loss", aux.z_loss, expected[0][2])):
+    for name, got, exact in (("load_balancing_loss", aux.load_balancing_loss, lb_loss),
+                             ("z_loss", aux.z_loss, z_loss)):
         assert torch.equal(got, getattr(gating, name)), name
-        torch.testing.assert_close(got.double(), exp, rtol=rtol, atol=0, msg=name)
-    assert_within_torch_error(x.grad, expected[1], same_dtype[1], GRADIENT_FACTOR,
-                              f"{backend} grad x")
+        torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=0, msg=name)
     params = dict(module.named_parameters())
-    for name, exp in expected[2].items():
-        if name in unchecked:
-            continue
-        assert_within_torch_error(params[name].grad, exp, same_dtype[2][name], GRADIENT_FACTOR,
-                                  f"{backend} grad {name}")
+    tokens = tokens or (lambda g: random_tokens(x.shape[0], x.shape[1], x.dtype, g))
+    assert_all_within_torch_error(
+        [y.detach(), x.grad] + [params[name].grad for name in PARAMETERS],
+        [exact for _, exact in first], lambda g: loop_pairs(module, *tokens(g))[0], gen,
+        [FORWARD_FACTOR] + [GRADIENT_FACTOR] * 5, ["y", "grad x"] + [f"grad {name}" for name in
+                                                                     PARAMETERS],
+        backend, first=first)
     return aux
 
 
@@ -229,6 +247,33 @@ def test_compiles_with_fullgraph_forward_and_backward():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def moe_layer(x, router, expert_scale, backend):
+    """Gating -> routing -> permute -> a stand-in expert (row scale by owning expert) -> unpermute."""
+    gating = sphinx_kernels.topk_gating(x @ router, 2, backend=backend)
+    plan = sphinx_kernels.moe_routing(gating.expert_ids, router.shape[1], block_size=16,
+                                      backend=backend)
+    grouped = sphinx_kernels.moe_permute(x, plan, backend=backend)
+    row_expert = torch.searchsorted(plan.padded_offsets[1:],
+                                    torch.arange(grouped.shape[0], device=x.device), right=True)
+    expert_out = grouped * expert_scale[row_expert.clamp(max=router.shape[1] - 1)][:, None]
+    out = sphinx_kernels.moe_unpermute(expert_out, plan, gating.weights, backend=backend)
+    return out.square().sum() + gating.load_balancing_loss + 1e-3 * gating.z_loss
+
+
+@pytest.mark.parametrize("backend", TOPK_GATING_BACKENDS.available(
+    TOPK_GATING_BACKENDS.request(DEVICE, torch.float32)))
+def test_routing_chain_compiles_with_fullgraph_on_every_backend(backend):
+    gen = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(61, 16, generator=gen), torch.randn(16, 8, generator=gen),
+              torch.rand(8, generator=gen)]
+    eager_inputs = [t.to(DEVICE).requires_grad_(True) for t in inputs]
+    compiled_inputs = [t.to(DEVICE).requires_grad_(True) for t in inputs]
+    moe_layer(*eager_inputs, backend).backward()
+    torch.compile(moe_layer, fullgraph=True)(*compiled_inputs, backend).backward()
+    for eager, compiled in zip(eager_inputs, compiled_inputs):
+        torch.testing.assert_close(compiled.grad, eager.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_shards_the_layer_unchanged():
     """fully_shard on a one-process gloo group: parameters become DTensors, the ops take the
@@ -265,19 +310,5 @@ def test_gpu_bf16_layer_at_mixtral_size():
     block in float32 (no TF32), judged by that block's own bf16 error."""
     gen = torch.Generator().manual_seed(0)
     module = make_module(8, 2, 4096, 14336, 128, torch.bfloat16, gen)
-    x = torch.randn(4096, 4096, generator=gen).to(torch.bfloat16).to(DEVICE).requires_grad_(True)
-    grad_y = torch.randn(4096, 4096, generator=gen).to(DEVICE)
-    y, aux = module(x)
-    loss = ((y * grad_y.to(y.dtype)).sum() + LOSS_WEIGHTS[0] * aux.load_balancing_loss
-            + LOSS_WEIGHTS[1] * aux.z_loss)
-    loss.backward()
-    chosen = topk_gating_reference(module.router(x.detach()).detach(), 2).expert_ids.long()
-    state = moe_mlp_to_mixtral(module.state_dict(), PREFIX)
-    expected = loop_outputs_and_grads(x, state, 2, chosen, grad_y, torch.float32)
-    same_dtype = loop_outputs_and_grads(x, state, 2, chosen, grad_y, torch.bfloat16)
-    assert_within_torch_error(y.detach(), expected[0][0], same_dtype[0][0], FORWARD_FACTOR, "y")
-    assert_within_torch_error(x.grad, expected[1], same_dtype[1], GRADIENT_FACTOR, "grad x")
-    params = dict(module.named_parameters())
-    for name, exp in expected[2].items():
-        assert_within_torch_error(params[name].grad, exp, same_dtype[2][name], GRADIENT_FACTOR,
-                                  f"grad {name}")
+    check_module_against_loop(module, *random_tokens(4096, 4096, torch.bfloat16, gen), "kernels",
+                              gen)

@@ -10,7 +10,8 @@ On a GPU: SPHINX-X sizes in bfloat16: DINOv2 tokens ``[V, 1 + 16*16, 1536]`` and
 ``[V, 3072, 32, 32]`` pooled 2x2 to the 16x16 grid, D = 2048 and 4096, V = 5, 20, 80 (5, 20 with
 --quick), rows scattered into a shuffled packed sequence, LayerNorm on. The backward is the one of a
 SPHINX-X step: frozen encoders, so gradients for the projection and norm parameters only.
-On the CPU: the same at V = 2, D = 256, channels / 8, in float32 (the Triton interpreter is not timed).
+On the CPU: the same at V = 2, D = 256, channels / 8, in float32 (the Triton interpreter is not
+timed).
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ EAGER, COMPILED, GEMM = "torch eager chain", "torch.compile chain", "bare GEMM (
 
 def projection_inputs(views, width, channels, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+
     features = [rand(views, 1 + GRID * GRID, channels[0]),
                 rand(views, channels[1], 2 * GRID, 2 * GRID)]
     rows = views * (1 + GRID * GRID)
@@ -85,7 +88,8 @@ def with_backward(forward, params, grad_key):
     return step
 
 
-def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+def bench_patch_projection(device: torch.device, quick: bool,
+                           ceiling_gbps: float | None) -> list[Row]:
     if device.type == "cuda":
         dtype, channels = torch.bfloat16, (1536, 3072)
         cases = [(v, d) for d in (2048, 4096) for v in ((5, 20) if quick else (5, 20, 80))]
@@ -126,5 +130,5 @@ def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | No
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     subjects = [f"fused {b}" for b in PATCH_PROJECTION_BACKENDS.names if b != "reference"]
-    return run_family("projection", device, quick, bench_projection, subjects,
+    return run_family("projection", device, quick, bench_patch_projection, subjects,
                       (EAGER, COMPILED, GEMM), results_dir=results_dir)

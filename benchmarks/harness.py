@@ -1,14 +1,15 @@
 """The one harness every benchmark uses: timing, the device's ceilings, result rows and plots.
 
-Timing: warm-up calls, then the median of many timed calls (CUDA events on a GPU, perf_counter on the
-CPU), each call on the next of several input sets so caches do not flatter. Ceilings are measured in
-the same run: a large device-to-device copy (GB/s, bytes read plus written) and a large matmul (TFLOP/s,
-bf16 on a GPU, fp32 on the CPU); on a device with published figures a ceiling more than 20% off them
-flags the run as suspect. Results are JSON rows (op, shape, dtype, backend, ms, GB/s or TFLOP/s,
-fraction of the ceiling) with the environment (device, torch / triton / CUDA versions, git commit,
-date), the ceilings and the peers' availability, written to ``benchmarks/results/<family>-<device>.json``
-beside a PNG plot of the same rows (when matplotlib is installed). FLOP and byte counts live in
-``benchmarks/counts.py``; the peers in ``benchmarks/peers.py``.
+Timing: warm-up calls, then the median of many timed calls (CUDA events on a GPU, perf_counter on
+the CPU), each call on the next of several input sets so caches do not flatter. Ceilings are
+measured in the same run: a large device-to-device copy (GB/s, bytes read plus written) and a large
+matmul (TFLOP/s, bf16 on a GPU, fp32 on the CPU); on a device with published figures a ceiling more
+than 20% off them flags the run as suspect. Results are JSON rows (op, shape, dtype, backend, ms,
+GB/s or TFLOP/s, fraction of the ceiling) with the environment (device, torch / triton / CUDA
+versions, git commit, date), the ceilings and the peers' availability, written to
+``benchmarks/results/<family>-<device>.json`` beside a PNG plot of the same rows (when matplotlib is
+installed). FLOP and byte counts live in ``benchmarks/counts.py``; the peers in
+``benchmarks/peers.py``.
 """
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ class Row:
     gbps: float | None = None
     tflops: float | None = None
     fraction_of_ceiling: float | None = None
-    size: float | None = None  # the x axis of the family's plot (tokens, rows, views), when it sweeps
+    size: float | None = None  # the x axis of the family's plot (tokens, rows, views) if it sweeps
     extra: dict = field(default_factory=dict)
 
 
 def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, moved_bytes: int,
                   ceiling_gbps: float | None) -> Row:
-    """A row for a memory-bound op: GB/s from the bytes it must move, and the fraction of the ceiling."""
+    """A row for a memory-bound op: GB/s from the bytes it must move, and the fraction of the
+    ceiling."""
     gbps = moved_bytes / ms / 1e6
     return Row(op, shape, dtype, backend, ms, gbps=gbps,
                fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
@@ -64,7 +66,8 @@ def compute_row(op: str, shape: str, dtype: str, backend: str, ms: float, flops:
                fraction_of_ceiling=tflops / ceiling_tflops if ceiling_tflops else None, extra=extra)
 
 
-def peak_memory_mb(fn: Callable[[object], object], args: object, device: torch.device) -> float | None:
+def peak_memory_mb(fn: Callable[[object], object], args: object,
+                   device: torch.device) -> float | None:
     """MiB allocated by one call of ``fn(args)`` above what was allocated before it (CUDA only)."""
     if device.type != "cuda":
         return None
@@ -117,8 +120,8 @@ def copy_bandwidth_gbps(device: torch.device, megabytes: int = 1024) -> float:
 
 
 def matmul_tflops(device: torch.device, quick: bool = False) -> tuple[float, str]:
-    """The device's measured matmul ceiling: TFLOP/s of a large square product on random data, and what
-    was multiplied (bf16 8192^3 on a GPU; fp32 on the CPU, where it only gives the scale)."""
+    """The device's measured matmul ceiling: TFLOP/s of a large square product on random data, and
+    what was multiplied (bf16 8192^3 on a GPU; fp32 on the CPU, where it only gives the scale)."""
     if device.type == "cuda":
         size, dtype = (4096 if quick else 8192), torch.bfloat16
     else:
@@ -132,7 +135,8 @@ def matmul_tflops(device: torch.device, quick: bool = False) -> tuple[float, str
 
 
 # Figures measured on the lent machines (see the device tool's notes) and the task's own: a ceiling
-# measured more than 20% away from them means the run itself is off (clocks, a busy GPU, a bad driver).
+# measured more than 20% away from them means the run itself is off (clocks, a busy GPU, a bad
+# driver).
 KNOWN_CEILINGS = {
     "NVIDIA H100 80GB HBM3": {"copy_gbps": 3000.0, "matmul_tflops": 790.0},
     "NVIDIA H200": {"copy_gbps": 4300.0, "matmul_tflops": 790.0},
@@ -141,8 +145,8 @@ SUSPECT_TOLERANCE = 0.2
 
 
 def suspect_ceilings(name: str, ceilings: dict) -> list[str]:
-    """Why the measured ``ceilings`` of device ``name`` look wrong; empty when they look right or the
-    device has no known figures."""
+    """Why the measured ``ceilings`` of device ``name`` look wrong; empty when they look right or
+    the device has no known figures."""
     known = KNOWN_CEILINGS.get(name, {})
     return [f"{key} measured {ceilings[key]:.0f}, expected about {value:.0f}"
             for key, value in known.items()
@@ -150,7 +154,8 @@ def suspect_ceilings(name: str, ceilings: dict) -> list[str]:
 
 
 def measure_ceilings(device: torch.device, quick: bool) -> dict:
-    """Copy GB/s and matmul TFLOP/s of this device, measured now, with any reason to distrust them."""
+    """Copy GB/s and matmul TFLOP/s of this device, measured now, with any reason to distrust
+    them."""
     tflops, matmul = matmul_tflops(device, quick)
     ceilings = {"copy_gbps": copy_bandwidth_gbps(device, 256 if quick else 1024),
                 "matmul_tflops": tflops, "matmul": matmul}
@@ -193,15 +198,16 @@ def environment(device: torch.device) -> dict:
 
 def results_path(family: str, device: torch.device, quick: bool, suffix: str = ".json",
                  results_dir: str = RESULTS_DIR) -> str:
-    """``<results_dir>/<family>-<device>[-quick]<suffix>``: quick runs never replace published results."""
+    """``<results_dir>/<family>-<device>[-quick]<suffix>``: quick runs never replace published
+    results."""
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
     return os.path.join(results_dir, f"{family}-{slug}{'-quick' if quick else ''}{suffix}")
 
 
 def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilings: dict,
                   quick: bool, peers: dict | None = None, results_dir: str = RESULTS_DIR) -> str:
-    """Writes the rows with the environment, ceilings and peers; returns the path. Quick runs go to a
-    ``-quick`` file (git-ignored), so a first look never replaces published results."""
+    """Writes the rows with the environment, ceilings and peers; returns the path. Quick runs go to
+    a ``-quick`` file (git-ignored), so a first look never replaces published results."""
     os.makedirs(results_dir, exist_ok=True)
     path = results_path(family, device, quick, results_dir=results_dir)
     payload = {"family": family, "quick": quick, "environment": environment(device),
@@ -263,7 +269,8 @@ def run_family(family: str, device: torch.device, quick: bool,
 
 
 def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequence[str]) -> None:
-    """For each (op, shape, dtype): how many times faster each subject backend is than each baseline."""
+    """For each (op, shape, dtype): how many times faster each subject backend is than each
+    baseline."""
     by_case: dict[tuple, dict[str, float]] = {}
     for r in rows:
         by_case.setdefault((r.op, r.shape, r.dtype), {})[r.backend] = r.ms

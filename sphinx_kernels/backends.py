@@ -1,21 +1,23 @@
 """The backend registry: which implementation serves an op call, and why the others cannot.
 
-Every public op has several backends, tried in priority order: the compiled kernel (``cuda`` on a GPU,
-``cpp`` on the CPU), the ``triton`` kernel, installed peer libraries where one fits, and the pure-PyTorch
-``reference``, which serves everything. A :class:`Backend` is an :class:`Impl` (the forward, the
-backward when the op has one, named extras), the :class:`Platform` it runs on (devices, minimum compute
-capability, whether it is installed) and what it supports for one op (dtypes and an op-specific check
-of the op's request); :meth:`Backend.not_supported_reasons` turns that into plain reasons.
+Every public op has several backends, tried in priority order: the compiled kernel (``cuda`` on a
+GPU, ``cpp`` on the CPU), the ``triton`` kernel, installed peer libraries where one fits, and the
+pure-PyTorch ``reference``, which serves everything. A :class:`Backend` is an :class:`Impl` (the
+forward, the backward when the op has one, named extras), the :class:`Platform` it runs on (devices,
+minimum compute capability, whether it is installed) and what it supports for one op (dtypes and an
+op-specific check of the op's request); :meth:`Backend.not_supported_reasons` turns that into plain
+reasons.
 
 Each op's table (an :class:`OpBackends`) owns the op's request type: a frozen :class:`Request`, or a
-subclass with one field per feature its backends differ on, built only by :meth:`OpBackends.request`,
-which the op, the tests, the benchmarks and ``python -m sphinx_kernels.info`` all call.
+subclass with one field per feature its backends differ on, built only by
+:meth:`OpBackends.request`, which the op, the tests, the benchmarks and ``python -m
+sphinx_kernels.info`` all call.
 
-The choice is made per call, from tensor metadata only (no host synchronisation, so it also runs while
-``torch.compile`` traces). ``backend=`` on the call forces one; so does the environment variable
-``SPHINX_KERNELS_BACKEND``, either one name for every op (``triton``) or per op
-(``gather_rows=cpp,varlen_attention=triton``). When the forced backend, or every backend, cannot serve a
-call, :class:`BackendUnavailableError` lists each backend with its reasons.
+The choice is made per call, from tensor metadata only (no host synchronisation, so it also runs
+while ``torch.compile`` traces). ``backend=`` on the call forces one; so does the environment
+variable ``SPHINX_KERNELS_BACKEND``, either one name for every op (``triton``) or per op
+(``gather_rows=cpp,varlen_attention=triton``). When the forced backend, or every backend, cannot
+serve a call, :class:`BackendUnavailableError` lists each backend with its reasons.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ ENV_BACKEND = "SPHINX_KERNELS_BACKEND"
 
 
 class BackendUnavailableError(ValueError):
-    """No backend (or not the forced one) can serve a call; the message lists every backend's reasons."""
+    """No backend (or not the forced one) can serve a call; the message lists every backend's
+    reasons."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class Request:
 
 @dataclass(frozen=True)
 class Platform:
-    """Where a kind of implementation can run at all: devices, minimum GPU capability, installation."""
+    """Where a kind of implementation can run at all: devices, minimum GPU capability,
+    installation."""
 
     name: str
     devices: frozenset[str]
@@ -105,8 +109,8 @@ class Impl:
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of one op: a platform, the dtypes it takes, and an op-specific check of the
-    op's request type."""
+    """One implementation of one op: a platform, the dtypes it takes, and an op-specific check of
+    the op's request type."""
 
     platform: Platform
     impl: Impl
@@ -214,7 +218,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return _CAPABILITIES[device]
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The compiled extension and Triton: loaded on first use, never at import (and never touching CUDA).
 
 
@@ -268,8 +272,9 @@ REFERENCE = Platform("reference", frozenset({"cuda", "cpu"}), None, lambda devic
 CPU_REFERENCE = Platform("reference", frozenset({"cpu"}), None, lambda device: None)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Implementations behind a lazy load: what an Impl holds for the compiled ops and the Triton launchers.
+# ----------------------------------------------------------------------------------------------
+# Implementations behind a lazy load: what an Impl holds for the compiled ops and the Triton
+# launchers.
 
 
 def native(op_name: str) -> Callable[..., Any]:
@@ -283,13 +288,14 @@ def native(op_name: str) -> Callable[..., Any]:
 
 
 def triton_module(name: str):
-    """``sphinx_kernels.triton.<name>``, imported on first use: Triton reads ``TRITON_INTERPRET`` when
-    a kernel is defined, and the package must import without Triton."""
+    """``sphinx_kernels.triton.<name>``, imported on first use: Triton reads ``TRITON_INTERPRET``
+    when a kernel is defined, and the package must import without Triton."""
     return importlib.import_module(f"sphinx_kernels.triton.{name}")
 
 
 def triton_launcher(module: str, function: str) -> Callable[..., Any]:
-    """A function that calls ``sphinx_kernels.triton.<module>.<function>`` (imported on first call)."""
+    """A function that calls ``sphinx_kernels.triton.<module>.<function>`` (imported on its first
+    call)."""
     def call(*args, **kwargs):
         return getattr(triton_module(module), function)(*args, **kwargs)
 

@@ -1,4 +1,5 @@
-"""``python -m sphinx_kernels.info``: what is built and which backend serves what on this machine."""
+"""``python -m sphinx_kernels.info``: what is built, and which backend serves what on this
+machine."""
 from __future__ import annotations
 
 import importlib.metadata

@@ -28,5 +28,5 @@ from sphinx_kernels.ops.plan_layout import (
 __all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END",
            "SOURCE_PADDING", "IGNORE_INDEX", "ImageSpec", "SampleSpec", "LayoutInputs",
            "PackedLayout", "plan_layout", "plan_layout_reference", "layout_inputs",
-           "PLAN_LAYOUT_BACKENDS", "Packing", "pack_by_token_budget", "pack_by_token_budget_reference",
-           "PACK_BY_TOKEN_BUDGET_BACKENDS"]
+           "PLAN_LAYOUT_BACKENDS", "Packing", "pack_by_token_budget",
+           "pack_by_token_budget_reference", "PACK_BY_TOKEN_BUDGET_BACKENDS"]

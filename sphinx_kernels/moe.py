@@ -1,5 +1,5 @@
-"""Kernel family 3, block-sparse MoE routing, as one import (the module it was before the library had
-one module per op). The ops live in ``sphinx_kernels.ops``: ``topk_gating``, ``moe_routing``,
+"""Kernel family 3, block-sparse MoE routing, as one import (the module it was before the library
+had one module per op). The ops live in ``sphinx_kernels.ops``: ``topk_gating``, ``moe_routing``,
 ``moe_permute``, ``moe_unpermute``, ``moe_expert_mlp``."""
 from sphinx_kernels.dtypes import KERNEL_DTYPES as GATING_DTYPES
 from sphinx_kernels.dtypes import KERNEL_DTYPES as MLP_DTYPES

@@ -1,6 +1,6 @@
-"""The tolerance rule (docs/numerics.md): against a float64 reference, a kernel's error may be at most
-``factor`` times PyTorch's own error on the same computation in the kernel's dtype (2 for outputs, 3
-for gradients).
+"""The tolerance rule (docs/numerics.md): against a float64 reference, a kernel's error may be at
+most ``factor`` times PyTorch's own error on the same computation in the kernel's dtype (2 for
+outputs, 3 for gradients).
 
 PyTorch's error is measured one way for every op, by :func:`torch_errors`: the largest error of the
 same-dtype PyTorch computation over the case's own inputs and fresh draws of inputs of the same
@@ -22,8 +22,8 @@ BASELINE_VALUES = 8192
 BASELINE_DRAWS = 3
 MAX_BASELINE_DRAWS = 16
 
-# One evaluation of a computation on fresh inputs of the case's shapes: a (same-dtype PyTorch result,
-# float64 reference) pair per output.
+# One evaluation of a computation on fresh inputs of the case's shapes: a (same-dtype PyTorch
+# result, float64 reference) pair per output.
 Draw = Callable[[torch.Generator], Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -34,7 +34,8 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def half_ulp(values: torch.Tensor, dtype: torch.dtype) -> float:
-    """Half the spacing of ``dtype`` at the largest magnitude in ``values``: one rounding's bound."""
+    """Half the spacing of ``dtype`` at the largest magnitude in ``values``: one rounding's
+    bound."""
     largest = float(values.detach().abs().max()) if values.numel() else 0.0
     if largest == 0.0 or not math.isfinite(largest):
         return 0.0
@@ -65,8 +66,8 @@ def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, to
     """``actual`` (a kernel's result in a low dtype) against ``expected64`` (the float64 reference),
     judged by ``torch_error``, PyTorch's own error (:func:`torch_errors`). Where PyTorch is exact,
     one rounding of the expected value in the kernel's dtype is still allowed: the bound of one
-    rounding (half an ulp of the largest value), not the error of the rounding, which is 0 for a value
-    the dtype holds exactly (a loss of exactly 1, a probability of 1/2)."""
+    rounding (half an ulp of the largest value), not the error of the rounding, which is 0 for a
+    value the dtype holds exactly (a loss of exactly 1, a probability of 1/2)."""
     assert actual.shape == expected64.shape, f"{what}: shape {actual.shape} != {expected64.shape}"
     limit = factor * max(torch_error, half_ulp(expected64, actual.dtype))
     error = max_error(actual, expected64)
@@ -74,13 +75,14 @@ def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, to
                             f"{str(actual.dtype).removeprefix('torch.')} error ({torch_error:.3g})")
 
 
-def assert_all_within_torch_error(actual: Sequence[torch.Tensor], expected64: Sequence[torch.Tensor],
-                                  draw: Draw, generator: torch.Generator, factors: Sequence[float],
+def assert_all_within_torch_error(actual: Sequence[torch.Tensor],
+                                  expected64: Sequence[torch.Tensor], draw: Draw,
+                                  generator: torch.Generator, factors: Sequence[float],
                                   names: Sequence[str], what: str,
                                   first: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
                                   ) -> None:
-    """:func:`assert_within_torch_error` for every output of one computation, each judged by PyTorch's
-    error on that output (``draw``, ``first``: see :func:`torch_errors`)."""
+    """:func:`assert_within_torch_error` for every output of one computation, each judged by
+    PyTorch's error on that output (``draw``, ``first``: see :func:`torch_errors`)."""
     errors = torch_errors(draw, generator, first)
     for got, expected, error, factor, name in zip(actual, expected64, errors, factors, names,
                                                   strict=True):

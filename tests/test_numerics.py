@@ -1,5 +1,5 @@
-"""The test harness itself: the tolerance rule fails what it should, PyTorch's error is measured over
-enough values, and seeds are reproducible by default and fresh on request."""
+"""The test harness itself: the tolerance rule fails what it should, PyTorch's error is measured
+over enough values, and seeds are reproducible by default and fresh on request."""
 import pytest
 import torch
 

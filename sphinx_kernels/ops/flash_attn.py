@@ -7,9 +7,9 @@ use; this glue calls the custom ops they call underneath, ``torch.ops.flashattn.
 _flash_attn_varlen_forward`` / ``_backward``. A release whose ops name the keyword arguments passed
 here differently is declared missing rather than failing inside a training step.
 
-Not a backend: xformers, whose varlen masks (``BlockDiagonal*Mask.from_seqlens``) are built from host
-lists of the lengths (a sync per call) and whose lse layout depends on the kernel its dispatcher
-picks; it stays a benchmark peer (``benchmarks/bench_varlen.py``).
+Not a backend: xformers, whose varlen masks (``BlockDiagonal*Mask.from_seqlens``) are built from
+host lists of the lengths (a sync per call) and whose lse layout depends on the kernel its
+dispatcher picks; it stays a benchmark peer (``benchmarks/bench_varlen.py``).
 """
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ def moe_expert_mlp(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, 
             weights), ``x_grouped``'s dtype and device.
         w2: ``[E, H, F]`` down projections.
         plan: the ``moe_routing`` plan of this batch, ``E = plan.tokens_per_expert.shape[0]``.
-        recompute: keep no activation for the backward (which recomputes it from ``x_grouped``): less
-            memory between forward and backward, one more pair of GEMMs.
+        recompute: keep no activation for the backward (which recomputes it from ``x_grouped``):
+            less memory between forward and backward, one more pair of GEMMs.
         backend: force one of ``MOE_EXPERT_MLP_BACKENDS.names``.
 
     Returns:

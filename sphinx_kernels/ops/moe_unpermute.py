@@ -1,9 +1,10 @@
-"""``moe_unpermute``: expert-grouped rows ``[R, H]`` back to token order ``[T, H]``, the gate-weighted
-sum over each token's k slots. Its backward is a scaled ``moe_permute`` of the gradient (for the
-rows) and ``moe_pair_dots`` (for the weights).
+"""``moe_unpermute``: expert-grouped rows ``[R, H]`` back to token order ``[T, H]``, the
+gate-weighted sum over each token's k slots. Its backward is a scaled ``moe_permute`` of the
+gradient (for the rows) and ``moe_pair_dots`` (for the weights).
 
-Backends: ``cpp`` (``csrc/moe/moe_cpu.cpp``), ``triton`` (``sphinx_kernels/triton/moe_unpermute.py``),
-``reference`` (:func:`moe_unpermute_reference`, :func:`moe_pair_dots_reference`).
+Backends: ``cpp`` (``csrc/moe/moe_cpu.cpp``), ``triton``
+(``sphinx_kernels/triton/moe_unpermute.py``), ``reference`` (:func:`moe_unpermute_reference`,
+:func:`moe_pair_dots_reference`).
 """
 from __future__ import annotations
 

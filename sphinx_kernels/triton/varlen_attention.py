@@ -51,7 +51,8 @@ def _kv_end(rows, len_q, len_k, prefix, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr,
+                     tiles_ptr,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      total_q, total_k, num_seqs, head_dim, scale,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -84,7 +85,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
     for start in range(0, hi, BLOCK_N):
         n = start + cols
         kv_mask = (n < len_k)[:, None] & d_in[None, :]
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0)
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kt + d[None, :], mask=kv_mask,
+                    other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n[None, :] < kv_end[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -93,7 +95,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask,
+                    other=0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -152,10 +155,10 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
     d_in = d < head_dim
     kv_mask = (keys < len_k)[:, None] & d_in[None, :]
     keys64 = (k_start + keys).to(tl.int64)
-    k = tl.load(k_ptr + keys64[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kv_mask,
-                other=0)
-    v = tl.load(v_ptr + keys64[:, None] * stride_vt + kv_head * stride_vh + d[None, :], mask=kv_mask,
-                other=0)
+    k = tl.load(k_ptr + keys64[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                mask=kv_mask, other=0)
+    v = tl.load(v_ptr + keys64[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                mask=kv_mask, other=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -188,7 +191,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     # dk and dv are fresh contiguous [Tk, Hkv, D]
-    out_offsets = keys64[:, None] * (tl.num_programs(1) * head_dim) + kv_head * head_dim + d[None, :]
+    out_offsets = (keys64[:, None] * (tl.num_programs(1) * head_dim) + kv_head * head_dim
+                   + d[None, :])
     tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -233,8 +237,10 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_pt
     for start in range(0, hi, BLOCK_N):
         n = start + cols
         kv_mask = (n < len_k)[:, None] & d_in[None, :]
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0)
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kt + d[None, :], mask=kv_mask,
+                    other=0)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask,
+                    other=0)
         visible = row_in[:, None] & (n[None, :] < kv_end[:, None])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.where(visible, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
@@ -261,10 +267,11 @@ def tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
     """int32 ``[N, 2]``: program -> (sequence, block within it), from torch ops only (no host sync).
 
     ``N = min(cdiv(total, block) + B, B * cdiv(max_len, block))`` bounds the real tile count
-    (``sum_b cdiv(L_b, block)``) from shapes alone; the rows past the real count hold sequence ``B``,
-    which the kernels skip. Lengths are clamped exactly as the kernels' ``_seq_bounds`` clamps them.
-    ``last_block_first`` lists a sequence's blocks from the last: under a causal mask the last query
-    blocks see the most keys, and the GPU starts programs in order, so the long ones start first.
+    (``sum_b cdiv(L_b, block)``) from shapes alone; the rows past the real count hold sequence
+    ``B``, which the kernels skip. Lengths are clamped exactly as the kernels' ``_seq_bounds``
+    clamps them. ``last_block_first`` lists a sequence's blocks from the last: under a causal mask
+    the last query blocks see the most keys, and the GPU starts programs in order, so the long ones
+    start first.
     """
     num_seqs = cu_seqlens.shape[0] - 1
     bound = min(triton.cdiv(total, block) + num_seqs, num_seqs * triton.cdiv(max_len, block))
@@ -316,7 +323,8 @@ def _strides(**tensors: torch.Tensor) -> dict[str, int]:
 
 
 def varlen_attention_backward(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens,
-                              max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic=True):
+                              max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                              deterministic=True):
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype; zero rows where no query or key is."""
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape

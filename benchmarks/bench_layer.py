@@ -36,9 +36,11 @@ import torch
 import sphinx_kernels
 from benchmarks import transformers_baselines
 from benchmarks.bench_moe import TOP_K
-from benchmarks.harness import RESULTS_DIR, Row, run_family, time_ms
+from benchmarks.harness import RESULTS_DIR, run_family, time_ms
 from benchmarks.peers import peer_missing
+from benchmarks.rows import Row
 from sphinx_kernels import nn as sk_nn
+from sphinx_kernels.dtypes import dtype_name
 from sphinx_kernels.ops.patch_projection import patch_projection_reference
 from sphinx_kernels.ops.plan_layout import ImageSpec, SampleSpec, layout_inputs, plan_layout
 
@@ -283,7 +285,7 @@ def bench_layer(device: torch.device, quick: bool, ceiling_gbps: float | None) -
         extra = {"tokens_per_s": tokens_per_s}
         if device.type == "cuda":
             extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(Row("layer fwd+bwd", shape, str(cfg.dtype).removeprefix("torch."), name, ms,
+        rows.append(Row("layer fwd+bwd", shape, dtype_name(cfg.dtype), name, ms,
                         extra=extra))
         model.zero_grad(set_to_none=True)
     for r in rows:
@@ -294,5 +296,5 @@ def bench_layer(device: torch.device, quick: bool, ceiling_gbps: float | None) -
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
-    return run_family("layer", device, quick, bench_layer, (OURS,), (BASELINE,),
+    return run_family("layer", device, quick, (bench_layer,), (OURS,), (BASELINE,),
                       results_dir=results_dir)

@@ -19,16 +19,10 @@ import torch
 
 from benchmarks import transformers_baselines
 from benchmarks.counts import swiglu_mlp_flops
-from benchmarks.harness import (
-    RESULTS_DIR,
-    Row,
-    backends_to_time,
-    bandwidth_row,
-    compute_row,
-    run_family,
-    time_ms,
-)
+from benchmarks.harness import RESULTS_DIR, backends_to_time, bandwidth_rows, run_family, time_ms
 from benchmarks.peers import peer_missing
+from benchmarks.rows import Row, bandwidth_row, compute_row
+from sphinx_kernels.dtypes import dtype_name
 from sphinx_kernels.nn import MoEMLP
 from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS, moe_expert_mlp
 from sphinx_kernels.ops.moe_permute import MOE_PERMUTE_BACKENDS, moe_permute
@@ -94,14 +88,11 @@ def time_against_eager(op: str, registry, device, request_dtype, sets, shape, mo
                        run_op, run_eager) -> list[Row]:
     """Rows of ``run_op(inputs, backend)`` on every backend that serves here and of
     ``run_eager(inputs)``, in GB/s of the ``moved`` bytes."""
-    dtype_name = str(sets[0]["x"].dtype).removeprefix("torch.")
-    rows = []
-    for backend in backends_to_time(registry, device, request_dtype):
-        ms = time_ms(lambda a, b=backend: run_op(a, b), sets, device)
-        rows.append(bandwidth_row(op, shape, dtype_name, backend, ms, moved, ceiling_gbps))
+    dtype = sets[0]["x"].dtype
+    rows = bandwidth_rows(op, registry, run_op, sets, device, dtype, shape, moved, ceiling_gbps,
+                          request_dtype=request_dtype)
     ms = time_ms(run_eager, sets, device)
-    rows.append(bandwidth_row(op, shape, dtype_name, EAGER, ms, moved, ceiling_gbps))
-    return rows
+    return rows + [bandwidth_row(op, shape, dtype_name(dtype), EAGER, ms, moved, ceiling_gbps)]
 
 
 def bench_topk_gating(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
@@ -263,12 +254,16 @@ def time_forward_backward(forward, leaves, sets, device):
 
 def mlp_rows(op, name, shape, dtype, flops, timings, ceilings=(None, None)) -> list[Row]:
     """The forward and backward rows of one implementation (the backward counts twice the FLOPs)."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return [compute_row(f"{op} fwd", shape, dtype_name, name, timings[0], flops, ceilings[0]),
-            compute_row(f"{op} bwd", shape, dtype_name, name, timings[1], 2 * flops, ceilings[1])]
+    name_of_dtype = dtype_name(dtype)
+    return [compute_row(f"{op} fwd", shape, name_of_dtype, name, timings[0], flops, ceilings[0]),
+            compute_row(f"{op} bwd", shape, name_of_dtype, name, timings[1], 2 * flops,
+                        ceilings[1])]
 
 
-def bench_moe_expert_mlp(device: torch.device, quick: bool) -> list[Row]:
+def bench_moe_expert_mlp(device: torch.device, quick: bool,
+                         ceiling_gbps: float | None = None) -> list[Row]:
+    """Every expert's SwiGLU MLP, forward and backward, against a dense GEMM of the same FLOPs (the
+    ceiling of these compute-bound rows: ``ceiling_gbps`` is not used)."""
     num_tokens, hidden, ffn, dtype = mlp_case(device, quick)
     shape = f"T={num_tokens} E={NUM_EXPERTS} k={TOP_K} H={hidden} F={ffn}"
     flops = swiglu_mlp_flops(num_tokens * TOP_K, hidden, ffn)  # forward; the backward is twice that
@@ -288,9 +283,11 @@ def bench_moe_expert_mlp(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
-def bench_moe_mlp(device: torch.device, quick: bool) -> list[Row]:
+def bench_moe_mlp(device: torch.device, quick: bool,
+                  ceiling_gbps: float | None = None) -> list[Row]:
     """The whole layer (router, gating, routing, permutations, experts) against transformers' own
-    Mixtral block, both differentiated to the tokens and every weight."""
+    Mixtral block, both differentiated to the tokens and every weight (compute-bound rows:
+    ``ceiling_gbps`` is not used)."""
     num_tokens, hidden, ffn, dtype = mlp_case(device, quick)
     shape = f"T={num_tokens} E={NUM_EXPERTS} k={TOP_K} H={hidden} F={ffn}"
     flops = swiglu_mlp_flops(num_tokens * TOP_K, hidden, ffn)
@@ -313,16 +310,12 @@ def bench_moe_mlp(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
-def bench_all(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
-    return (bench_topk_gating(device, quick, ceiling_gbps)
-            + bench_moe_routing(device, quick, ceiling_gbps)
-            + bench_moe_permute(device, quick, ceiling_gbps)
-            + bench_moe_unpermute(device, quick, ceiling_gbps)
-            + bench_moe_expert_mlp(device, quick) + bench_moe_mlp(device, quick))
+BENCHMARKS = (bench_topk_gating, bench_moe_routing, bench_moe_permute, bench_moe_unpermute,
+              bench_moe_expert_mlp, bench_moe_mlp)
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
-    return run_family("moe", device, quick, bench_all,
+    return run_family("moe", device, quick, BENCHMARKS,
                       ("cpp", "triton", "triton (recompute)", LAYER),
                       (EAGER, "reference", GROUPED_MM, MEGABLOCKS, DENSE, HF_BLOCK),
                       results_dir=results_dir)

@@ -18,15 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (
-    RESULTS_DIR,
-    Row,
-    backends_to_time,
-    compute_row,
-    peak_memory_mb,
-    run_family,
-    time_ms,
-)
+from benchmarks.harness import RESULTS_DIR, backends_to_time, peak_memory_mb, run_family, time_ms
+from benchmarks.rows import Row, compute_row
+from sphinx_kernels.dtypes import dtype_name
 from sphinx_kernels.ops.patch_projection import (
     PATCH_PROJECTION_BACKENDS,
     feature_layouts,
@@ -123,12 +117,12 @@ def bench_patch_projection(device: torch.device, quick: bool,
                 timed[name] = (ms, peak)
             gemm_tflops = flops / timed[GEMM][0] / 1e9
             for name, (ms, peak) in timed.items():
-                rows.append(compute_row(op, shape, str(dtype).removeprefix("torch."), name, ms,
+                rows.append(compute_row(op, shape, dtype_name(dtype), name, ms,
                                         flops, gemm_tflops, peak_mib=peak))
     return rows
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     subjects = [f"fused {b}" for b in PATCH_PROJECTION_BACKENDS.names if b != "reference"]
-    return run_family("projection", device, quick, bench_patch_projection, subjects,
+    return run_family("projection", device, quick, (bench_patch_projection,), subjects,
                       (EAGER, COMPILED, GEMM), results_dir=results_dir)

@@ -33,17 +33,10 @@ import torch
 
 from benchmarks import transformers_baselines
 from benchmarks.counts import attention_flops
-from benchmarks.harness import (
-    RESULTS_DIR,
-    Row,
-    backends_to_time,
-    bandwidth_row,
-    compute_row,
-    run_family,
-    time_ms,
-)
+from benchmarks.harness import RESULTS_DIR, backends_to_time, bandwidth_rows, run_family, time_ms
 from benchmarks.peers import peer_missing
-from sphinx_kernels.backends import CPP
+from benchmarks.rows import Row, bandwidth_row, compute_row
+from sphinx_kernels.dtypes import dtype_name
 from sphinx_kernels.nn import rotary_tables
 from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS, apply_rotary
 from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS, find_padding_tiles
@@ -54,6 +47,7 @@ from sphinx_kernels.ops.pack_by_token_budget import (
 )
 from sphinx_kernels.ops.plan_layout import PLAN_LAYOUT_BACKENDS, LayoutInputs, plan_layout
 from sphinx_kernels.ops.varlen_attention import VARLEN_ATTENTION_BACKENDS, varlen_attention
+from sphinx_kernels.platforms import CPP
 
 INPUT_SETS = 3
 
@@ -81,17 +75,15 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
         # Each row read once and written once.
         moved = 2 * num_rows * width * sets[0][0][0].element_size()
         shape = f"T={num_rows} D={width} S=3"
-        dtype_name = str(dtype).removeprefix("torch.")
-        for backend in backends_to_time(GATHER_ROWS_BACKENDS, device, dtype):
-            ms = time_ms(lambda a, b=backend: gather_rows(*a, backend=b), sets, device)
-            rows.append(bandwidth_row("gather_rows", shape, dtype_name, backend, ms, moved,
-                                      ceiling_gbps))
+        rows += bandwidth_rows("gather_rows", GATHER_ROWS_BACKENDS,
+                               lambda a, b: gather_rows(*a, backend=b), sets, device, dtype,
+                               shape, moved, ceiling_gbps)
         # The peer: one index_select from a single table of the same rows (no source choice to
         # make).
         single = [(torch.cat(s[0]), s[2].long()) for s in sets]
         ms = time_ms(lambda a: a[0].index_select(0, a[1]), single, device)
-        rows.append(bandwidth_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
-                                  ceiling_gbps))
+        rows.append(bandwidth_row("gather_rows", shape, dtype_name(dtype), "torch.index_select",
+                                  ms, moved, ceiling_gbps))
     return rows
 
 
@@ -107,10 +99,9 @@ def bench_find_padding_tiles(device: torch.device, quick: bool,
         sets.append(images.to(dtype).to(device))
     moved = sets[0].numel() * sets[0].element_size()
     shape = f"N={num} 3x{3 * tile}x{3 * tile} tile={tile}"
-    return [bandwidth_row("find_padding_tiles", shape, str(dtype).removeprefix("torch."), backend,
-                          time_ms(lambda x, b=backend: find_padding_tiles(x, tile, 0.0, backend=b),
-                                  sets, device), moved, ceiling_gbps)
-            for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, device, dtype)]
+    return bandwidth_rows("find_padding_tiles", FIND_PADDING_TILES_BACKENDS,
+                          lambda x, b: find_padding_tiles(x, tile, 0.0, backend=b), sets, device,
+                          dtype, shape, moved, ceiling_gbps)
 
 
 def attention_lengths(total: int, longest: int, seed: int) -> list[int]:
@@ -252,7 +243,6 @@ def bench_varlen_attention(device: torch.device, quick: bool,
     for a in sets:
         a["prefix"] = torch.tensor(prefix, dtype=torch.int32, device=device)
     shape = f"T={sum(lengths)} B={len(lengths)} H={heads}/{kv_heads} D={head_dim}"
-    dtype_name = str(dtype).removeprefix("torch.")
     rows, subjects = [], {"causal": {}, "prefix-LM": {}}
     for mask in subjects:
         for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, device, dtype, head_dim=head_dim,
@@ -294,8 +284,8 @@ def bench_varlen_attention(device: torch.device, quick: bool,
                         raise
                     print(f"{name} skipped for attention {direction} ({mask}): {error}")
                     continue
-                rows.append(compute_row(f"attention {direction} ({mask})", shape, dtype_name, name,
-                                        ms, count, size=sum(lengths)))
+                rows.append(compute_row(f"attention {direction} ({mask})", shape,
+                                        dtype_name(dtype), name, ms, count, size=sum(lengths)))
     return rows
 
 
@@ -428,30 +418,23 @@ def bench_apply_rotary(device: torch.device, quick: bool, ceiling_gbps: float | 
         # q and k read and written once, and one cos and sin row per token.
         moved = (2 * (q.numel() + k.numel()) + 2 * num_tokens * q.shape[2]) * q.element_size()
         shape = f"T={num_tokens} Hq={q.shape[1]} Hk={k.shape[1]} D={q.shape[2]}"
-        name = str(dtype).removeprefix("torch.")
-        for backend in backends_to_time(APPLY_ROTARY_BACKENDS, device, dtype):
-            ms = time_ms(lambda a, b=backend: apply_rotary(*a, backend=b), sets, device)
-            rows.append(bandwidth_row("apply_rotary", shape, name, backend, ms, moved,
-                                      ceiling_gbps))
+        rows += bandwidth_rows("apply_rotary", APPLY_ROTARY_BACKENDS,
+                               lambda a, b: apply_rotary(*a, backend=b), sets, device, dtype,
+                               shape, moved, ceiling_gbps)
         if hf_rotary is not None:  # else listed with its reason among the skipped peers
             ms = time_ms(lambda a: hf_rotary(*a[0], a[1][a[3]], a[2][a[3]], unsqueeze_dim=1), sets,
                          device)
-            rows.append(bandwidth_row("apply_rotary", shape, name, HF_ROTARY, ms, moved,
-                                      ceiling_gbps))
+            rows.append(bandwidth_row("apply_rotary", shape, dtype_name(dtype), HF_ROTARY, ms,
+                                      moved, ceiling_gbps))
     return rows
 
 
-def bench_family(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
-    return (bench_gather_rows(device, quick, ceiling_gbps)
-            + bench_find_padding_tiles(device, quick, ceiling_gbps)
-            + bench_varlen_attention(device, quick, ceiling_gbps)
-            + bench_plan_layout(device, quick, ceiling_gbps)
-            + bench_pack_by_token_budget(device, quick, ceiling_gbps)
-            + bench_apply_rotary(device, quick, ceiling_gbps))
+BENCHMARKS = (bench_gather_rows, bench_find_padding_tiles, bench_varlen_attention,
+              bench_plan_layout, bench_pack_by_token_budget, bench_apply_rotary)
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
-    return run_family("varlen", device, quick, bench_family, ("cuda", "cpp", "triton"),
+    return run_family("varlen", device, quick, BENCHMARKS, ("cuda", "cpp", "triton"),
                       ("reference", "torch.index_select", "triton", "torch_flash", "flash_attn",
                        "flash-attn", "xformers", "FlexAttention", "padded SDPA", HF_ROTARY,
                        "fill of the outputs (floor)"), results_dir=results_dir)

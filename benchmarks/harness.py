@@ -1,4 +1,5 @@
-"""The one harness every benchmark uses: timing, the device's ceilings, result rows and plots.
+"""The one harness every benchmark uses: timing, the device's ceilings, results files and plots (the
+rows themselves: ``benchmarks/rows.py``).
 
 Timing: warm-up calls, then the median of many timed calls (CUDA events on a GPU, perf_counter on
 the CPU), each call on the next of several input sets so caches do not flatter. Ceilings are
@@ -20,50 +21,18 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Sequence
 
 import torch
 
 from benchmarks.peers import peer_status
 from benchmarks.plots import plot_family
+from benchmarks.rows import Row, bandwidth_row, fill_fractions, print_rows, print_speedups
 from sphinx_kernels.backends import OpBackends
+from sphinx_kernels.dtypes import dtype_name
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-@dataclass
-class Row:
-    op: str
-    shape: str
-    dtype: str
-    backend: str
-    ms: float
-    gbps: float | None = None
-    tflops: float | None = None
-    fraction_of_ceiling: float | None = None
-    size: float | None = None  # the x axis of the family's plot (tokens, rows, views) if it sweeps
-    extra: dict = field(default_factory=dict)
-
-
-def bandwidth_row(op: str, shape: str, dtype: str, backend: str, ms: float, moved_bytes: int,
-                  ceiling_gbps: float | None) -> Row:
-    """A row for a memory-bound op: GB/s from the bytes it must move, and the fraction of the
-    ceiling."""
-    gbps = moved_bytes / ms / 1e6
-    return Row(op, shape, dtype, backend, ms, gbps=gbps,
-               fraction_of_ceiling=gbps / ceiling_gbps if ceiling_gbps else None)
-
-
-def compute_row(op: str, shape: str, dtype: str, backend: str, ms: float, flops: int,
-                ceiling_tflops: float | None = None, size: float | None = None, **extra) -> Row:
-    """A row for a compute-bound op: TFLOP/s from its useful FLOPs (``benchmarks.counts``), and the
-    fraction of ``ceiling_tflops`` (e.g. the bare cuBLAS GEMM of the same shape); without one,
-    :func:`run_family` fills the fraction from the measured matmul ceiling. ``extra``: more columns
-    (peak memory, ...)."""
-    tflops = flops / ms / 1e9
-    return Row(op, shape, dtype, backend, ms, tflops=tflops, size=size,
-               fraction_of_ceiling=tflops / ceiling_tflops if ceiling_tflops else None, extra=extra)
 
 
 def peak_memory_mb(fn: Callable[[object], object], args: object,
@@ -86,6 +55,19 @@ def backends_to_time(op: OpBackends, device: torch.device, dtype: torch.dtype,
     not a CPU backend to time."""
     return [name for name in op.available(op.request(device, dtype, **features))
             if not (name == "triton" and device.type == "cpu")]
+
+
+def bandwidth_rows(op: str, table: OpBackends, call: Callable[[object, str], object],
+                   inputs: Sequence[object], device: torch.device, dtype: torch.dtype, shape: str,
+                   moved_bytes: int, ceiling_gbps: float | None,
+                   request_dtype: torch.dtype | None = None, **features) -> list[Row]:
+    """A GB/s row of ``call(inputs[i], backend)`` for each backend of ``table`` to time here
+    (:func:`backends_to_time`, asked with ``request_dtype`` (default ``dtype``) and ``features``),
+    labelled with ``dtype``, for a memory-bound op that must move ``moved_bytes``."""
+    backends = backends_to_time(table, device, request_dtype or dtype, **features)
+    return [bandwidth_row(op, shape, dtype_name(dtype), backend,
+                          time_ms(lambda a, b=backend: call(a, b), inputs, device), moved_bytes,
+                          ceiling_gbps) for backend in backends]
 
 
 def time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: torch.device, *,
@@ -163,17 +145,6 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
     return ceilings
 
 
-def fill_fractions(rows: Sequence[Row], ceilings: dict) -> None:
-    """Fraction of the ceiling for rows that have a throughput but no fraction yet."""
-    for r in rows:
-        if r.fraction_of_ceiling is not None:
-            continue
-        if r.tflops is not None and ceilings.get("matmul_tflops"):
-            r.fraction_of_ceiling = r.tflops / ceilings["matmul_tflops"]
-        elif r.gbps is not None and ceilings.get("copy_gbps"):
-            r.fraction_of_ceiling = r.gbps / ceilings["copy_gbps"]
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -219,37 +190,16 @@ def write_results(family: str, device: torch.device, rows: Sequence[Row], ceilin
     return path
 
 
-def format_throughput(r: Row) -> str:
-    if r.tflops is not None:
-        return f"{r.tflops:.3g} TFLOP/s"
-    if r.gbps is not None:
-        return f"{r.gbps:.3g} GB/s"
-    return ""
-
-
-def format_extra(r: Row) -> str:
-    return "".join(f" {k}={v:.0f}" if isinstance(v, float) else f" {k}={v}"
-                   for k, v in r.extra.items() if v is not None)
-
-
-def print_rows(rows: Sequence[Row]) -> None:
-    print(f"{'op':<20} {'shape':<30} {'dtype':<9} {'backend':<20} {'ms':>9} {'throughput':>15} "
-          f"{'of ceiling':>10}")
-    for r in rows:
-        frac = f"{r.fraction_of_ceiling:10.0%}" if r.fraction_of_ceiling is not None else ""
-        print(f"{r.op:<20} {r.shape:<30} {r.dtype:<9} {r.backend:<20} {r.ms:9.3f} "
-              f"{format_throughput(r):>15} {frac}{format_extra(r)}")
-
-
 def run_family(family: str, device: torch.device, quick: bool,
-               bench: Callable[[torch.device, bool, float], list[Row]], subjects: Sequence[str],
-               baselines: Sequence[str], results_dir: str = RESULTS_DIR) -> list[Row]:
-    """One family's benchmark run: measures the ceilings, runs ``bench(device, quick, copy_gbps)``,
-    prints the rows and the speedups of ``subjects`` over ``baselines``, writes the results and the
-    plot."""
+               benches: Sequence[Callable[[torch.device, bool, float | None], list[Row]]],
+               subjects: Sequence[str], baselines: Sequence[str],
+               results_dir: str = RESULTS_DIR) -> list[Row]:
+    """One family's benchmark run: measures the ceilings, runs each ``bench_<op>(device, quick,
+    copy_gbps)`` of ``benches``, prints the rows and the speedups of ``subjects`` over
+    ``baselines``, writes the results and the plot."""
     ceilings = measure_ceilings(device, quick)
     peers = peer_status(device)
-    rows = bench(device, quick, ceilings["copy_gbps"])
+    rows = [row for bench in benches for row in bench(device, quick, ceilings["copy_gbps"])]
     fill_fractions(rows, ceilings)
     print(f"device: {device_name(device)}: measured copy {ceilings['copy_gbps']:.1f} GB/s, matmul "
           f"{ceilings['matmul_tflops']:.2f} TFLOP/s ({ceilings['matmul']})")
@@ -266,17 +216,3 @@ def run_family(family: str, device: torch.device, quick: bool,
                        title=f"{family} on {device_name(device)}")
     print(f"plot: {plot}" if plot.endswith(".png") else plot)
     return rows
-
-
-def print_speedups(rows: Sequence[Row], subjects: Sequence[str], baselines: Sequence[str]) -> None:
-    """For each (op, shape, dtype): how many times faster each subject backend is than each
-    baseline."""
-    by_case: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        by_case.setdefault((r.op, r.shape, r.dtype), {})[r.backend] = r.ms
-    for (op, shape, dtype), times in by_case.items():
-        for subject in (s for s in subjects if s in times):
-            ratios = ", ".join(f"{times[b] / times[subject]:.2f}x {b}" for b in baselines
-                               if b in times and b != subject)
-            if ratios:
-                print(f"{op} {shape} {dtype}: {subject} is {ratios}")

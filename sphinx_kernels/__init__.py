@@ -43,19 +43,19 @@ from sphinx_kernels.ops.moe_unpermute import moe_unpermute
 from sphinx_kernels.ops.pack_by_token_budget import Packing, pack_by_token_budget
 from sphinx_kernels.ops.patch_projection import patch_projection
 from sphinx_kernels.ops.plan_layout import (
-                                            IGNORE_INDEX,
-                                            SOURCE_IMAGE_BEGIN,
-                                            SOURCE_IMAGE_END,
-                                            SOURCE_PADDING,
-                                            SOURCE_SKIP,
-                                            SOURCE_TEXT,
-                                            SOURCE_VISUAL,
-                                            ImageSpec,
-                                            LayoutInputs,
-                                            PackedLayout,
-                                            SampleSpec,
-                                            layout_inputs,
-                                            plan_layout,
+    IGNORE_INDEX,
+    SOURCE_IMAGE_BEGIN,
+    SOURCE_IMAGE_END,
+    SOURCE_PADDING,
+    SOURCE_SKIP,
+    SOURCE_TEXT,
+    SOURCE_VISUAL,
+    ImageSpec,
+    LayoutInputs,
+    PackedLayout,
+    SampleSpec,
+    layout_inputs,
+    plan_layout,
 )
 from sphinx_kernels.ops.topk_gating import Gating, topk_gating
 from sphinx_kernels.ops.varlen_attention import varlen_attention

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import pytest
 import torch
 
 FORWARD_FACTOR = 2.0
@@ -93,5 +94,11 @@ def interpreter_rounds_bf16(backend: str, dtype: torch.dtype) -> bool:
     """Whether ``backend``'s ``dtype`` results are the Triton interpreter's bf16, which truncates
     float32 -> bfloat16 where GPUs round to nearest even (docs/environment.md): those results are
     checked on a GPU. Data movement is exact regardless."""
-    from sphinx_kernels.backends import triton_interpreted
+    from sphinx_kernels.platforms import triton_interpreted
     return backend == "triton" and dtype == torch.bfloat16 and triton_interpreted()
+
+
+def skip_if_interpreter_rounds_bf16(backend: str, dtype: torch.dtype) -> None:
+    """Skips the test where :func:`interpreter_rounds_bf16`."""
+    if interpreter_rounds_bf16(backend, dtype):
+        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")

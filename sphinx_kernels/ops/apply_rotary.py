@@ -19,8 +19,9 @@ from sphinx_kernels._validation import (
     require_tensor,
     require_unit_stride,
 )
-from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "APPLY_ROTARY_BACKENDS"]
 

@@ -13,17 +13,9 @@ from typing import Sequence
 import torch
 
 from sphinx_kernels._validation import require_device, require_tensor
-from sphinx_kernels.backends import (
-    CUDA,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES
+from sphinx_kernels.platforms import CUDA, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_TILES_BACKENDS"]
 

@@ -17,9 +17,10 @@ import importlib.util
 
 import torch
 
-from sphinx_kernels.backends import Backend, Impl, Platform
+from sphinx_kernels.backends import Backend, Impl
 from sphinx_kernels.dtypes import HALF_DTYPES
 from sphinx_kernels.ops.flash_attention_2 import flash_attention_2_reasons, zero_rows_past
+from sphinx_kernels.platforms import Platform
 
 __all__ = ["FLASH_ATTN", "FLASH_ATTN_BACKEND", "flash_attn_ops", "flash_attn_missing",
            "FLASH_ATTN_KEYWORDS"]

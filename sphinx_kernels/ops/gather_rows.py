@@ -21,18 +21,9 @@ from sphinx_kernels._validation import (
     require_unit_stride,
     should_check_values,
 )
-from sphinx_kernels.backends import (
-    CPP,
-    CUDA,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["gather_rows", "gather_rows_reference", "gather_rows_backward_reference",
            "GATHER_ROWS_BACKENDS", "MAX_GATHER_SOURCES"]

@@ -16,9 +16,10 @@ from sphinx_kernels._validation import (
     require_tensor,
     should_check_values,
 )
-from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["moe_expert_mlp", "moe_expert_mlp_reference", "moe_expert_mlp_backward_reference",
            "MOE_EXPERT_MLP_BACKENDS"]

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from sphinx_kernels.backends import (
-    CPP,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["moe_permute", "moe_permute_reference", "MOE_PERMUTE_BACKENDS"]
 

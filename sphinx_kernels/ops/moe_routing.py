@@ -27,19 +27,9 @@ from sphinx_kernels._validation import (
     require_int,
     require_tensor,
 )
-from sphinx_kernels.backends import (
-    CPP,
-    CUDA,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    Request,
-    native_ops,
-    triton_module,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES
+from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native_ops, triton_module
 
 __all__ = ["RoutingPlan", "MoeRoutingRequest", "moe_routing", "moe_routing_reference",
            "padded_rows_bound", "require_plan_rows", "MOE_ROUTING_BACKENDS",

@@ -12,7 +12,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, require_int, require_tensor
-from sphinx_kernels.backends import CPP, CPU_REFERENCE, Backend, Impl, OpBackends, native
+from sphinx_kernels.backends import Backend, Impl, OpBackends
+from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
 __all__ = ["Packing", "pack_by_token_budget", "pack_by_token_budget_reference",
            "PACK_BY_TOKEN_BUDGET_BACKENDS"]

@@ -23,8 +23,9 @@ from sphinx_kernels._validation import (
     require_tensor,
     should_check_values,
 )
-from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["patch_projection", "patch_projection_reference", "resample_reference",
            "feature_layouts", "FeatureLayout", "PATCH_PROJECTION_BACKENDS"]

@@ -21,7 +21,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, require_int, require_tensor
-from sphinx_kernels.backends import CPP, CPU_REFERENCE, Backend, Impl, OpBackends, native
+from sphinx_kernels.backends import Backend, Impl, OpBackends
+from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
 __all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END",
            "SOURCE_PADDING", "IGNORE_INDEX", "ImageSpec", "SampleSpec", "LayoutInputs",

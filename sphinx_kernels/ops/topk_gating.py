@@ -12,16 +12,9 @@ from typing import NamedTuple
 import torch
 
 from sphinx_kernels._validation import require_tensor
-from sphinx_kernels.backends import (
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    triton_launcher,
-    triton_module,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher, triton_module
 
 __all__ = ["Gating", "topk_gating", "topk_gating_reference", "topk_gating_backward_reference",
            "TOPK_GATING_BACKENDS"]

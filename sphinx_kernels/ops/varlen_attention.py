@@ -20,18 +20,11 @@ from sphinx_kernels._validation import (
     require_unit_stride,
     should_check_values,
 )
-from sphinx_kernels.backends import (
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    Request,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN_BACKEND
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH_BACKEND
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "varlen_attention_backward_reference",
            "varlen_attention_mask", "VarlenAttentionRequest", "VARLEN_ATTENTION_BACKENDS",

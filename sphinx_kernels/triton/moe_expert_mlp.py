@@ -223,6 +223,21 @@ def _store_weight_grad(out_ptr, acc, e, rp, rq, rows_p, cols_q):
 
 
 @triton.jit
+def _b_block(b_ptr, r0, end, rq, cols_q, BLOCK_R: tl.constexpr):
+    """The rows ``r0 .. r0 + BLOCK_R`` (those below ``end`` valid) and their tile of B."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    r_in = r < end
+    return r, r_in, _rows_block(b_ptr, r, r_in, rq, cols_q)
+
+
+@triton.jit
+def _accumulate_at_b(acc, a_ptr, b, r, r_in, rp, rows_p, PRECISION: tl.constexpr):
+    """``acc + A[r, rp].T @ b``."""
+    return tl.dot(tl.trans(_rows_block(a_ptr, r, r_in, rp, rows_p)), b, acc,
+                  input_precision=PRECISION)
+
+
+@triton.jit
 def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, offsets_ptr, counts_ptr, num_rows, rows_p, cols_q,
                         PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                         BLOCK_R: tl.constexpr):
@@ -232,11 +247,8 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, offsets_ptr, counts_ptr, num_rows
                                               BLOCK_P, BLOCK_Q)
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_in = r < end
-        b = _rows_block(b_ptr, r, r_in, rq, cols_q)
-        acc = tl.dot(tl.trans(_rows_block(a_ptr, r, r_in, rp, rows_p)), b, acc,
-                     input_precision=PRECISION)
+        r, r_in, b = _b_block(b_ptr, r0, end, rq, cols_q, BLOCK_R)
+        acc = _accumulate_at_b(acc, a_ptr, b, r, r_in, rp, rows_p, PRECISION)
     _store_weight_grad(out_ptr, acc, e, rp, rq, rows_p, cols_q)
 
 
@@ -250,13 +262,9 @@ def _weight_grad_pair_kernel(a_ptr, a2_ptr, b_ptr, out_ptr, out2_ptr, offsets_pt
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_in = r < end
-        b = _rows_block(b_ptr, r, r_in, rq, cols_q)
-        acc = tl.dot(tl.trans(_rows_block(a_ptr, r, r_in, rp, rows_p)), b, acc,
-                     input_precision=PRECISION)
-        acc2 = tl.dot(tl.trans(_rows_block(a2_ptr, r, r_in, rp, rows_p)), b, acc2,
-                      input_precision=PRECISION)
+        r, r_in, b = _b_block(b_ptr, r0, end, rq, cols_q, BLOCK_R)
+        acc = _accumulate_at_b(acc, a_ptr, b, r, r_in, rp, rows_p, PRECISION)
+        acc2 = _accumulate_at_b(acc2, a2_ptr, b, r, r_in, rp, rows_p, PRECISION)
     _store_weight_grad(out_ptr, acc, e, rp, rq, rows_p, cols_q)
     _store_weight_grad(out2_ptr, acc2, e, rp, rq, rows_p, cols_q)
 

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.backends import triton_interpreted
 from sphinx_kernels.ops.patch_projection import FeatureLayout, feature_layouts
+from sphinx_kernels.platforms import triton_interpreted
 from sphinx_kernels.triton.common import block_of, dot_precision, rows_per_program, swizzled_tile
 
 # Row tiles of the projection GEMM that share each weight column tile while it is in L2.

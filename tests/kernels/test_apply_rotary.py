@@ -16,7 +16,7 @@ from tests.numerics import (
     FORWARD_FACTOR,
     GRADIENT_FACTOR,
     assert_all_within_torch_error,
-    interpreter_rounds_bf16,
+    skip_if_interpreter_rounds_bf16,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,8 +87,7 @@ def random_like(tensors, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("general_tables", [False, True])
 def test_forward_within_tolerance_of_float64(backend, dtype, general_tables, seed):
-    if interpreter_rounds_bf16(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
+    skip_if_interpreter_rounds_bf16(backend, dtype)
     gen = torch.Generator().manual_seed(seed)
     for num_tokens, q_heads, k_heads, dim in sample_configs(3, seed):
         what = f"T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend}"
@@ -110,8 +109,7 @@ def test_forward_within_tolerance_of_float64(backend, dtype, general_tables, see
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_within_tolerance_of_float64(backend, dtype, seed):
-    if interpreter_rounds_bf16(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
+    skip_if_interpreter_rounds_bf16(backend, dtype)
     gen = torch.Generator().manual_seed(seed)
     for num_tokens, q_heads, k_heads, dim in sample_configs(2, seed):
         what = f"T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend} grad"

@@ -9,19 +9,15 @@ import torch
 import sphinx_kernels
 from sphinx_kernels import info
 from sphinx_kernels.backends import (
-    CPP,
-    CUDA,
     ENV_BACKEND,
-    REFERENCE,
-    TRITON,
     Backend,
     BackendUnavailableError,
     Impl,
     OpBackends,
     Request,
-    native_extension,
 )
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS
+from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native_extension
 
 CPU_FP32 = GATHER_ROWS_BACKENDS.request("cpu", torch.float32)
 

@@ -9,7 +9,12 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
-from tests.numerics import GRADIENT_FACTOR, assert_all_within_torch_error, interpreter_rounds_bf16
+from tests.numerics import (
+    GRADIENT_FACTOR,
+    assert_all_within_torch_error,
+    interpreter_rounds_bf16,
+    skip_if_interpreter_rounds_bf16,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -112,8 +117,7 @@ def assert_gradients_within_torch_error(backend, grads, sources, source_ids, row
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_within_tolerance_of_float64(backend, dtype, seed):
-    if interpreter_rounds_bf16(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
+    skip_if_interpreter_rounds_bf16(backend, dtype)
     # Few source rows read by many output rows: every gradient row sums many terms.
     sources, source_ids, row_ids = make_case(300, 33, dtype, source_rows=(5, 0, 1, 9),
                                              requires_grad=True, seed=seed)

@@ -179,7 +179,7 @@ def test_bad_checkpoints_are_errors_naming_the_key(hf_dirs, tmp_path):
         sm.load_hf_llm(pickled)
 
 
-def test_dtype_and_mistral_config():
+def test_mistral_sliding_window_caps_the_positions():
     hf = {"model_type": "mistral", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
           "sliding_window": 64, "max_position_embeddings": 128, "rope_theta": 1e6}
@@ -208,3 +208,20 @@ def test_load_dtype_and_atomic_save(hf_dirs, tmp_path, monkeypatch):
         sm.save_hf_llm(sm.load_hf_llm(path), target)
     assert (target / "model.safetensors").read_bytes() == before  # the old checkpoint is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary left behind
+
+
+def test_tied_embeddings_load_and_save(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES,
+                                                                   tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "hf")
+    llm = sm.load_hf_llm(tmp_path / "hf")
+    assert llm.config.tie_word_embeddings and llm.lm_head.weight is llm.embed_tokens.weight
+    assert torch.equal(llm.lm_head.weight, model.lm_head.weight)
+    sm.save_hf_llm(llm, tmp_path / "ours")
+    assert "lm_head.weight" not in load_file(tmp_path / "ours" / "model.safetensors")
+    _assert_same_weights(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours"), model)
+    with torch.device("meta"):
+        meta = sm.LLM(llm.config)
+    meta.to_empty(device="cpu")
+    assert meta.lm_head.weight is meta.embed_tokens.weight

@@ -35,17 +35,18 @@ def test_values_and_gradients_equal_plain_cross_entropy(chunk_rows):
 
 
 def test_bfloat16_error_within_pytorchs_own():
-    """Against float64, our bf16 loss and gradients err at most 2x / 3x what the plain bf16
-    computation errs (the weight gradient is summed over chunks in float32, rounded once)."""
-    h, w, labels = _problem(rows=97, hidden=32, vocab=61, dtype=torch.float64)
+    """Against float64, our bf16 loss and hidden gradient err at most 2x / 3x what the plain bf16
+    computation errs; the weight gradient, summed over ~60 chunks in float32 and rounded once, errs
+    like the plain one (summing in bf16 would err 2.7x here)."""
+    h, w, labels = _problem(rows=400, hidden=32, vocab=61, dtype=torch.float64)
     exact = _value_and_grads(linear_cross_entropy_reference, h, w, labels)
     h16, w16 = h.detach().bfloat16(), w.detach().bfloat16()
-    ours = _value_and_grads(linear_cross_entropy, h16, w16, labels, chunk_rows=8)
+    ours = _value_and_grads(linear_cross_entropy, h16, w16, labels, chunk_rows=4)
     plain = _value_and_grads(linear_cross_entropy_reference, h16, w16, labels)
-    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
+    for name, a, p, e, limit in zip(("loss", "dh", "dW"), ours, plain, exact, (2, 3, 1.5)):
         assert a.dtype == p.dtype
         ours_err, plain_err = (a.double() - e).norm(), (p.double() - e).norm()
-        assert ours_err <= (2 if i == 0 else 3) * plain_err + 1e-6, (i, ours_err, plain_err)
+        assert ours_err <= limit * plain_err, (name, ours_err, plain_err)
 
 
 class _LargestFloat32(TorchDispatchMode):

@@ -44,9 +44,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The padding colour: the CLIP mean in uint8, truncated as the SPHINX reference's PadToSquare does.
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 
-# 16-bit grayscale modes: scaled to 8 bits rather than clipped.
-_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
 
 @dataclass
 class TiledImage:
@@ -127,8 +124,8 @@ def tile_image(image: Image.Image, vision: VisionConfig) -> TiledImage:
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` upright (EXIF orientation applied) in mode RGB, fully loaded.
 
-    Alpha (RGBA, LA, palette with transparency) is composited over the padding colour; 16-bit and
-    float grayscale are scaled to 8 bits when their values exceed 255.
+    Alpha (RGBA, LA, palette with transparency) is composited over the padding colour; 16-bit
+    grayscale is scaled to 8 bits, 32-bit integer and float grayscale too when they exceed 255.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
@@ -136,11 +133,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if width < 1 or height < 1:
         raise ValueError(f"image must have at least one pixel, got size {width}x{height}")
     image = ImageOps.exif_transpose(image)
-    if image.mode in _WIDE_GRAY_MODES:
-        image = image.convert("F") if image.mode == "F" else image.convert("I")
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: scaled to 8 bits rather than clipped
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    elif image.mode in ("I", "F"):  # 32-bit grayscale of unknown range: scaled when it exceeds 8 bits
         high = image.getextrema()[1]
-        if high > 255:
-            image = image.point(lambda v: v * (255.0 / high))
+        image = image.point(lambda v: v * (255 / high)) if high > 255 else image
         image = image.convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

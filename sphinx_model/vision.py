@@ -25,8 +25,6 @@ import functools
 import json
 import math
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 
 import timm
@@ -37,10 +35,12 @@ from timm.models import vision_transformer as timm_vit
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sphinx_model.checkpoints import safe_torch_load
 from sphinx_model.config import VisionConfig
 from sphinx_model.tiling import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["VisionTower", "convnext_state_dict", "dinov2_state_dict", "load_state_file"]
+__all__ = ["VisionTower", "check_state_keys", "convnext_state_dict", "dinov2_state_dict",
+           "load_state_file"]
 
 # timm's ConvNeXt default layer-scale init (ConvNeXtBlock keeps it in a bare parameter).
 _CONVNEXT_LS_INIT = 1e-6
@@ -193,10 +193,10 @@ def convnext_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A flat state dict from a local ``.safetensors`` file or a torch pickle, read with
-    ``weights_only=True``: a pickle that carries code (any object other than tensors and plain
-    containers) is refused with ``ValueError``. A ``{"model": ...}`` / ``{"state_dict": ...}``
-    wrapper is unwrapped."""
+    """A flat state dict from a local ``.safetensors`` file or a torch pickle (read by
+    ``checkpoints.safe_torch_load``: ``weights_only=True``, a pickle that carries code is refused
+    with ``UnsafeCheckpointError``, a ``ValueError``). A ``{"model": ...}`` /
+    ``{"state_dict": ...}`` wrapper is unwrapped."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist (weights load from local "
@@ -204,13 +204,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    try:
-        # mmap (no copy into memory) works for torch's zip format only, not for legacy pickles.
-        state = torch.load(path, map_location="cpu", weights_only=True,
-                           mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"refusing to load {path!r}: its pickle carries objects other than "
-                         f"tensors (code would run to load it): {error}") from error
+    state = safe_torch_load(path)
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -269,13 +263,15 @@ def _dinov2_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> to
     return torch.cat([pos_embed[:, :1].float(), grid], dim=1).to(pos_embed.dtype)
 
 
-def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """``module.load_state_dict(state)`` after checking keys and shapes (ValueError naming them)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k} {list(state[k].shape)} (expected {list(own[k].shape)})"
-                  for k in own if k in state and state[k].shape != own[k].shape]
+def check_state_keys(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
+                     where: str, *, shapes: bool = True) -> None:
+    """``ValueError`` naming every key of ``expected`` missing from ``found``, every unexpected key
+    and (with ``shapes``) every shape mismatch; ``where`` starts the message."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k} {list(found[k].shape)} (expected {list(expected[k].shape)})"
+                  for k in expected if shapes and k in found
+                  and tuple(found[k].shape) != tuple(expected[k].shape)]
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -284,7 +280,13 @@ def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], name: str)
     if mismatched:
         problems.append(f"shape mismatches: {', '.join(mismatched)}")
     if problems:
-        raise ValueError(f"{name} weights do not fit the model: " + "; ".join(problems))
+        raise ValueError(f"{where}: the weights do not fit the model: " + "; ".join(problems))
+
+
+def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
+    """``module.load_state_dict(state)`` after :func:`check_state_keys` (nothing assigned on error)."""
+    own = module.state_dict()
+    check_state_keys(own, state, f"{name} weights")
     module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))
 
 

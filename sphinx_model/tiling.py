@@ -1,10 +1,11 @@
 """Any-resolution tiling of one image into the views both encoders see (runs in DataLoader workers).
 
-The image (EXIF orientation applied, converted to RGB) is resized with its aspect ratio kept so that
-its longer side fills a canvas of ``tiles x tiles`` square tiles, placed at the top-left, and the rest
-of the canvas is the padding colour (the CLIP mean, as SPHINX pads). Views, in order: the global view
-(the whole canvas, one tile's size), then every tile that holds an image pixel, in raster order. A
-tile holding none is *skipped*: it is never encoded, and one learnable skip token stands in for it.
+The image (EXIF orientation applied, converted to RGB) is resized with its aspect ratio kept so
+that its longer side fills a canvas of ``tiles x tiles`` square tiles, placed at the top-left, and
+the rest of the canvas is the padding colour (the CLIP mean, as SPHINX pads). Views, in order: the
+global view (the whole canvas, one tile's size), then every tile that holds an image pixel, in
+raster order. A tile holding none is *skipped*: it is never encoded, and one learnable skip token
+stands in for it.
 
 Which tiles are skipped is a property of the geometry alone (:func:`tile_geometry`), the same at
 every encoder resolution: the resized image extent is rounded per resolution but kept inside the
@@ -35,8 +36,8 @@ __all__ = [
     "to_rgb",
 ]
 
-# Per-channel RGB statistics in [0, 1] of the encoders' pretraining (ConvNeXt: OpenAI CLIP's, DINOv2:
-# ImageNet's); the vision tower normalises with them.
+# Per-channel RGB statistics in [0, 1] of the encoders' pretraining (ConvNeXt: OpenAI CLIP's,
+# DINOv2: ImageNet's); the vision tower normalises with them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -117,7 +118,7 @@ def tile_image(image: Image.Image, vision: VisionConfig) -> TiledImage:
         tile_views = [canvas[:, r * side:(r + 1) * side, c * side:(c + 1) * side]
                       for r, c in kept_tiles]
         global_view = _pixels(_on_canvas(rgb, _extent(width, height, side, tiles), side))
-        views[name] = torch.stack([global_view] + tile_views)
+        views[name] = torch.stack([global_view, *tile_views])
     return TiledImage(rows, cols, skipped, views["dinov2"], views["convnext"])
 
 
@@ -135,7 +136,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):  # 16-bit grayscale: scaled to 8 bits rather than clipped
         image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-    elif image.mode in ("I", "F"):  # 32-bit grayscale of unknown range: scaled when it exceeds 8 bits
+    elif image.mode in ("I", "F"):  # 32-bit grayscale, range unknown: scaled when over 8 bits
         high = image.getextrema()[1]
         image = image.point(lambda v: v * (255 / high)) if high > 255 else image
         image = image.convert("L")
@@ -143,7 +144,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, PAD_COLOR + (255,))
+        background = Image.new("RGBA", rgba.size, (*PAD_COLOR, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 

@@ -42,6 +42,8 @@ from sphinx_model.tiling import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["VisionTower", "check_state_keys", "convnext_state_dict", "dinov2_state_dict",
            "load_state_file"]
 
+# A weights file (path) or a state dict.
+WeightsSource = str | os.PathLike | Mapping[str, torch.Tensor]
 # timm's ConvNeXt default layer-scale init (ConvNeXtBlock keeps it in a bare parameter).
 _CONVNEXT_LS_INIT = 1e-6
 
@@ -68,7 +70,7 @@ class VisionTower(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> VisionTower:
-        """Always eval: the encoders are frozen (dropout, drop-path off whatever the model's mode)."""
+        """Always eval: the encoders are frozen (no dropout or drop-path whatever the mode)."""
         return super().train(False)
 
     @property
@@ -88,7 +90,8 @@ class VisionTower(nn.Module):
 
         Args:
             dinov2_pixels: uint8 ``[V, 3, S1, S1]`` RGB (``S1 = cfg.dinov2_image_size``).
-            convnext_pixels: uint8 ``[V, 3, S2, S2]`` RGB, the same views at ``cfg.convnext_image_size``.
+            convnext_pixels: uint8 ``[V, 3, S2, S2]`` RGB, the same views at
+                ``cfg.convnext_image_size``.
             chunk_views: encode at most this many views at a time (bounds activation memory).
 
         Returns:
@@ -147,8 +150,8 @@ class VisionTower(nn.Module):
         if self.cfg.dinov2_weights or self.cfg.convnext_weights:
             self.load_weights(dinov2=self.cfg.dinov2_weights, convnext=self.cfg.convnext_weights)
 
-    def load_weights(self, dinov2: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
-                     convnext: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> None:
+    def load_weights(self, dinov2: WeightsSource | None = None,
+                     convnext: WeightsSource | None = None) -> None:
         """Loads encoder weights from local files (``.safetensors``, or a pickle read with
         ``weights_only=True``) or state dicts, in any layout timm's filters accept (see
         :func:`dinov2_state_dict`, :func:`convnext_state_dict`). Missing or unexpected keys and
@@ -183,13 +186,14 @@ def dinov2_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> di
 
 
 def convnext_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
-    """A ConvNeXt state dict in timm's layout for ``model`` (a timm ``ConvNeXt`` without classifier).
+    """A ConvNeXt state dict in timm's layout for ``model`` (a timm ``ConvNeXt``, no classifier).
 
     Accepts timm's layout (the SPHINX reference's ``openclip_convnext_xxl.*`` trunk, prefix
     stripped) and open_clip's full CLIP file (``visual.trunk.*``; its text tower and projection
     head are dropped: the tower ends at the trunk's head norm)."""
     converted = timm_convnext.checkpoint_filter_fn(dict(state), model)
-    return {k: v for k, v in converted.items() if not k.startswith(("head.fc.", "head.pre_logits."))}
+    head = ("head.fc.", "head.pre_logits.")
+    return {k: v for k, v in converted.items() if not k.startswith(head)}
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -213,7 +217,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def _check_encoders(dinov2: nn.Module, convnext: nn.Module, cfg: VisionConfig) -> None:
@@ -237,8 +241,8 @@ def _check_encoders(dinov2: nn.Module, convnext: nn.Module, cfg: VisionConfig) -
              "ConvNeXt": cfg.convnext_image_size // reduction}
     for name, side in grids.items():
         if not (side % cfg.grid == 0 or cfg.grid % side == 0):
-            raise ValueError(f"vision.grid {cfg.grid}: the {name} grid per view ({side}x{side}) must "
-                             "be an integer multiple or divisor of it")
+            raise ValueError(f"vision.grid {cfg.grid}: the {name} grid per view ({side}x{side}) "
+                             "must be an integer multiple or divisor of it")
 
 
 def _normalised(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
@@ -284,7 +288,8 @@ def check_state_keys(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
 
 
 def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """``module.load_state_dict(state)`` after :func:`check_state_keys` (nothing assigned on error)."""
+    """``module.load_state_dict(state)`` after :func:`check_state_keys` (nothing assigned on
+    error)."""
     own = module.state_dict()
     check_state_keys(own, state, f"{name} weights")
     module.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))

@@ -27,7 +27,8 @@ def test_geometry_keeps_the_tiles_the_scaled_image_reaches(width, height, tiles)
     longest = max(width, height)
     for r in range(tiles):
         for c in range(tiles):
-            # Tile (r, c) spans [c, c + 1) x [r, r + 1) in tile units; the image [0, tiles * w / long).
+            # Tile (r, c) spans [c, c + 1) x [r, r + 1) in tile units, the image
+            # [0, tiles * w / long) x [0, tiles * h / long).
             holds_image = c * longest < tiles * width and r * longest < tiles * height
             assert skipped[r * cols + c] == (not holds_image), (r, c)
     # The longer side spans every tile.
@@ -108,7 +109,7 @@ def test_views_are_pillow_bicubic_crops_of_the_canvas():
         expected = [photo.resize((side, side), Image.Resampling.BICUBIC)] + [
             full.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
             for r in range(2) for c in range(2)]
-        for view, image in zip(pixels, expected):
+        for view, image in zip(pixels, expected, strict=True):
             chw = torch.tensor(list(image.tobytes()), dtype=torch.uint8).view(side, side, 3)
             assert torch.equal(view, chw.permute(2, 0, 1))
 
@@ -171,5 +172,5 @@ def test_errors_name_the_argument():
         tile_geometry(8, 8, 0)
     with pytest.raises(TypeError, match="height"):
         tile_geometry(8, 8.0, 2)
-    with pytest.raises(ValueError, match="vision.convnext_image_size"):
+    with pytest.raises(ValueError, match=r"vision\.convnext_image_size"):
         tile_image(Image.new("RGB", (8, 8)), dataclasses.replace(TINY, convnext_image_size=0))

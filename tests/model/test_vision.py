@@ -119,7 +119,7 @@ def test_weight_errors_name_the_keys(tmp_path):
         tower.load_weights(convnext={**state, "extra.bias": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"stem\.0\.bias \[3\]"):
         tower.load_weights(convnext={**state, "stem.0.bias": torch.zeros(3)})
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth"):
         tower.load_weights(dinov2=tmp_path / "nowhere.pth")
 
 

@@ -34,7 +34,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,9 @@ from sphinx_kernels.nn import moe_mlp_from_mixtral, moe_mlp_to_mixtral
 from sphinx_model.config import LLMConfig, validate_llm
 from sphinx_model.llm import LLM
 
-__all__ = ["MAX_SHARD_BYTES", "SafetensorsDir", "UnsafeCheckpointError", "atomic_directory",
-           "hf_llm_state_dict", "llm_config_from_hf", "llm_config_to_hf", "load_hf_llm",
+__all__ = ["MAX_SHARD_BYTES", "CheckpointReader", "SafetensorsDir", "UnsafeCheckpointError",
+           "atomic_directory", "check_llm_weights", "empty_llm", "hf_llm_state_dict",
+           "llm_config_from_hf", "llm_config_to_hf", "llm_parameter_shapes", "load_hf_llm",
            "load_llm_weights", "safe_torch_load", "save_hf_llm", "write_safetensors"]
 
 MAX_SHARD_BYTES = 5 << 30        # safetensors files written by save_hf_llm hold at most this
@@ -267,7 +268,7 @@ def llm_config_to_hf(cfg: LLMConfig, dtype: torch.dtype = torch.float32) -> dict
 # ---------------------------------------------------------------------------------------------------
 # State dicts
 
-class _KeyReader(Mapping[str, torch.Tensor]):
+class CheckpointReader(Mapping[str, torch.Tensor]):
     """A checkpoint's tensors that remembers which keys were read, so that the rest can be reported
     as unexpected; a missing key or a non-float tensor is an error naming it."""
 
@@ -307,7 +308,7 @@ def hf_llm_state_dict(tensors: Mapping[str, torch.Tensor], cfg: LLMConfig,
     ``cfg.arch`` says) to :class:`~sphinx_model.LLM` names, lazily: yields ``(our key, tensor, source
     key)``, reading one source tensor (one layer's experts) at a time. Unexpected keys raise once all
     are read (``rotary_emb.inv_freq`` buffers of old checkpoints are ignored)."""
-    reader = _KeyReader(tensors, where)
+    reader = CheckpointReader(tensors, where)
     internlm = cfg.arch == "internlm2"
     embed, final_norm, head = (("model.tok_embeddings.weight", "model.norm.weight", "output.weight")
                                if internlm else
@@ -351,7 +352,7 @@ def _split_internlm2_wqkv(wqkv: torch.Tensor, cfg: LLMConfig, key: str):
             grouped[:, groups + 1].reshape(-1, cfg.hidden_size))
 
 
-def _mixtral_experts(reader: _KeyReader, src: str, dst: str):
+def _mixtral_experts(reader: CheckpointReader, src: str, dst: str):
     """One layer's MoE weights from the per-expert file layout or transformers 5.x's fused one."""
     if src + "mlp.gate.weight" in reader:  # fused: gate_up_proj [E, 2F, H], down_proj [E, H, F]
         gate_up_key, down_key = src + "mlp.experts.gate_up_proj", src + "mlp.experts.down_proj"
@@ -369,28 +370,51 @@ def _mixtral_experts(reader: _KeyReader, src: str, dst: str):
         yield dst + "mlp." + name, tensor, f"{src}block_sparse_moe ({name})"
 
 
-def load_llm_weights(llm: LLM, converted: Iterator[tuple[str, torch.Tensor, str]]) -> None:
-    """Copies ``(our key, tensor, source key)`` triples (from :func:`hf_llm_state_dict` or
-    ``sphinx_model.accessory.accessory_llm_state_dict``) into ``llm``'s parameters (casting to their
-    dtype, on their device), then fills the rotary tables. Every parameter must be given exactly once
-    with its exact shape; errors name both keys."""
-    params = dict(llm.named_parameters())
+def check_llm_weights(shapes: Mapping[str, torch.Size],
+                      converted: Iterable[tuple[str, torch.Tensor, str]]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Passes ``(our key, tensor)`` on from ``(our key, tensor, source key)`` triples after checking
+    them against ``shapes`` (our key -> parameter shape): every key known, given once, with its exact
+    shape, and, once exhausted, none left out. Errors name both keys."""
     seen = set()
     for key, tensor, source in converted:
-        if key not in params:
+        if key not in shapes:
             raise ValueError(f"{source}: maps to {key!r}, which the model does not have")
         if key in seen:
             raise ValueError(f"{source}: {key!r} given twice")
-        if tuple(tensor.shape) != tuple(params[key].shape):
+        if tuple(tensor.shape) != tuple(shapes[key]):
             raise ValueError(f"{source}: shape {tuple(tensor.shape)} does not fit {key!r} "
-                             f"{tuple(params[key].shape)} (is config.json right?)")
-        with torch.no_grad():
-            params[key].copy_(tensor)
+                             f"{tuple(shapes[key])} (is the config right?)")
         seen.add(key)
-    missing = sorted(set(params) - seen)
+        yield key, tensor
+    missing = sorted(set(shapes) - seen)
     if missing:
         raise ValueError(f"no weights for {missing[:5]}")
+
+
+def llm_parameter_shapes(cfg: LLMConfig) -> dict[str, torch.Size]:
+    """The parameter shapes of ``LLM(cfg)`` (built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        return {key: param.shape for key, param in LLM(cfg).named_parameters()}
+
+
+def load_llm_weights(llm: LLM, converted: Iterable[tuple[str, torch.Tensor, str]]) -> None:
+    """Copies ``(our key, tensor, source key)`` triples (from :func:`hf_llm_state_dict` or
+    ``sphinx_model.accessory``) into ``llm``'s parameters one at a time (cast to their dtype, on
+    their device; checked by :func:`check_llm_weights`), then fills the rotary tables."""
+    params = dict(llm.named_parameters())
+    with torch.no_grad():
+        for key, tensor in check_llm_weights({k: p.shape for k, p in params.items()}, converted):
+            params[key].copy_(tensor)
     llm.init_rotary()
+
+
+def empty_llm(cfg: LLMConfig, dtype: torch.dtype, device: torch.device | str | None) -> LLM:
+    """``LLM(cfg)`` with uninitialised ``dtype`` parameters on ``device`` (the CPU by default), built
+    on the meta device and materialised once, for a checkpoint to fill."""
+    with torch.device("meta"):
+        llm = LLM(cfg)
+    return llm.to(dtype).to_empty(device=device or "cpu")
 
 
 def load_hf_llm(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -415,9 +439,7 @@ def load_hf_llm(path: str | os.PathLike, dtype: torch.dtype | None = None,
         embed = "model.tok_embeddings.weight" if cfg.arch == "internlm2" else \
             "model.embed_tokens.weight"
         dtype = (tensors.dtype_of(embed) if embed in tensors else None) or torch.float32
-    with torch.device("meta"):
-        llm = LLM(cfg)
-    llm = llm.to(dtype).to_empty(device=device or "cpu")
+    llm = empty_llm(cfg, dtype, device)
     load_llm_weights(llm, hf_llm_state_dict(tensors, cfg, where=str(path)))
     return llm
 

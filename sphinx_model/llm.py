@@ -237,7 +237,7 @@ class LLM(nn.Module):
 
     Submodules: ``embed_tokens`` (``nn.Embedding [V, H]``), ``layers`` (:class:`DecoderLayer` each),
     ``norm`` (:class:`RMSNorm`), ``lm_head`` (``nn.Linear [V, H]``, the embedding's weight when
-    ``cfg.tie_word_embeddings``). Buffers ``rotary_cos``, ``rotary_sin`` ``[max_position_embeddings,
+    ``cfg.tie_word_embeddings``, kept tied through ``to`` / ``to_empty``). Buffers ``rotary_cos``, ``rotary_sin`` ``[max_position_embeddings,
     D]`` float32 (non-persistent): one rotary table shared by every layer.
 
     Calls (``T`` packed rows, ``cu_seqlens`` int32 ``[B + 1]`` as in ``sphinx_kernels``):
@@ -266,6 +266,14 @@ class LLM(nn.Module):
         self.register_buffer("rotary_cos", torch.empty(table, dtype=torch.float32), persistent=False)
         self.register_buffer("rotary_sin", torch.empty(table, dtype=torch.float32), persistent=False)
         self.init_weights()
+
+    def _apply(self, fn, recurse=True):
+        # Moving off the meta device (to_empty) replaces every Parameter object, which would untie
+        # lm_head from the embedding: tie again after any such conversion.
+        super()._apply(fn, recurse)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        return self
 
     @torch.no_grad()
     def init_weights(self, std: float = INIT_STD) -> None:

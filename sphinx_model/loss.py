@@ -100,9 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (lse - logits.gather(1, labels)).sum()
             if not (need_hidden or need_weight):
                 continue
-            grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(1, labels, grad.new_full(labels.shape, -1.0))
-            grad = grad.to(weight.dtype)
+            logits.sub_(lse).exp_()  # softmax, in place
+            logits.scatter_add_(1, labels, logits.new_full(labels.shape, -1.0))
+            grad, logits = logits.to(weight.dtype), None  # the float32 chunk is freed here
             if need_hidden:
                 torch.mm(grad, weight, out=grad_hidden[start:start + chunk_rows])
             if need_weight:

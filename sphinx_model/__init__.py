@@ -9,6 +9,7 @@ one-stage trainer and generation.
     model = sm.SphinxX(cfg)            # the multimodal model; model(batch) on a sm.PackedBatch
     tiled = sm.tile_image(image, cfg.vision)  # a PIL image's views (data loader side)
 """
+from sphinx_model.accessory_sphinx import load_accessory_sphinx
 from sphinx_model.batch import PackedBatch
 from sphinx_model.checkpoints import load_hf_llm, save_hf_llm
 from sphinx_model.config import (LLMConfig, PRESETS, ProjectorConfig, SphinxConfig, VisionConfig,
@@ -21,4 +22,4 @@ from sphinx_model.vision import VisionTower
 __all__ = ["PRESETS", "preset", "SphinxConfig", "VisionConfig", "ProjectorConfig", "LLMConfig",
            "PackedBatch", "LLM", "MoELosses", "KVCache", "SimpleKVCache", "load_hf_llm",
            "save_hf_llm", "SphinxX", "SphinxOutput", "VisionTower", "TiledImage", "tile_image",
-           "tile_geometry"]
+           "tile_geometry", "load_accessory_sphinx"]

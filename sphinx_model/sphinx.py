@@ -194,7 +194,7 @@ class SphinxX(nn.Module):
         with ``model.safetensors.index.json`` past ``max_shard_bytes``) into a temporary directory
         beside ``path``, then renames it onto ``path``. The parameters must be plain tensors: gather
         a sharded model's state dict first."""
-        state = self._own_state()
+        state = self.checkpoint_state()
         for key, tensor in state.items():
             if type(tensor) is not torch.Tensor:
                 raise TypeError(f"{key} is a {type(tensor).__name__}, not a plain tensor: gather "
@@ -218,7 +218,7 @@ class SphinxX(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         tensors = SafetensorsDir(path)
-        expected = model._own_state()
+        expected = model.checkpoint_state()
         check_state_keys(expected, tensors, str(path), shapes=False)
         device = torch.device(device or "cpu")
         state = {}
@@ -233,7 +233,7 @@ class SphinxX(nn.Module):
         return model
 
     def assign_state(self, state: dict[str, torch.Tensor], device: torch.device | str) -> None:
-        """Assigns a complete state dict (as :meth:`_own_state` names it, tensors already on
+        """Assigns a complete state dict (keyed as :meth:`checkpoint_state`, tensors already on
         ``device``) to a model built on the meta device, re-ties tied weights and materialises the
         non-persistent buffers (the LLM's rotary tables) on ``device``."""
         self.load_state_dict(state, strict=False, assign=True)
@@ -248,9 +248,9 @@ class SphinxX(nn.Module):
         if still_meta:
             raise ValueError(f"no weights for {', '.join(still_meta)}")
 
-    def _own_state(self) -> dict[str, torch.Tensor]:
-        """The state dict that is saved: every parameter and persistent buffer, the LM head left out
-        when it is the tied embedding."""
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds (``state_dict`` keys): every parameter and persistent buffer,
+        the LM head left out when it is the tied embedding."""
         state = self.state_dict()
         if self.config.llm.tie_word_embeddings:
             state.pop("llm.lm_head.weight")

@@ -12,7 +12,12 @@ from safetensors.torch import save_file
 
 import sphinx_model as sm
 from sphinx_model.vision import VisionTower, load_state_file
-from tests.model.vision_reference import randomised, reference_encoders, reference_features
+from tests.model.vision_reference import (
+    original_dinov2,
+    randomised,
+    reference_encoders,
+    reference_features,
+)
 
 VISION = sm.preset("tiny").vision
 
@@ -63,17 +68,6 @@ def test_bad_pixels_name_the_argument(tower):
         tower(good_d, torch.cat([good_c, good_c]))
     with pytest.raises(ValueError, match="chunk_views"):
         tower(good_d, good_c, chunk_views=0)
-
-
-def original_dinov2(state, grid):
-    """timm's DINOv2 weights in the original DINOv2 checkpoint's layout, position grid ``grid``."""
-    out = {}
-    for k, v in state.items():
-        out[k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3")] = v.clone()
-    width = out["pos_embed"].shape[-1]
-    out["pos_embed"] = torch.randn(1, 1 + grid * grid, width)
-    out["mask_token"] = torch.zeros(1, width)
-    return out
 
 
 def test_loads_original_dinov2_and_open_clip_files(tmp_path):

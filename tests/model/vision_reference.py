@@ -60,3 +60,14 @@ def reference_rows(tokens, maps, weight, bias, norm: nn.LayerNorm):
     dinov2_channels = tokens.shape[-1]
     accessory_weight = torch.cat([weight[:, dinov2_channels:], weight[:, :dinov2_channels]], dim=1)
     return norm(features @ accessory_weight.T + bias)
+
+
+def original_dinov2(state, grid):
+    """timm's DINOv2 weights in the original DINOv2 checkpoint's layout, position grid ``grid``."""
+    out = {}
+    for k, v in state.items():
+        out[k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3")] = v.clone()
+    width = out["pos_embed"].shape[-1]
+    out["pos_embed"] = torch.randn(1, 1 + grid * grid, width)
+    out["mask_token"] = torch.zeros(1, width)
+    return out

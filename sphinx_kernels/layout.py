@@ -11,9 +11,10 @@ Ops:
 Both run on the CPU (they prepare a batch in the data loader); their outputs move to the GPU with one
 copy each. Each has a pure-PyTorch / pure-Python reference beside it, which the tests compare against.
 
-Packed order of one sample: for each of its images a begin-image marker, the global view's
+Packed order of one sample: its first ``text_before_images`` text tokens (e.g. BOS, where the SPHINX
+reference puts the image block), then for each of its images a begin-image marker, the global view's
 ``tokens_per_view`` visual rows, its tiles in raster order (each either its ``tokens_per_view`` visual
-rows or one skip row when skipped), an end-image marker; then the sample's text tokens.
+rows or one skip row when skipped), an end-image marker; then the rest of the sample's text tokens.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class LayoutInputs(NamedTuple):
 
     Sample ``b`` owns the next ``text_lens[b]`` entries of ``text_ids`` and ``answer_mask`` and the next
     ``images_per_sample[b]`` rows of ``tile_grids``; image ``i`` owns the next ``rows_i * cols_i``
-    entries of ``skipped_tiles``, its tiles in raster order (all concatenated in sample order).
+    entries of ``skipped_tiles``, its tiles in raster order (all concatenated in sample order). The
+    first ``text_before_images[b]`` of the sample's text tokens go before its images (None: none).
     """
 
     text_ids: torch.Tensor           # [N] int64 (or int32): token ids, >= 0, samples concatenated
@@ -63,6 +65,7 @@ class LayoutInputs(NamedTuple):
     images_per_sample: torch.Tensor  # [B] int: images per sample, >= 0
     tile_grids: torch.Tensor         # [I, 2] int: (rows, cols) of sub-image tiles, each >= 1
     skipped_tiles: torch.Tensor      # [sum rows * cols] bool: True where the tile is all padding
+    text_before_images: torch.Tensor | None = None  # [B] int in [0, text_lens[b]], or None: all 0
 
 
 @dataclass
@@ -76,16 +79,18 @@ class ImageSpec:
 
 @dataclass
 class SampleSpec:
-    """One sample: its images (placed before the text) and its text tokens with the answer mask."""
+    """One sample: its text tokens with the answer mask, and its images, placed after the first
+    ``text_before_images`` text tokens (0: before all the text)."""
 
     text: Sequence[int] = ()
     answer: Sequence[bool] | None = None  # one flag per text token; None: nothing is an answer
     images: Sequence[ImageSpec] = field(default_factory=list)
+    text_before_images: int = 0
 
 
 def layout_inputs(samples: Sequence[SampleSpec]) -> LayoutInputs:
     """The columnar :class:`LayoutInputs` of a list of per-sample descriptions."""
-    text, answer, lens, per_sample, grids, skipped = [], [], [], [], [], []
+    text, answer, lens, per_sample, grids, skipped, before = [], [], [], [], [], [], []
     for b, sample in enumerate(samples):
         mask = [False] * len(sample.text) if sample.answer is None else list(sample.answer)
         if len(mask) != len(sample.text):
@@ -94,6 +99,7 @@ def layout_inputs(samples: Sequence[SampleSpec]) -> LayoutInputs:
         text.extend(sample.text)
         answer.extend(mask)
         lens.append(len(sample.text))
+        before.append(sample.text_before_images)
         per_sample.append(len(sample.images))
         for j, image in enumerate(sample.images):
             tiles = image.rows * image.cols
@@ -106,7 +112,7 @@ def layout_inputs(samples: Sequence[SampleSpec]) -> LayoutInputs:
     return LayoutInputs(torch.tensor(text, dtype=_LONG), torch.tensor(lens, dtype=_LONG),
                         torch.tensor(answer, dtype=_BOOL), torch.tensor(per_sample, dtype=_LONG),
                         torch.tensor(grids, dtype=_LONG).view(-1, 2),
-                        torch.tensor(skipped, dtype=_BOOL))
+                        torch.tensor(skipped, dtype=_BOOL), torch.tensor(before, dtype=_LONG))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,12 +179,13 @@ def plan_layout(inputs: LayoutInputs, tokens_per_view: int, *, pad_multiple: int
 
 
 def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, tile_grids,
-                          skipped_tiles, tokens_per_view: int, total: int) -> tuple[torch.Tensor, ...]:
+                          skipped_tiles, text_before_images, tokens_per_view: int, total: int
+                          ) -> tuple[torch.Tensor, ...]:
     """Pure-PyTorch ``plan_layout`` on validated int64 / bool inputs, vectorised over segments.
 
-    The packed sequence is a run of segments (begin marker, view, skip row, end marker, text), one
-    after another in sample order; each gets its source, length and first row id, and
-    ``repeat_interleave`` expands them to rows. ``total``: the rows to return (padding included).
+    The packed sequence is a run of segments (text head, begin marker, view, skip row, end marker,
+    text tail), one after another in sample order; each gets its source, length and first row id,
+    and ``repeat_interleave`` expands them to rows. ``total``: the rows to return (padding included).
     """
     num_samples, num_images = text_lens.shape[0], tile_grids.shape[0]
     tpv = tokens_per_view
@@ -195,24 +202,29 @@ def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, t
     kind[image_first[tile_image] + 2 + tile_rank] = torch.where(skipped_tiles, SOURCE_SKIP,
                                                                 SOURCE_VISUAL)
     kind[image_first + image_segs - 1] = SOURCE_IMAGE_END
-    # Interleave the text segment of each sample after its images' segments.
+    # Each sample's segments: its text head, its images' segments, its text tail. Image segment j of
+    # sample s lands in slot j + 2 s + 1 (two text segments per earlier sample, one head before it).
     image_sample = torch.repeat_interleave(torch.arange(num_samples), images_per_sample)
     seg_sample = torch.repeat_interleave(image_sample, image_segs)
     image_segs_of_sample = torch.zeros(num_samples, dtype=_LONG).index_add_(0, image_sample,
                                                                             image_segs)
-    text_slot = torch.cumsum(image_segs_of_sample, 0) + torch.arange(num_samples)
-    seg_kind = torch.empty(num_image_segs + num_samples, dtype=_LONG)
-    image_slot = torch.arange(num_image_segs) + seg_sample
+    head_slot = _exclusive_cumsum(image_segs_of_sample) + 2 * torch.arange(num_samples)
+    tail_slot = head_slot + image_segs_of_sample + 1
+    seg_kind = torch.empty(num_image_segs + 2 * num_samples, dtype=_LONG)
+    image_slot = torch.arange(num_image_segs) + 2 * seg_sample + 1
     seg_kind[image_slot] = kind
-    seg_kind[text_slot] = SOURCE_TEXT
+    seg_kind[head_slot] = SOURCE_TEXT
+    seg_kind[tail_slot] = SOURCE_TEXT
     seg_len = torch.ones_like(seg_kind)
     seg_len[seg_kind == SOURCE_VISUAL] = tpv
-    seg_len[text_slot] = text_lens
+    seg_len[head_slot] = text_before_images
+    seg_len[tail_slot] = text_lens - text_before_images
     # First row id of each segment: the view index * tpv for views, the text offset for text.
     is_view = seg_kind == SOURCE_VISUAL
     seg_base = torch.zeros_like(seg_kind)
     seg_base[is_view] = torch.arange(int(is_view.sum())) * tpv
-    seg_base[text_slot] = _exclusive_cumsum(text_lens)
+    seg_base[head_slot] = _exclusive_cumsum(text_lens)
+    seg_base[tail_slot] = _exclusive_cumsum(text_lens) + text_before_images
     seg_start = _exclusive_cumsum(seg_len)
 
     used = int(seg_len.sum())
@@ -228,7 +240,7 @@ def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, t
 
     sample_len = torch.zeros(num_samples, dtype=_LONG)
     sample_len.index_add_(0, torch.repeat_interleave(torch.arange(num_samples),
-                                                     image_segs_of_sample + 1), seg_len)
+                                                     image_segs_of_sample + 2), seg_len)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(sample_len, 0), (1, 0))
     row_sample = torch.repeat_interleave(torch.arange(num_samples), sample_len)
     positions = torch.arange(used) - cu_seqlens[row_sample]
@@ -275,16 +287,18 @@ PLAN_LAYOUT_BACKENDS = OpBackends("plan_layout", [
 @torch.library.custom_op("sphinx_kernels::plan_layout", mutates_args=())
 def _plan_layout_op(text_ids: torch.Tensor, text_lens: torch.Tensor, answer_mask: torch.Tensor,
                     images_per_sample: torch.Tensor, tile_grids: torch.Tensor,
-                    skipped_tiles: torch.Tensor, tokens_per_view: int, total: int, backend: str
+                    skipped_tiles: torch.Tensor, text_before_images: torch.Tensor,
+                    tokens_per_view: int, total: int, backend: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor]:
     return PLAN_LAYOUT_BACKENDS[backend].impl(text_ids, text_lens, answer_mask, images_per_sample,
-                                              tile_grids, skipped_tiles, tokens_per_view, total)
+                                              tile_grids, skipped_tiles, text_before_images,
+                                              tokens_per_view, total)
 
 
 @_plan_layout_op.register_fake
 def _(text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles,
-      tokens_per_view, total, backend):
+      text_before_images, tokens_per_view, total, backend):
     # The number of kept views depends on the values (the packed length is ``total``).
     views = torch.library.get_ctx().new_dynamic_size()
     new = lambda *shape, dtype=torch.int32: text_lens.new_empty(shape, dtype=dtype)
@@ -298,7 +312,6 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     if not isinstance(inputs, LayoutInputs):
         raise TypeError(f"inputs must be LayoutInputs (see layout_inputs), got "
                         f"{type(inputs).__name__}")
-    text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles = inputs
     for name, value in (("tokens_per_view", tokens_per_view), ("pad_multiple", pad_multiple)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -310,23 +323,34 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
         raise ValueError(f"length must be >= 0 and a multiple of pad_multiple = {pad_multiple}, "
                          f"got {length}")
     names = ("text_ids", "text_lens", "answer_mask", "images_per_sample", "tile_grids",
-             "skipped_tiles")
-    dims = (1, 1, 1, 1, 2, 1)
+             "skipped_tiles", "text_before_images")
+    dims = (1, 1, 1, 1, 2, 1, 1)
     for name, value, dim in zip(names, inputs, dims):
+        if value is None and name == "text_before_images":
+            continue
         dtypes = (_BOOL,) if name in ("answer_mask", "skipped_tiles") else INDEX_DTYPES
         require_tensor(f"inputs.{name}", value, dims=dim, dtypes=dtypes)
         if value.device.type != "cpu":
             raise ValueError(f"inputs.{name} must be on the CPU (layout planning is data "
                              f"preparation), got {value.device}")
-    text_ids, text_lens, images_per_sample, tile_grids = (
-        t.to(_LONG).contiguous() for t in (text_ids, text_lens, images_per_sample, tile_grids))
-    answer_mask, skipped_tiles = answer_mask.contiguous(), skipped_tiles.contiguous()
-    if images_per_sample.shape != text_lens.shape:
-        raise ValueError(f"inputs.images_per_sample has shape {tuple(images_per_sample.shape)} but "
-                         f"inputs.text_lens has {tuple(text_lens.shape)}; both must be [B]")
-    for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample)):
+    if inputs.text_before_images is None:
+        inputs = inputs._replace(text_before_images=torch.zeros_like(inputs.text_lens))
+    text_ids, text_lens, images_per_sample, tile_grids, text_before_images = (
+        inputs[i].to(_LONG).contiguous() for i in (0, 1, 3, 4, 6))
+    answer_mask, skipped_tiles = inputs.answer_mask.contiguous(), inputs.skipped_tiles.contiguous()
+    for name, value in (("images_per_sample", images_per_sample),
+                        ("text_before_images", text_before_images)):
+        if value.shape != text_lens.shape:
+            raise ValueError(f"inputs.{name} has shape {tuple(value.shape)} but inputs.text_lens has "
+                             f"{tuple(text_lens.shape)}; both must be [B]")
+    for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample),
+                        ("text_before_images", text_before_images)):
         if value.numel() and int(value.min()) < 0:
             raise ValueError(f"inputs.{name} must be >= 0, got {int(value.min())}")
+    if text_lens.numel() and bool((text_before_images > text_lens).any()):
+        b = int(torch.nonzero(text_before_images > text_lens)[0, 0])
+        raise ValueError(f"inputs.text_before_images[{b}] = {int(text_before_images[b])} exceeds "
+                         f"inputs.text_lens[{b}] = {int(text_lens[b])}")
     if text_ids.numel():
         low, high = (int(v) for v in torch.aminmax(text_ids))
         if low < 0 or high >= 2**31:
@@ -360,7 +384,8 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     if total >= 2**31:
         raise ValueError(f"the batch packs into {total} rows; int32 cu_seqlens address fewer than "
                          "2^31: split it")
-    args = (text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles)
+    args = (text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_tiles,
+            text_before_images)
     return args, total
 
 

@@ -40,8 +40,10 @@ def random_samples(rng: random.Random, num_samples: int, vocab: int = 50) -> lis
             rows, cols = rng.randrange(1, 4), rng.randrange(1, 4)
             p_skip = rng.choice([0.0, 0.3, 1.0])
             images.append(ImageSpec(rows, cols, [rng.random() < p_skip for _ in range(rows * cols)]))
+        # Half the samples put some of their text (a BOS, say) before their images.
+        before = rng.randrange(0, text_len + 1) if rng.random() < 0.5 else 0
         samples.append(SampleSpec([rng.randrange(vocab) for _ in range(text_len)],
-                                  [rng.random() < 0.6 for _ in range(text_len)], images))
+                                  [rng.random() < 0.6 for _ in range(text_len)], images, before))
     return samples
 
 
@@ -66,14 +68,17 @@ def loop_layout(samples: list[SampleSpec], tokens_per_view: int):
                 visual_rows.append(len(sources))
                 put(SOURCE_VISUAL, len(visual_rows) - 1)
 
+        answers = sample.answer or [False] * len(sample.text)
+        text = list(zip(sample.text, answers))
+        for token, is_answer in text[:sample.text_before_images]:
+            put(SOURCE_TEXT, token, is_answer)
         for image in sample.images:
             put(SOURCE_IMAGE_BEGIN, 0)
             put_view()
             for skipped in image.skipped or [False] * (image.rows * image.cols):
                 put(SOURCE_SKIP, 0) if skipped else put_view()
             put(SOURCE_IMAGE_END, 0)
-        answers = sample.answer or [False] * len(sample.text)
-        for token, is_answer in zip(sample.text, answers):
+        for token, is_answer in text[sample.text_before_images:]:
             put(SOURCE_TEXT, token, is_answer)
         cu.append(len(sources))
     labels = [rows[t + 1] if t + 1 < len(rows) and answer[t + 1]
@@ -120,6 +125,24 @@ def test_hand_written_example():
         assert layout.visual_rows.tolist() == [1, 2, 3, 4, 13, 14]
         assert layout.view_starts.tolist() == [1, 3, 13]
         assert layout.num_kept_views == 3 and layout.num_skipped_tiles == 2
+
+
+def test_hand_written_example_with_text_before_the_images():
+    """A BOS before the image block (where the SPHINX reference puts it), answers right after the
+    end marker and right before the begin marker, tokens_per_view 1."""
+    samples = [SampleSpec([1, 5, 6], [False, True, True], [ImageSpec(1, 1, [False])], 1),
+               SampleSpec([1, 7], [True, True], [ImageSpec(1, 1, [True])], 2),   # all text first
+               SampleSpec([1, 8], [False, True], [], 1)]                        # no image
+    V, S, B, E, X = SOURCE_VISUAL, SOURCE_SKIP, SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, -100
+    for backend in LAYOUT_BACKENDS:
+        layout = plan_layout(layout_inputs(samples), 1, backend=backend)
+        assert layout.cu_seqlens.tolist() == [0, 7, 13, 15]
+        #        sample 0: bos, begin, global, tile, end, text | s1: bos 7 begin global skip end | s2
+        assert layout.source_ids.tolist() == [0, B, V, V, E, 0, 0, 0, 0, B, V, S, E, 0, 0]
+        assert layout.row_ids.tolist() == [1, 0, 0, 1, 0, 5, 6, 1, 7, 0, 2, 0, 0, 1, 8]
+        assert layout.labels.tolist() == [X, X, X, X, 5, 6, X, 7, X, X, X, X, X, 8, X]
+        assert layout.position_ids.tolist() == list(range(7)) + list(range(6)) + [0, 1]
+        assert layout.visual_rows.tolist() == [2, 3, 10]
 
 
 @pytest.mark.parametrize("backend", LAYOUT_BACKENDS)
@@ -189,6 +212,7 @@ def test_gather_rows_with_the_layout_builds_the_loop_embeddings(backend):
                                      layout.row_ids)
     expected, next_visual = [], 0
     for sample in samples:
+        expected.extend(table[token] for token in sample.text[:sample.text_before_images])
         for image in sample.images:
             expected.append(begin[0])
             for skipped in [False] + list(image.skipped):
@@ -198,7 +222,7 @@ def test_gather_rows_with_the_layout_builds_the_loop_embeddings(backend):
                     expected.extend(visual[next_visual:next_visual + tpv])
                     next_visual += tpv
             expected.append(end[0])
-        expected.extend(table[token] for token in sample.text)
+        expected.extend(table[token] for token in sample.text[sample.text_before_images:])
     expected.extend([torch.zeros(width)] * (out.shape[0] - len(expected)))
     assert torch.equal(out, torch.stack(expected)), f"seed {seed}"
     # A projection writing its rows to visual_rows of a zero sequence builds the same visual rows.
@@ -240,6 +264,14 @@ BAD_LAYOUTS = [
      "inputs.text_lens must be >= 0"),
     (lambda i: (i._replace(images_per_sample=torch.tensor([2, -1])), 2, {}), ValueError,
      "inputs.images_per_sample must be >= 0"),
+    (lambda i: (i._replace(text_before_images=torch.tensor([0, -1])), 2, {}), ValueError,
+     "inputs.text_before_images must be >= 0"),
+    (lambda i: (i._replace(text_before_images=torch.tensor([3, 0])), 2, {}), ValueError,
+     "inputs.text_before_images[0] = 3 exceeds inputs.text_lens[0] = 2"),
+    (lambda i: (i._replace(text_before_images=torch.tensor([0])), 2, {}), ValueError,
+     "inputs.text_before_images has shape"),
+    (lambda i: (i._replace(text_before_images=torch.tensor([0.0, 1.0])), 2, {}), TypeError,
+     "inputs.text_before_images must have dtype"),
     (lambda i: (i._replace(text_ids=torch.tensor([4, -5, 6])), 2, {}), ValueError,
      "inputs.text_ids must be in [0, 2^31) (row ids are int32), got -5"),
     (lambda i: (i._replace(text_ids=torch.tensor([4, 2**31, 6])), 2, {}), ValueError,

@@ -20,11 +20,9 @@ from tests.model.vision_reference import (
 TPV = sm.preset("tiny").vision.tokens_per_view  # 1 + 4 * 4 rows per view
 
 
-@pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    """The ops' pure-PyTorch backends: these tests are about the model's wiring (the kernels have
-    their own tests), and the Triton interpreter is 20-50x slower."""
-    monkeypatch.setenv("SPHINX_KERNELS_BACKEND", "reference")
+# The ops' pure-PyTorch backends: these tests are about the model's wiring (the kernels have their
+# own tests), and the Triton interpreter is 20-50x slower.
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:
@@ -52,7 +50,8 @@ def packed_batch(cfg, samples, pad_multiple: int = 1) -> sm.PackedBatch:
             images.append(ImageSpec(tiled.rows, tiled.cols, tiled.skipped))
             dinov2.append(tiled.dinov2_pixels)
             convnext.append(tiled.convnext_pixels)
-        specs.append(SampleSpec(text=text, answer=answer, images=images))
+        # The image block right after BOS, as the SPHINX reference places it.
+        specs.append(SampleSpec(text=text, answer=answer, images=images, text_before_images=1))
     layout = plan_layout(layout_inputs(specs), cfg.vision.tokens_per_view,
                          pad_multiple=pad_multiple)
     s1, s2 = cfg.vision.dinov2_image_size, cfg.vision.convnext_image_size
@@ -127,6 +126,8 @@ def test_packed_rows_follow_the_tiling(model):
     for index, (text, _, sizes) in enumerate(SAMPLES):
         blocks = image_blocks(embeds, model, slice(cu[index], cu[index + 1]))
         assert len(blocks) == len(sizes)
+        if sizes:  # BOS, then the first image's begin marker
+            assert torch.equal(embeds[cu[index] + 1], model.image_begin)
         for (width, height, _), segments in zip(sizes, blocks, strict=True):
             _, _, skipped = tile_geometry(width, height, model.config.vision.tiles)
             # The global view, then one segment per tile in raster order: a skip row exactly where
@@ -141,9 +142,11 @@ def test_packed_rows_follow_the_tiling(model):
             for rows, want in zip(kept, alone, strict=True):
                 torch.testing.assert_close(rows, want, rtol=1e-6, atol=1e-6)
             views_seen += len(kept)
-        # The text follows the images, token for token.
-        text_rows = embeds[cu[index + 1] - len(text):cu[index + 1]]
-        assert torch.equal(text_rows, model.llm.embed_tokens.weight[torch.tensor(text)])
+        # BOS first, the rest of the text after the images, token for token.
+        table = model.llm.embed_tokens.weight
+        assert torch.equal(embeds[cu[index]], table[text[0]])
+        text_rows = embeds[cu[index + 1] - len(text) + 1:cu[index + 1]]
+        assert torch.equal(text_rows, table[torch.tensor(text[1:])])
     assert views_seen == batch.num_views
     # Visual rows: (global + kept tiles) x TPV per image, as the geometry predicts.
     predicted = sum(1 + tile_geometry(w, h, 2)[2].count(False) for *_, sizes in SAMPLES

@@ -31,6 +31,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models import convnext as timm_convnext
+from timm.models import named_apply
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -136,6 +137,7 @@ class VisionTower(nn.Module):
             raise ValueError(f"chunk_views must be a positive int or None, got {chunk_views!r}")
         return dinov2_pixels.shape[0]
 
+    @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialises both encoders (after building on the meta device and materialising):
         timm's own initialisation, then the weight files of the config, when it names them."""
@@ -143,7 +145,7 @@ class VisionTower(nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         self.dinov2.init_weights()
-        timm_convnext.named_apply(timm_convnext._init_weights, self.convnext)
+        named_apply(timm_convnext._init_weights, self.convnext)  # what ConvNeXt.__init__ applies
         for module in self.convnext.modules():
             if isinstance(module, timm_convnext.ConvNeXtBlock) and module.gamma is not None:
                 nn.init.constant_(module.gamma, _CONVNEXT_LS_INIT)
@@ -155,14 +157,14 @@ class VisionTower(nn.Module):
         """Loads encoder weights from local files (``.safetensors``, or a pickle read with
         ``weights_only=True``) or state dicts, in any layout timm's filters accept (see
         :func:`dinov2_state_dict`, :func:`convnext_state_dict`). Missing or unexpected keys and
-        shape mismatches raise ``ValueError`` naming them; nothing is assigned then."""
-        if dinov2 is not None:
-            state = load_state_file(dinov2) if isinstance(dinov2, (str, os.PathLike)) else dinov2
-            _load_exact(self.dinov2, dinov2_state_dict(state, self.dinov2), "dinov2")
-        if convnext is not None:
-            state = (load_state_file(convnext) if isinstance(convnext, (str, os.PathLike))
-                     else convnext)
-            _load_exact(self.convnext, convnext_state_dict(state, self.convnext), "convnext")
+        shape mismatches raise ``ValueError`` naming them (that encoder is left unchanged)."""
+        for name, source, convert in (("dinov2", dinov2, dinov2_state_dict),
+                                      ("convnext", convnext, convnext_state_dict)):
+            if source is None:
+                continue
+            state = load_state_file(source) if isinstance(source, (str, os.PathLike)) else source
+            module = getattr(self, name)
+            _load_exact(module, convert(state, module), name)
 
     def flops_per_view(self) -> int:
         """Forward FLOPs of both encoders on one view (counted once by torch's FlopCounterMode on a

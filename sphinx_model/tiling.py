@@ -114,11 +114,11 @@ def tile_image(image: Image.Image, vision: VisionConfig) -> TiledImage:
         rgb = rgb.resize(largest, Image.Resampling.BICUBIC, reducing_gap=3.0)
     views = {}
     for name, side in sides.items():
-        canvas = _pixels(_on_canvas(rgb, _extent(width, height, tiles * side, tiles), tiles * side))
-        tile_views = [canvas[:, r * side:(r + 1) * side, c * side:(c + 1) * side]
+        canvas = _on_canvas(rgb, _extent(width, height, tiles * side, tiles), tiles * side)
+        tile_views = [canvas.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
                       for r, c in kept_tiles]
-        global_view = _pixels(_on_canvas(rgb, _extent(width, height, side, tiles), side))
-        views[name] = torch.stack([global_view, *tile_views])
+        global_view = _on_canvas(rgb, _extent(width, height, side, tiles), side)
+        views[name] = _planar([global_view, *tile_views])
     return TiledImage(rows, cols, skipped, views["dinov2"], views["convnext"])
 
 
@@ -177,11 +177,13 @@ def _on_canvas(rgb: Image.Image, extent: tuple[int, int], size: int) -> Image.Im
     return canvas
 
 
-def _pixels(image: Image.Image) -> torch.Tensor:
-    """An RGB image as uint8 ``[3, H, W]`` (contiguous)."""
-    width, height = image.size
-    hwc = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return hwc.permute(2, 0, 1).contiguous()
+def _planar(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images of one size as uint8 ``[N, 3, H, W]``, contiguous: Pillow's band planes joined
+    into one buffer (one copy; a torch permute of interleaved uint8 pixels is several times
+    slower)."""
+    width, height = images[0].size
+    planes = bytearray().join(band.tobytes() for image in images for band in image.split())
+    return torch.frombuffer(planes, dtype=torch.uint8).view(len(images), 3, height, width)
 
 
 def _kept(length: int, longest: int, tiles: int) -> int:

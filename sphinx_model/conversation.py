@@ -147,8 +147,9 @@ def parse_conversation(item: Any) -> Conversation:
                                       f"{', '.join(_ROLES)}")
         expected = USER if len(turns) % 2 == 0 else ASSISTANT
         if _ROLES[role] != expected:
-            raise InvalidConversation(f"conversations[{k}] is a {_ROLES[role]} turn where a "
-                                      f"{expected} turn must come (turns alternate from the user)")
+            article = "an" if _ROLES[role] == ASSISTANT else "a"
+            raise InvalidConversation(f"conversations[{k}] is {article} {_ROLES[role]} turn, "
+                                      f"expected {expected} (turns alternate, from the user)")
         text = value.replace(IMAGE_PLACEHOLDER, "").strip()
         image_only = not text and images and not turns and IMAGE_PLACEHOLDER in value
         if not text and not image_only:

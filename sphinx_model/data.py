@@ -441,6 +441,10 @@ class SphinxData(torch.utils.data.Dataset):
         start = self.position.step
         indices = range(start, steps) if steps is not None else _count(start)
         workers = self.config.num_workers
+        if workers:
+            # The first call of a torch custom op imports torch._dynamo (seconds): made here once
+            # so that forked workers inherit it rather than each paying for it.
+            pack_by_token_budget([1], 1)
         return torch.utils.data.DataLoader(
             self, batch_size=None, sampler=indices, num_workers=workers, pin_memory=pin_memory,
             collate_fn=_identity, prefetch_factor=self.config.prefetch_factor if workers else None)

@@ -7,14 +7,15 @@ Item format (one JSON object; a dataset is a JSON array of them or JSONL, one pe
                        {"from": "gpt", "value": "A cat."}, ...]}
 
 Roles: ``human`` / ``user`` and ``gpt`` / ``assistant``, alternating from a human turn; an optional
-first ``system`` turn replaces the template's system line. ``<image>`` placeholders are removed: every
-image of a sample goes right after its BOS token, as in the SPHINX reference (the layout places them,
-``text_before_images = 1``). A value must be a string (numbers are accepted as their text); a turn
-empty after removing placeholders is an error, except a first human turn that held only the image.
+first ``system`` turn replaces the template's system line. ``<image>`` placeholders are removed:
+every image of a sample goes right after its BOS token, as in the SPHINX reference (the layout
+places them, ``text_before_images = 1``). A value must be a string (numbers are accepted as their
+text); a turn empty after removing placeholders is an error, except a first human turn that held
+only the image.
 
 The template is the SPHINX reference's (LLaMA2-Accessory's default conversation, single separator)::
 
-    {system}\\n\\n### Human: {q1}\\n### Assistant: {a1}\\n### Human: {q2}\\n### Assistant: {a2}\\n###
+    {system}\\n\\n### Human: {q1}\\n### Assistant: {a1}\\n### Human: {q2}\\n### Assistant: ...
 
 The loss is on each answer and its closing separator (`` {a}\\n###``), so the model learns where to
 stop; the generation prompt is the same text up to `` Assistant:``. Text is tokenised segment by
@@ -116,7 +117,8 @@ SPHINX_TEMPLATE = ChatTemplate()
 
 
 def parse_conversation(item: Any) -> Conversation:
-    """Validates one dataset item (see the module docstring); ``InvalidConversation`` says why not."""
+    """Validates one dataset item (see the module docstring); ``InvalidConversation`` says why
+    not."""
     if not isinstance(item, dict):
         raise InvalidConversation(f"an item must be a JSON object, got {type(item).__name__}")
     images = item.get("image")

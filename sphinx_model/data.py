@@ -3,15 +3,16 @@ number of ranks.
 
 Each optimizer step ``k`` trains the next ``global_batch`` samples of the mixture's sample stream
 (:mod:`sphinx_model.datasets`: a seeded permutation per epoch). Every rank plans the whole step the
-same way (the *global plan*): the cheap work for each of the step's samples (parse, tokenise with the
-chat template, read the image sizes from their headers to know which tiles are skipped, truncate to
-the budget), then ``sphinx_kernels.pack_by_token_budget`` packs them into bins of at most ``budget``
-rows (the global batch is the packing window; the per-epoch permutation is the shuffle), and the bins
-are dealt to the ranks, balanced by rows. Every rank gets ``max(1, ceil(bins / world_size))``
-micro-batches, empty ones (no sample, padding rows only) where it has fewer bins, so that every rank
-runs the same number of forward / backward passes (FSDP's collectives need it). Only then does a rank
-do the heavy work, for its own bins: decode and tile the images (DataLoader workers) and plan each
-micro-batch's layout with ``sphinx_kernels.plan_layout``.
+same way (the *global plan*): the cheap work for each of the step's samples (parse, tokenise with
+the chat template, read the image sizes from their headers to know which tiles are skipped,
+truncate to the budget), then ``sphinx_kernels.pack_by_token_budget`` packs them into bins of at
+most ``budget`` rows (the global batch is the packing window; the per-epoch permutation is the
+shuffle), and the bins are dealt to the ranks, balanced by rows. Every rank gets the same number of
+micro-batches (``max(1, ceil(bins / world_size))``), empty ones (no sample, padding rows only) where
+it has fewer bins, so that every rank runs the same number of forward / backward passes (FSDP's
+collectives need it). Only then does a rank do the heavy work, for its own bins: decode and tile
+the images (DataLoader workers) and plan each micro-batch's layout with
+``sphinx_kernels.plan_layout``.
 
 The packing depends on the global batch alone, never on the world size: the union of the ranks'
 micro-batches at step ``k`` is the same set of bins for any number of ranks. The data position is
@@ -118,7 +119,8 @@ class StepStats:
         samples: samples trained. tokens: their rows (no padding). rows: rows computed, padding
             included. trained_tokens: rows with a label (the loss's token count).
         visual_rows: rows of encoded views. skip_rows: skip-token rows (one per skipped tile).
-        skip_saved_rows: visual rows the skip tokens replaced (``skip_rows * (tokens_per_view - 1)``).
+        skip_saved_rows: visual rows the skip tokens replaced:
+            ``skip_rows * (tokens_per_view - 1)``.
         baseline_rows: rows the same samples would take in fixed-size batches (as many batches as
             bins, consecutive samples each) padded to their longest sample.
         truncated: samples cut to the budget. skipped: skipped items by cause.
@@ -263,8 +265,8 @@ class SphinxData(torch.utils.data.Dataset):
         self._logged: Counter = Counter()
 
     @classmethod
-    def from_config(cls, config: DataConfig, model: SphinxConfig, tokenizer: Tokenizer | None = None,
-                    **kwargs) -> SphinxData:
+    def from_config(cls, config: DataConfig, model: SphinxConfig,
+                    tokenizer: Tokenizer | None = None, **kwargs) -> SphinxData:
         """The pipeline of ``config.path`` for ``model``'s vision settings. ``config.path ==
         "demo"`` builds the demo data (:mod:`sphinx_model.demo`) and, when ``tokenizer`` is None,
         uses its tokenizer; other data need ``tokenizer``. ``kwargs``: as the constructor's."""
@@ -276,12 +278,13 @@ class SphinxData(torch.utils.data.Dataset):
             tokenizer = tokenizer or demo.load_tokenizer()
         else:
             if tokenizer is None:
-                raise ValueError(f"data {config.path!r} needs a tokenizer (only the demo brings one)")
+                raise ValueError(f"data {config.path!r} needs a tokenizer (only the demo brings "
+                                 "one)")
             mixture = load_mixture(config.path, config.root)
         return cls(mixture, tokenizer, model.vision, config, prefix_lm=model.llm.prefix_lm,
                    **kwargs)
 
-    # --- the global plan ---------------------------------------------------------------------------
+    # --- the global plan ------------------------------------------------------------------------
 
     def first_sample(self, step: int) -> int:
         """The first stream sample of ``step`` (counted from :attr:`position`)."""
@@ -300,14 +303,15 @@ class SphinxData(torch.utils.data.Dataset):
                 samples.append(self._prepare(sample))
             except SkippedItem as exc:
                 skipped[exc.cause] += 1
-                self._log_skip(exc)
+                if self.rank == 0:  # every rank finds it; rank 0 reports (and counts) it
+                    self._log_skip(exc)
         lengths = [s.rows for s in samples]
         packing = pack_by_token_budget(lengths, self.config.budget)
         order, offsets = packing.order.tolist(), packing.bin_offsets.tolist()
         bins = [order[offsets[b]:offsets[b + 1]] for b in range(packing.num_bins)]
         ranks = _deal(packing.bin_tokens.tolist(), self.world_size)
-        return StepPlan(step, samples, bins, ranks, max(1, -(-len(bins) // self.world_size)),
-                        skipped, packing.baseline_padding_tokens + sum(lengths), end)
+        return StepPlan(step, samples, bins, ranks, max(1, *map(len, ranks)), skipped,
+                        packing.baseline_padding_tokens + sum(lengths), end)
 
     def _prepare(self, sample: int) -> SampleInfo:
         """The cheap work for one stream sample; ``SkippedItem`` when it cannot be trained on."""
@@ -344,7 +348,7 @@ class SphinxData(torch.utils.data.Dataset):
             more = " (further ones are counted, not logged)" if count == _LOGGED_PER_CAUSE else ""
             log.warning("skipped (%s): %s%s", exc.cause, exc, more)
 
-    # --- this rank's micro-batches -----------------------------------------------------------------
+    # --- this rank's micro-batches --------------------------------------------------------------
 
     def __getitem__(self, step: int) -> StepBatch:
         return self.step_batch(step)
@@ -432,7 +436,7 @@ class SphinxData(torch.utils.data.Dataset):
                               "than its header says")
         return tiled
 
-    # --- the loader --------------------------------------------------------------------------------
+    # --- the loader -----------------------------------------------------------------------------
 
     def loader(self, steps: int | None = None, *, pin_memory: bool = False
                ) -> torch.utils.data.DataLoader:
@@ -452,7 +456,8 @@ class SphinxData(torch.utils.data.Dataset):
 
 def _deal(bin_rows: list[int], world_size: int) -> list[list[int]]:
     """Bins dealt to ranks: largest first, each to the rank with the fewest rows so far among those
-    holding fewer than ``ceil(bins / world_size)`` (ties: the lower rank). Returns each rank's bins."""
+    holding fewer than ``ceil(bins / world_size)`` (ties: the lower rank). Returns each rank's
+    bins."""
     per_rank = max(1, math.ceil(len(bin_rows) / world_size))
     ranks: list[list[int]] = [[] for _ in range(world_size)]
     heap = [(0, r) for r in range(world_size)]

@@ -14,9 +14,9 @@ Tokenizer: Mixtral's SentencePiece model from the ``mistral-common`` package (vo
 EOS 2), copied in; without that package, a byte-level BPE trained on the demo's own text with
 ``tokenizers`` (BOS 1, EOS 2, a few thousand ids). Nothing is downloaded.
 
-Where: ``$SPHINX_DEMO_DIR`` if set, else ``~/.cache/sphinx_model``; the data go into a folder named
-after a hash of their content and tokenizer (``demo-<hash>``), outside any repository. A build writes
-into a temporary folder and renames it, so concurrent first runs are safe.
+Where: ``$SPHINX_DEMO_DIR`` if set, else ``~/.cache/sphinx_model``; the data go into a folder
+named after a hash of their content and tokenizer (``demo-<hash>``), outside any repository. A build
+writes into a temporary folder and renames it, so concurrent first runs are safe.
 
 ``python -m sphinx_model.demo`` builds it and prints where.
 """
@@ -89,7 +89,8 @@ TEXT_DIALOGUES = [
     [("Name a fruit.", "An apple."), ("What color is it?", "Red or green.")],
     [("What do bees make?", "Honey.")],
     [("What is the opposite of hot?", "Cold.")],
-    [("What is the largest planet?", "Jupiter."), ("Is it bigger than Earth?", "Yes, much bigger.")],
+    [("What is the largest planet?", "Jupiter."),
+     ("Is it bigger than Earth?", "Yes, much bigger.")],
     [("Thank you!", "You are welcome.")],
     [("What is frozen water called?", "Ice.")],
     [("How many days are in a week?", "Seven.")],
@@ -143,7 +144,8 @@ def build_demo(root: str | os.PathLike | None = None, *, use_mistral: bool = Tru
     spec = json.dumps([_DEMO_FORMAT, PHOTOS, CROPS, records,
                        hashlib.sha256(mistral.read_bytes()).hexdigest() if mistral else "bpe"],
                       sort_keys=True)
-    target = Path(root or default_demo_root()) / f"demo-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    target = Path(root or default_demo_root()) / f"demo-{digest}"
     if (target / "demo.json").is_file():
         return DemoData(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,8 @@ def build_demo(root: str | os.PathLike | None = None, *, use_mistral: bool = Tru
         _write_images(building / "images")
         for name in ("images", "text"):
             with open(building / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records[name])
+                f.writelines(json.dumps(record, ensure_ascii=False) + "\n"
+                             for record in records[name])
         (building / "mixture.yaml").write_text(
             "# The demo mixture: each photo dialogue twice per epoch, each text dialogue once.\n"
             "datasets:\n"

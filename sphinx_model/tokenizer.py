@@ -1,4 +1,5 @@
-"""Tokenizers from local files: a SentencePiece ``tokenizer.model`` or a Hugging Face ``tokenizer.json``.
+"""Tokenizers from local files: a SentencePiece ``tokenizer.model`` or a Hugging Face
+``tokenizer.json``.
 
     tok = load_tokenizer("path/to/checkpoint")   # a directory, or the file itself
     ids = tok.encode("Hello world")                # no BOS / EOS added
@@ -11,10 +12,11 @@ SPHINX reference tokenises with). BOS / EOS ids come, in this order, from the ar
 directory's ``config.json`` (``bos_token_id`` / ``eos_token_id``, the ids the checkpoint was trained
 with), ``tokenizer_config.json``'s ``bos_token`` / ``eos_token``, then the tokenizer itself.
 
-``encode_continuation`` tokenises text as it appears in the middle of a stream: a SentencePiece model
-prepends a space to what it encodes (``encode("Hi")`` gives ``▁Hi``); a continuation does not, so
-segments encoded one by one and concatenated equal the whole string encoded at once when every
-segment after the first starts at a space (how :mod:`sphinx_model.conversation` renders dialogues).
+``encode_continuation`` tokenises text as it appears in the middle of a stream: a SentencePiece
+model prepends a space to what it encodes (``encode("Hi")`` gives ``▁Hi``); a continuation does not,
+so segments encoded one by one and concatenated equal the whole string encoded at once when every
+segment after the first starts at a space (how :mod:`sphinx_model.conversation` renders
+dialogues).
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from pathlib import Path
 
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "load_tokenizer"]
 
-# Text that never merges with what follows it: continuations are encoded after it, its tokens dropped.
+# Text that never merges with what follows it: a continuation is encoded after it, its tokens
+# dropped.
 _CONTINUATION_SENTINEL = "\n"
-# Token strings tried for BOS / EOS when nothing names them (Llama / Mistral, Llama 3, GPT-2 styles).
+# Token strings tried for BOS / EOS when nothing names them (Llama / Mistral, Llama 3, GPT-2).
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>")
 

@@ -221,3 +221,14 @@ def test_data_config_is_validated():
         SphinxData(None, CharTokenizer(), VISION, DataConfig(), rank=2, world_size=2)
     assert dataclasses.asdict(DataPosition(3, 24)) == DataPosition(3, 24).to_dict()
     assert DataPosition.from_dict({"step": 3, "sample": 24}) == DataPosition(3, 24)
+
+
+@pytest.mark.gpu
+def test_pinned_batches_move_to_the_gpu(mixed):
+    data = make_data(mixed, num_workers=1, prefetch_factor=1)
+    batch = next(iter(data.loader(steps=1, pin_memory=True)))
+    for mb in batch.micro_batches:
+        assert mb.layout.labels.is_pinned() and mb.dinov2_pixels.is_pinned()
+        moved = mb.to("cuda", non_blocking=True)
+        assert moved.layout.labels.is_cuda and moved.convnext_pixels.dtype == torch.uint8
+        assert torch.equal(moved.layout.labels.cpu(), mb.layout.labels)

@@ -26,7 +26,14 @@ from sphinx_model.conversation import (
                                  encode_prompt,
                                  parse_conversation,
 )
-from sphinx_model.data import DataConfig, DataPosition, SphinxData, StepBatch, StepStats
+from sphinx_model.data import (
+    DataConfig,
+    DataPosition,
+    SphinxData,
+    StepBatch,
+    StepStats,
+    pack_samples,
+)
 from sphinx_model.datasets import SKIP_CAUSES, Mixture, load_mixture
 from sphinx_model.demo import build_demo
 from sphinx_model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -35,4 +42,4 @@ __all__ = ["PRESETS", "SKIP_CAUSES", "SPHINX_TEMPLATE", "ChatTemplate", "Convers
            "DataConfig", "DataPosition", "LLMConfig", "Mixture", "PackedBatch", "ProjectorConfig",
            "SphinxConfig", "SphinxData", "StepBatch", "StepStats", "StreamDecoder", "Tokenizer",
            "Turn", "VisionConfig", "build_demo", "encode_conversation", "encode_prompt",
-           "load_mixture", "load_tokenizer", "parse_conversation", "preset"]
+           "load_mixture", "load_tokenizer", "pack_samples", "parse_conversation", "preset"]

@@ -199,11 +199,6 @@ class ImageRef:
     cols: int
     skipped: list[bool]
 
-    def sequence_rows(self, tokens_per_view: int) -> int:
-        """Rows of its block: two markers, the global view, each tile (a skipped tile: 1 row)."""
-        skips = sum(self.skipped)
-        return 2 + (1 + len(self.skipped) - skips) * tokens_per_view + skips
-
 
 @dataclass
 class SampleInfo:
@@ -329,7 +324,7 @@ class SphinxData(torch.utils.data.Dataset):
         ids, answer = encode_conversation(self.tokenizer, conversation.turns, self.template,
                                           conversation.system)
         tpv = self.vision.tokens_per_view
-        image_rows = sum(image.sequence_rows(tpv) for image in images)
+        image_rows = sum(image_block_rows(image.skipped, tpv) for image in images)
         budget = self.config.budget
         keep = min(len(ids), budget - image_rows)
         if keep < 1:
@@ -373,46 +368,30 @@ class SphinxData(torch.utils.data.Dataset):
 
     def _micro_batch(self, samples: Sequence[SampleInfo], stats: StepStats
                      ) -> tuple[PackedBatch, list[int]]:
-        """Decodes and tiles the samples' images (a sample whose image fails is skipped), plans the
-        layout, and adds the micro-batch to ``stats``."""
-        specs, tiled, kept, prefix = [], [], [], []
-        tpv = self.vision.tokens_per_view
+        """Decodes and tiles the samples' images (a sample whose image fails is skipped), packs
+        them, and adds the micro-batch to ``stats``."""
+        kept, contents = [], []
         for sample in samples:
             try:
-                images = [self._tile(image) for image in sample.images]
+                contents.append((sample.ids, sample.answer,
+                                 [self._tile(image) for image in sample.images]))
             except SkippedItem as exc:
                 stats.skipped[exc.cause] += 1
                 self._log_skip(exc)
                 continue
-            specs.append(SampleSpec(sample.ids, sample.answer,
-                                    [ImageSpec(t.rows, t.cols, t.skipped) for t in images],
-                                    text_before_images=1))
-            tiled.extend(images)
             kept.append(sample)
-            prefix.append(1 + sum(image.sequence_rows(tpv) for image in sample.images))
         config = self.config
-        layout = plan_layout(layout_inputs(specs), tpv, pad_multiple=config.pad_multiple,
-                             length=config.budget if config.pad_to_budget else
-                             (None if kept else config.pad_multiple))
-        sizes = (self.vision.dinov2_image_size, self.vision.convnext_image_size)
-        pixels = [torch.cat([getattr(t, name) for t in tiled]) if tiled else
-                  torch.zeros(0, 3, size, size, dtype=torch.uint8)
-                  for name, size in zip(("dinov2_pixels", "convnext_pixels"), sizes)]
-        num_tiles = sum(len(t.skipped) for t in tiled)
-        num_skipped = sum(sum(t.skipped) for t in tiled)
-        batch = PackedBatch(layout, pixels[0], pixels[1],
-                            max_seqlen=max((s.rows for s in kept), default=0),
-                            prefix_lens=(torch.tensor(prefix, dtype=torch.int32)
-                                         if self.prefix_lm else None),
-                            num_samples=len(kept), num_tiles=num_tiles,
-                            num_skipped_tiles=num_skipped)
-        stats.samples += len(kept)
+        batch = pack_samples(contents, self.vision, pad_multiple=config.pad_multiple,
+                             length=config.budget if config.pad_to_budget else None,
+                             prefix_lm=self.prefix_lm)
+        layout = batch.layout
+        stats.samples += batch.num_samples
         stats.tokens += batch.num_tokens
         stats.rows += layout.position_ids.shape[0]
         stats.trained_tokens += int((layout.labels != IGNORE_INDEX).sum())
         stats.visual_rows += layout.visual_rows.shape[0]
-        stats.skip_rows += num_skipped
-        stats.skip_saved_rows += num_skipped * (tpv - 1)
+        stats.skip_rows += batch.num_skipped_tiles
+        stats.skip_saved_rows += batch.num_skipped_tiles * (self.vision.tokens_per_view - 1)
         stats.truncated += sum(s.truncated for s in kept)
         return batch, [s.sample for s in kept]
 
@@ -452,6 +431,46 @@ class SphinxData(torch.utils.data.Dataset):
         return torch.utils.data.DataLoader(
             self, batch_size=None, sampler=indices, num_workers=workers, pin_memory=pin_memory,
             collate_fn=_identity, prefetch_factor=self.config.prefetch_factor if workers else None)
+
+
+def pack_samples(samples: Sequence[tuple[Sequence[int], Sequence[bool], Sequence[TiledImage]]],
+                 vision: VisionConfig, *, pad_multiple: int = 1, length: int | None = None,
+                 prefix_lm: bool = False) -> PackedBatch:
+    """One packed micro-batch of samples given as ``(token ids, BOS first; answer mask; tiled
+    images)``, each sample's image blocks right after its BOS. ``pad_multiple`` / ``length``: as
+    ``plan_layout``'s (no sample and no ``length``: ``pad_multiple`` padding rows); ``prefix_lm``:
+    fill ``prefix_lens``. The chat CLI packs its prompt with it::
+
+        ids = encode_prompt(tokenizer, turns)
+        batch = pack_samples([(ids, [False] * len(ids), [tile_image(image, vision)])], vision)
+    """
+    tpv = vision.tokens_per_view
+    specs, tiled, prefix, rows = [], [], [], []
+    for ids, answer, images in samples:
+        specs.append(SampleSpec(ids, answer, [ImageSpec(t.rows, t.cols, t.skipped) for t in images],
+                                text_before_images=1))
+        tiled.extend(images)
+        block = sum(image_block_rows(t.skipped, tpv) for t in images)
+        prefix.append(1 + block)
+        rows.append(len(ids) + block)
+    if not samples and length is None:
+        length = pad_multiple
+    layout = plan_layout(layout_inputs(specs), tpv, pad_multiple=pad_multiple, length=length)
+    sizes = (vision.dinov2_image_size, vision.convnext_image_size)
+    pixels = [torch.cat([getattr(t, name) for t in tiled]) if tiled else
+              torch.zeros(0, 3, size, size, dtype=torch.uint8)
+              for name, size in zip(("dinov2_pixels", "convnext_pixels"), sizes)]
+    return PackedBatch(layout, pixels[0], pixels[1], max_seqlen=max(rows, default=0),
+                       prefix_lens=torch.tensor(prefix, dtype=torch.int32) if prefix_lm else None,
+                       num_samples=len(specs), num_tiles=sum(len(t.skipped) for t in tiled),
+                       num_skipped_tiles=sum(sum(t.skipped) for t in tiled))
+
+
+def image_block_rows(skipped: Sequence[bool], tokens_per_view: int) -> int:
+    """Packed rows of one image's block: two markers, the global view, each tile (a skipped tile:
+    one skip row)."""
+    skips = sum(skipped)
+    return 2 + (1 + len(skipped) - skips) * tokens_per_view + skips
 
 
 def _deal(bin_rows: list[int], world_size: int) -> list[list[int]]:

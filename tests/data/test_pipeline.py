@@ -232,3 +232,22 @@ def test_pinned_batches_move_to_the_gpu(mixed):
         moved = mb.to("cuda", non_blocking=True)
         assert moved.layout.labels.is_cuda and moved.convnext_pixels.dtype == torch.uint8
         assert torch.equal(moved.layout.labels.cpu(), mb.layout.labels)
+
+
+def test_pack_samples_packs_a_generation_prompt(mixed):
+    from PIL import Image
+
+    from sphinx_model.tiling import tile_image
+
+    tok = CharTokenizer()
+    ids = sm.encode_prompt(tok, [sm.Turn("user", "What is it?")], SHORT)
+    tiled = tile_image(Image.open(mixed.parent / "wide.png"), VISION)
+    batch = sm.pack_samples([(ids, [False] * len(ids), [tiled])], VISION, prefix_lm=True)
+    layout = batch.layout
+    block = 2 + 3 * TPV + 2  # markers, global view, two kept tiles, two skip rows
+    assert batch.num_samples == 1 and batch.num_tokens == len(ids) + block
+    assert layout.source_ids[1] == SOURCE_IMAGE_BEGIN and layout.source_ids[block] == \
+        SOURCE_IMAGE_END
+    assert layout.row_ids[layout.source_ids == SOURCE_TEXT].tolist() == ids
+    assert (layout.labels == IGNORE_INDEX).all() and batch.prefix_lens.tolist() == [1 + block]
+    assert torch.equal(batch.dinov2_pixels, tiled.dinov2_pixels)

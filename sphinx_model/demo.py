@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ __all__ = [
     "build_demo",
     "default_demo_root",
     "mistral_tokenizer_path",
+    "train_bpe_tokenizer",
 ]
 
 _DEMO_FORMAT = 1  # bump when the files' layout changes (the content is hashed anyway)
@@ -227,22 +229,27 @@ def _write_images(folder: Path) -> None:
 
 
 def _train_bpe(records: dict[str, list[dict]], path: Path) -> None:
-    """A byte-level BPE trained on the demo's rendered dialogues; ids 0-2 are <unk>, <s>, </s>."""
+    """The fallback tokenizer, trained on the demo's rendered dialogues."""
+    texts = [SPHINX_TEMPLATE.render(parse_conversation(record).turns)
+             for record in records["images"] + records["text"]]
+    train_bpe_tokenizer(texts, path)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], path: Path, vocab_size: int = 2000) -> Path:
+    """A byte-level BPE ``tokenizer.json`` trained offline on ``texts`` and written to ``path``;
+    ids 0-2 are ``<unk>``, ``<s>`` (BOS), ``</s>`` (EOS)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    texts = []
-    for record in records["images"] + records["text"]:
-        conversation = parse_conversation(record)
-        texts.append(SPHINX_TEMPLATE.render(conversation.turns))
     tokenizer = HFTokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
+    return path
 
 
 def main() -> None:

@@ -16,11 +16,13 @@ considers renamed directories that hold ``trainer_state.json``. The newest ``kee
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)  # a write that was cut off earlier
     barrier(env)
     _, _, flat = _flat_state(model, optimizer)
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
-             no_dist=not env.initialized)
+    with _single_process_quiet():
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     rng = _rng_states(env)
     if env.is_main:
         _write_json(tmp / TRAINER_STATE, {**state, "step": step, "world_size": env.world_size,
@@ -110,12 +112,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     with open(state_file, encoding="utf-8") as f:
         state = json.load(f)
     model_state, optim_state, flat = _flat_state(model, optimizer)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not env.initialized)
+    with _single_process_quiet():
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)))
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     saved = state.get("rng", [])
     if saved:
         _set_rng_state(saved[env.rank % len(saved)])
     return state
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group that it assumes one process: so do we."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rng_states(env: Distributed) -> list[dict[str, Any]]:

@@ -335,6 +335,8 @@ def hf_llm_state_dict(tensors: Mapping[str, torch.Tensor], cfg: LLMConfig,
     yield "norm.weight", reader[final_norm], final_norm
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight", reader[head], head
+    elif head in reader:  # some tied checkpoints still carry the head: the embedding is used
+        reader.used.add(head)
     reader.check_all_used(ignored_suffixes=("rotary_emb.inv_freq",))
 
 

@@ -131,8 +131,8 @@ class SimpleKVCache:
         old_k, old_v = old_k.split(old_lengths), old_v.split(old_lengths)
         used = bounds[-1]
         new_k, new_v = k[:used].split(new_lengths), v[:used].split(new_lengths)
-        keys = torch.cat([t for pair in zip(old_k, new_k) for t in pair])
-        values = torch.cat([t for pair in zip(old_v, new_v) for t in pair])
+        keys = torch.cat([k[:0], *(t for pair in zip(old_k, new_k) for t in pair)])
+        values = torch.cat([v[:0], *(t for pair in zip(old_v, new_v) for t in pair)])
         lengths = [a + b for a, b in zip(old_lengths, new_lengths)]
         self._layers[layer] = (keys, values, lengths)
         cu_k = torch.tensor([0] + lengths, dtype=torch.int32, device=k.device).cumsum(0)

@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import sphinx_model as sm
 from sphinx_model import accessory
 from sphinx_model.checkpoints import UnsafeCheckpointError
+from tests.model.common import TINY_DENSE
 from tests.model.test_checkpoints import SIZES, _hf_model
 
 P = accessory.ACCESSORY_PREFIX
@@ -26,32 +27,29 @@ def _interleave(weight, heads):
     return weight.view(heads, 2, rows // heads // 2, hidden).transpose(1, 2).reshape(rows, hidden)
 
 
-def _accessory_state(model):
-    """A transformers Llama / Mixtral's weights under Accessory's names and layouts, plus two of the
-    multimodal model's keys (left alone by the LLM import)."""
-    cfg, state = model.config, model.state_dict()
-    out = {P + "tok_embeddings.weight": state["model.embed_tokens.weight"],
-           P + "norm.weight": state["model.norm.weight"], P + "output.weight": state["lm_head.weight"],
+def _accessory_state(llm):
+    """An LLM's weights under Accessory's names and layouts, plus two of the multimodal model's keys
+    (left alone by the LLM import)."""
+    cfg, state = llm.config, llm.state_dict()
+    out = {P + "tok_embeddings.weight": state["embed_tokens.weight"],
+           P + "norm.weight": state["norm.weight"], P + "output.weight": state["lm_head.weight"],
            P + "visual_proj.0.weight": torch.randn(cfg.hidden_size, 8),
            P + "start_img": torch.randn(1, 1, cfg.hidden_size)}
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"{P}layers.{i}."
-        attn = src + "self_attn."
-        out[dst + "attention.wq.weight"] = _interleave(state[attn + "q_proj.weight"],
-                                                       cfg.num_attention_heads)
-        out[dst + "attention.wk.weight"] = _interleave(state[attn + "k_proj.weight"],
-                                                       cfg.num_key_value_heads)
-        out[dst + "attention.wv.weight"] = state[attn + "v_proj.weight"]
-        out[dst + "attention.wo.weight"] = state[attn + "o_proj.weight"]
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}.", f"{P}layers.{i}."
+        heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads}
+        for ours, theirs in zip("qkvo", ("wq", "wk", "wv", "wo")):
+            weight = state[src + f"self_attn.{ours}_proj.weight"]
+            out[dst + f"attention.{theirs}.weight"] = (_interleave(weight, heads[ours])
+                                                       if ours in heads else weight)
         out[dst + "attention_norm.weight"] = state[src + "input_layernorm.weight"]
         out[dst + "ffn_norm.weight"] = state[src + "post_attention_layernorm.weight"]
-        if src + "mlp.gate.weight" in state:  # transformers 5 keeps Mixtral's experts fused
-            experts, hidden = cfg.num_local_experts, cfg.hidden_size
-            w1, w3 = state[src + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
-            w2 = state[src + "mlp.experts.down_proj"].transpose(1, 2)  # [E, F, H]: x @ w2 form
-            out[dst + "feed_forward.gate.weight"] = state[src + "mlp.gate.weight"]
-            for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-                out[dst + f"feed_forward.{name}.weight"] = w.reshape(experts * w.shape[1], hidden)
+        if cfg.num_experts:  # Accessory keeps each [E, F, H] stack flat, w2 in x @ w2 form
+            out[dst + "feed_forward.gate.weight"] = state[src + "mlp.router.weight"]
+            for name in ("w1", "w3", "w2"):
+                w = state[src + f"mlp.{name}"]
+                w = w.transpose(1, 2) if name == "w2" else w
+                out[dst + f"feed_forward.{name}.weight"] = w.reshape(-1, cfg.hidden_size)
         else:
             for theirs, ours in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[dst + f"feed_forward.{theirs}.weight"] = state[src + f"mlp.{ours}.weight"]
@@ -86,9 +84,10 @@ def _write_shards(state, directory, shards=2, experts=0):
 def test_shards_merge_exactly_and_map_onto_the_llm(kind, tmp_path):
     model = _hf_model(kind)
     model.save_pretrained(tmp_path / "hf")
-    expected = sm.load_hf_llm(tmp_path / "hf").state_dict()
-    state = _accessory_state(model)
-    experts = model.config.num_local_experts if kind == "mixtral" else 0
+    llm = sm.load_hf_llm(tmp_path / "hf")  # transformers' weights, under our names
+    expected = llm.state_dict()
+    state = _accessory_state(llm)
+    experts = llm.config.num_experts
     directory = _write_shards(state, tmp_path / "accessory", experts=experts)
 
     merged = accessory.load_accessory_shards(directory)
@@ -96,8 +95,8 @@ def test_shards_merge_exactly_and_map_onto_the_llm(kind, tmp_path):
     for key, tensor in state.items():
         assert torch.equal(merged[key], tensor), key
 
-    params = {"n_heads": SIZES["num_attention_heads"], "norm_eps": model.config.rms_norm_eps,
-              "rope_theta": model.config.rope_parameters["rope_theta"]}
+    params = {"n_heads": SIZES["num_attention_heads"], "norm_eps": llm.config.rms_norm_eps,
+              "rope_theta": llm.config.rope_theta}
     cfg = accessory.accessory_llm_config(merged, params)
     assert (cfg.arch, cfg.num_kv_heads, cfg.intermediate_size, cfg.num_experts) == \
         (kind, 2, SIZES["intermediate_size"], experts)
@@ -142,8 +141,7 @@ class _Payload:
 
 
 def test_code_in_a_pickle_is_refused_and_never_run(tmp_path):
-    model = _hf_model("llama")
-    directory = _write_shards(_accessory_state(model), tmp_path / "accessory")
+    directory = _write_shards(_accessory_state(sm.LLM(TINY_DENSE)), tmp_path / "accessory")
     shard = directory / "consolidated.01-of-02.model.pth"
     marker = tmp_path / "payload-ran"
     torch.save({"model": {"x": torch.zeros(1)}, "hook": _Payload(marker)}, shard)
@@ -153,8 +151,7 @@ def test_code_in_a_pickle_is_refused_and_never_run(tmp_path):
 
 
 def test_missing_keys_and_shards_are_named(tmp_path):
-    model = _hf_model("llama")
-    state = _accessory_state(model)
+    state = _accessory_state(sm.LLM(TINY_DENSE))
     params = {"n_heads": SIZES["num_attention_heads"]}
     gone = P + "layers.1.ffn_norm.weight"
     merged = accessory.load_accessory_shards(_write_shards(

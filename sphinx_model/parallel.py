@@ -7,7 +7,7 @@ applies, in this order (torchtitan's order, each step wrapping what the previous
 1. activation checkpointing of every decoder block (``checkpoint_wrapper``: the block's activations
    are recomputed in the backward);
 2. ``torch.compile`` of every decoder block (in place, so parameter names do not change);
-3. FSDP2: ``fully_shard`` of every decoder block, of each frozen vision encoder as one unit, then of
+3. FSDP2: ``fully_shard`` of every decoder block, of the frozen vision tower as one unit, then of
    the root (embeddings, projector, special vectors, final norm, LM head), with parameters gathered in
    the compute dtype and gradients reduced in float32. Gradients are reduced as sums
    (``gradient_divide_factor = 1``): the trainer already divides the loss by the number of trained
@@ -26,8 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Distributed", "init_distributed", "parallelize", "all_reduce_sum", "barrier",
-           "broadcast_object", "shutdown"]
+__all__ = [
+    "Distributed",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "init_distributed",
+    "parallelize",
+    "shutdown",
+]
 
 
 @dataclass(frozen=True)
@@ -104,12 +111,15 @@ def parallelize(model: nn.Module, env: Distributed, *, param_dtype: torch.dtype,
                     reshard_after_forward=i < len(blocks) - 1)
     vision = getattr(model, "vision", None)
     if vision is not None:
-        for encoder in vision.children():
-            fully_shard(encoder, mesh=mesh, mp_policy=policy)
+        # One unit for both encoders: the tower calls their forward_features, not their forward,
+        # so only the tower's own forward triggers FSDP's all-gather.
+        fully_shard(vision, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # Gloo has no pre-multiplied sum (NCCL's way of applying the factor): plain sums there.
+            module.set_force_sum_reduction_for_comms(env.device.type != "cuda")
     return model
 
 

@@ -36,8 +36,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from sphinx_model.parallel import Distributed, barrier
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dirs",
-           "TRAINER_STATE"]
+__all__ = [
+    "TRAINER_STATE",
+    "checkpoint_dirs",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from sphinx_model.config import SphinxConfig, check_value, config_from_dict, preset
 
-__all__ = ["TrainConfig", "load_train_config", "model_config", "CLI_FLAGS"]
+__all__ = ["CLI_FLAGS", "TrainConfig", "load_train_config", "model_config"]
 
 
 def _setting(default: Any, help: str, **kwargs) -> Any:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from sphinx_model.config import LLMConfig
 
-__all__ = ["decoder_flops", "peak_flops", "MetricsLog", "plot_loss"]
+__all__ = ["MetricsLog", "decoder_flops", "peak_flops", "plot_loss"]
 
 # Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets, by device-name substring.
 _PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),

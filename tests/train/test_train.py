@@ -80,6 +80,8 @@ def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(tmp_path, uninte
 
 
 def test_two_gloo_ranks_match_one_and_their_checkpoint_resumes_on_one(tmp_path, uninterrupted):
+    # fp32 tolerance: two ranks sum the gradients in another order, and Adam's normalised update
+    # carries that rounding into the next step's loss (measured: up to 1.4e-6 relative).
     args = ["--preset", "tiny", "--model.llm.num_layers", "1", "--data", "demo", "--batch-size", "4",
             "--token-budget", "1024", "--num-workers", "0", "--warmup-steps", "2", "--lr", "3e-3",
             "--progress", "false", "--output", str(tmp_path)]
@@ -89,9 +91,9 @@ def test_two_gloo_ranks_match_one_and_their_checkpoint_resumes_on_one(tmp_path, 
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
-    torch.testing.assert_close(losses(tmp_path), uninterrupted[:2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses(tmp_path), uninterrupted[:2], rtol=1e-5, atol=0)
     train(tiny(tmp_path), resume=True, env=ENV)  # 2 ranks' checkpoint, 1 rank now
-    torch.testing.assert_close(losses(tmp_path), uninterrupted, rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses(tmp_path), uninterrupted, rtol=1e-5, atol=0)
 
 
 def test_a_write_killed_midway_leaves_the_previous_checkpoint_for_resume(tmp_path, uninterrupted):

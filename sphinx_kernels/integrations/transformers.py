@@ -317,12 +317,13 @@ def use_sphinx_moe(model: nn.Module, *, block_size: int = 128,
             moe = MoEMLP(experts.hidden_dim, experts.intermediate_dim, experts.num_experts,
                          block.top_k, block_size=block_size, recompute=recompute)
             moe.router = _router_logits_class()(owner.config)
+        trained = [p.requires_grad for p in (block.gate.weight, experts.gate_up_proj,
+                                             experts.gate_up_proj, experts.down_proj)]
         w1, w3 = experts.gate_up_proj.detach().chunk(2, dim=1)
         moe.load_state_dict({"router.weight": block.gate.weight, "w1": w1.contiguous(),
                              "w3": w3.contiguous(), "w2": experts.down_proj}, assign=True)
-        for param, source in ((moe.router.weight, block.gate.weight), (moe.w1, experts.gate_up_proj),
-                              (moe.w3, experts.gate_up_proj), (moe.w2, experts.down_proj)):
-            param.requires_grad_(source.requires_grad)  # a frozen one stays frozen
+        for param, requires_grad in zip((moe.router.weight, moe.w1, moe.w3, moe.w2), trained):
+            param.requires_grad_(requires_grad)  # assign=True made them all trainable
         replacement = SphinxMixtralSparseMoe(moe, block.jitter_noise).train(block.training)
         setattr(parent, name, replacement)
         _record_outputs_of(owner, replacement)
@@ -339,12 +340,12 @@ def undo_sphinx_moe(model: nn.Module) -> nn.Module:
     for owner, parent, name, ours in list(_blocks(model, SphinxMixtralSparseMoe)):
         with torch.device("meta"):
             block = MixtralSparseMoeBlock(owner.config)
-        block.load_state_dict(ours.state_dict(keep_vars=True), assign=True)
         moe = ours.moe
-        for param, source in ((block.gate.weight, moe.router.weight),
-                              (block.experts.gate_up_proj, moe.w1),
-                              (block.experts.down_proj, moe.w2)):
-            param.requires_grad_(source.requires_grad)
+        trained = [p.requires_grad for p in (moe.router.weight, moe.w1, moe.w2)]
+        block.load_state_dict(ours.state_dict(keep_vars=True), assign=True)
+        for param, requires_grad in zip((block.gate.weight, block.experts.gate_up_proj,
+                                         block.experts.down_proj), trained):
+            param.requires_grad_(requires_grad)
         block.train(ours.training)
         setattr(parent, name, block)
         _record_outputs_of(owner, block)

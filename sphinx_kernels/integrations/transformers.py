@@ -13,10 +13,12 @@ per sample). It serves, without copying keys and values per query head (GQA):
 - packed rows described by ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (and ``max_length_q`` /
   ``max_length_k``), as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` passes them:
   no host synchronisation;
-- packed rows described only by ``position_ids`` (a sample starts wherever a position is not the
-  previous one plus 1): one host synchronisation per layer on a GPU, to count the samples;
-- unpadded rows (one sequence per row, including a plain single sequence), and new tokens against
-  a KV cache without padding (queries aligned to the end of their keys).
+- otherwise, sequences found from ``position_ids`` (which transformers always passes): one starts
+  at each row and wherever a position is not the previous one plus 1, so packed rows, unpadded
+  rows and a plain single sequence are all served; counting them costs one host synchronisation
+  per layer on a GPU;
+- new tokens against a KV cache without padding: each row one sequence, its queries aligned to the
+  end of its keys.
 
 It refuses, with a ``ValueError`` naming the feature, what it cannot compute exactly: a batch with
 padding (the attention mask transformers then hands the layer), attention dropout in training, logit

@@ -117,6 +117,12 @@ def test_attention_dropout_in_training_is_refused(reference_ops):
         model.train()(**batch)
 
 
+def test_attention_weights_are_refused(reference_ops):
+    model = with_attention(tiny_llama(), "sphinx_varlen")
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        model(input_ids=torch.randint(VOCAB, (1, 5)), output_attentions=True)
+
+
 def tiny_mistral(sliding_window: int):
     config = transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

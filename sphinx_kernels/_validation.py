@@ -10,7 +10,7 @@ values are not known then).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Collection
 
 import torch
 
@@ -23,16 +23,14 @@ ENV_CHECK_INPUTS = "SPHINX_KERNELS_CHECK_INPUTS"
 
 
 def require_tensor(name: str, value, *, dims: int | None = None,
-                   dtypes: Iterable[torch.dtype] | None = None) -> torch.Tensor:
+                   dtypes: Collection[torch.dtype] | None = None) -> torch.Tensor:
     """``value`` as a tensor of ``dims`` dimensions and one of ``dtypes``, else TypeError /
     ValueError."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if dtypes is not None:
-        dtypes = sorted(dtypes, key=dtype_name)  # a stable message whatever the set's order
-        if value.dtype not in dtypes:
-            allowed = ", ".join(dtype_name(d) for d in dtypes)
-            raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = ", ".join(sorted(map(dtype_name, dtypes)))  # one message whatever the set's order
+        raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
     if dims is not None and value.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     return value

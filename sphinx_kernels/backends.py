@@ -128,27 +128,26 @@ class OpBackends:
             raise ValueError(f"{op}: backend names must be unique, got {names}")
         self.op = op
         self.backends = tuple(backends)
+        self.names = tuple(names)
         self.request_type = request_type
+        self._by_name = dict(zip(names, self.backends))
 
     def request(self, device: torch.device | str, dtype: torch.dtype, **features) -> Request:
         """The op's request: what the op builds per call, and what tests, benchmarks and ``info``
         probe the backends with. ``features`` are the request type's fields (TypeError for any
         other name); those not given take the type's defaults (a typical training call)."""
-        return self.request_type(torch.device(device), dtype, **features)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        return self.request_type(device, dtype, **features)
 
     def available(self, request: Request) -> list[str]:
         """The names of the backends that can serve ``request`` here, in priority order."""
         return [b.name for b in self.backends if not b.not_supported_reasons(request)]
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(b.name for b in self.backends)
-
     def __getitem__(self, name: str) -> Backend:
-        for candidate in self.backends:
-            if candidate.name == name:
-                return candidate
-        raise KeyError(f"{self.op} has no backend {name!r}; it has {', '.join(self.names)}")
+        if name not in self._by_name:
+            raise KeyError(f"{self.op} has no backend {name!r}; it has {', '.join(self.names)}")
+        return self._by_name[name]
 
     def reasons(self, request: Request) -> dict[str, list[str]]:
         """Every backend's reasons for not serving ``request`` (an empty list: it can)."""
@@ -162,16 +161,17 @@ class OpBackends:
         if type(request) is not self.request_type:
             self.reasons(request)  # raises the TypeError
         forced = backend if backend is not None else forced_backend(self.op)
-        if forced is not None and forced not in self.names:
+        if forced is None:
+            for candidate in self.backends:
+                if not candidate.not_supported_reasons(request):
+                    return candidate
+        elif forced not in self._by_name:
             raise BackendUnavailableError(
                 f"{self.op}: unknown backend {forced!r} (from "
                 f"{'backend=' if backend is not None else ENV_BACKEND}); "
                 f"this op has {', '.join(self.names)}")
-        for candidate in self.backends:
-            if forced is not None and candidate.name != forced:
-                continue
-            if not candidate.not_supported_reasons(request):
-                return candidate
+        elif not self._by_name[forced].not_supported_reasons(request):
+            return self._by_name[forced]
         head = (f"{self.op}: backend {forced!r} cannot serve this call" if forced else
                 f"{self.op}: no backend can serve this call")
         lines = [f"{head} ({request.describe()})."]

@@ -32,18 +32,18 @@ class Platform:
     missing: Callable[[torch.device], str | None]  # why it cannot run on this device here, or None
 
     def not_supported_reasons(self, device: torch.device) -> list[str]:
-        if device.type not in self.devices:
-            return [f"runs on {'/'.join(sorted(self.devices))}, not {device.type}"]
-        reasons = []
+        kind = device.type
+        if kind not in self.devices:
+            return [f"runs on {'/'.join(sorted(self.devices))}, not {kind}"]
         why = self.missing(device)
         if why:
-            reasons.append(why)
-        if device.type == "cuda" and self.min_capability and not why:
+            return [why]
+        if kind == "cuda" and self.min_capability:
             have = _capability(device)
             if have < self.min_capability:
                 need = ".".join(map(str, self.min_capability))
-                reasons.append(f"needs compute capability {need}, the GPU has {have[0]}.{have[1]}")
-        return reasons
+                return [f"needs compute capability {need}, the GPU has {have[0]}.{have[1]}"]
+        return []
 
 
 # Plain memo dicts, not functools caches: selection runs while torch.compile traces, and Dynamo

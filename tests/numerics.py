@@ -100,5 +100,6 @@ def interpreter_rounds_bf16(backend: str, dtype: torch.dtype) -> bool:
 
 def skip_if_interpreter_rounds_bf16(backend: str, dtype: torch.dtype) -> None:
     """Skips the test where :func:`interpreter_rounds_bf16`."""
+    __tracebackhide__ = True  # the skip is reported at the test's line
     if interpreter_rounds_bf16(backend, dtype):
         pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")

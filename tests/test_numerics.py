@@ -21,6 +21,14 @@ def test_the_rule_fails_an_error_above_the_factor_and_passes_one_below():
         assert_within_torch_error((expected + 2.1e-3).float(), expected, torch_error, 2.0, "out")
 
 
+def test_pytorch_output_stands_for_its_error_on_one_draw():
+    expected = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    torch_output = (expected + 1e-3).float()  # PyTorch's own result: error 1e-3
+    assert_within_torch_error((expected + 1.9e-3).float(), expected, torch_output, 2.0, "inside")
+    with pytest.raises(AssertionError, match="exceeds 2.0x"):
+        assert_within_torch_error((expected + 2.1e-3).float(), expected, torch_output, 2.0, "out")
+
+
 def test_one_rounding_is_allowed_where_pytorch_is_exact():
     expected = torch.tensor([1.0, 0.5], dtype=torch.float64)
     one_ulp_off = torch.tensor([1.0, 0.5 + 2**-24])  # half an ulp of 1.0, times 2

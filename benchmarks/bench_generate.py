@@ -1,0 +1,144 @@
+"""Generation benchmark: ``sphinx_model.generate`` (one packed prefill, then decode steps of one row per
+live sequence against the preallocated KV cache) against transformers' ``generate`` (its batch
+left-padded to the longest prompt, its own KV cache, SDPA attention) on the same weights and the same
+prompts.
+
+    python -m benchmarks --family generate [--quick]
+
+Workload (seeded): a batch of prompts of random token ids, lengths drawn log-uniformly from a range
+(mixed lengths are the point: the padded batch computes every prompt at the longest one's length),
+greedy decoding of a fixed number of new tokens with no EOS, so both generate exactly as many.
+Weights: our ``LLM`` randomly initialised, exported with ``save_hf_llm`` and loaded by transformers'
+``from_pretrained`` (the same weights, the checkpoint path users take). Reported per model:
+
+- ``prefill``: one ``generate`` call with ``max_new_tokens=1``; tokens/s counts the prompts' real
+  tokens (padding excluded) over the call's time.
+- ``decode``: ``generate`` with ``max_new_tokens=N`` minus the prefill call, per step (ms) and in
+  new tokens/s (``B * (N - 1)`` tokens); ``tokens_match``: the share of prompts whose greedy tokens
+  equal transformers' (a check that both compute the same thing).
+
+Targets: prefill >= 1.5x transformers' padded batch, decode tokens/s >= transformers'. CPU: the
+``tiny-dense`` (Llama) and ``tiny`` (Mixtral) decoders in float32, 8 prompts of 16-512 tokens, 32
+new tokens. GPU: ``tinyllama-1.1b`` in bfloat16, 32 prompts of 32-1536 tokens, 128 new tokens.
+"""
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, Row, run_family, time_ms
+from sphinx_model import LLM, generate, preset, save_hf_llm
+
+OURS, PEER = "sphinx_model.generate", "transformers generate (padded)"
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str                   # a preset's LLM
+    prompts: int
+    lengths: tuple[int, int]     # prompt lengths, drawn log-uniformly
+    new_tokens: int
+    dtype: torch.dtype
+
+
+CPU = [Workload("tiny-dense", 8, (16, 512), 32, torch.float32),
+       Workload("tiny", 8, (16, 512), 32, torch.float32)]
+CPU_QUICK = [Workload("tiny-dense", 4, (8, 64), 8, torch.float32)]
+GPU = [Workload("tinyllama-1.1b", 32, (32, 1536), 128, torch.bfloat16)]
+GPU_QUICK = [Workload("tinyllama-1.1b", 8, (32, 512), 32, torch.bfloat16)]
+
+
+def prompt_ids(work: Workload, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``work.prompts`` lists of random token ids, BOS (1) first, lengths log-uniform."""
+    rng = random.Random(seed)
+    low, high = (math.log(n) for n in work.lengths)
+    lengths = [int(math.exp(rng.uniform(low, high))) for _ in range(work.prompts)]
+    return [[1] + [rng.randrange(3, vocab) for _ in range(n - 1)] for n in lengths]
+
+
+def build_models(work: Workload, device: torch.device, directory: str):
+    """Our randomly initialised LLM and transformers' model of the same weights (through
+    ``save_hf_llm`` and ``from_pretrained``)."""
+    import transformers
+
+    cfg = preset(work.model).llm
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = LLM(cfg)
+    ours = ours.to(work.dtype).to_empty(device=device)
+    ours.init_weights()
+    save_hf_llm(ours, directory)
+    peer = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=work.dtype, attn_implementation="sdpa").to(device).eval()
+    peer.generation_config.eos_token_id = None  # both generate every token (greedy, no EOS stop)
+    return ours, peer
+
+
+def padded_batch(prompts: list[list[int]], device: torch.device):
+    """Left-padded ``input_ids`` and ``attention_mask`` (decoder-only models pad on the left)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.int64)
+    for b, prompt in enumerate(prompts):
+        ids[b, longest - len(prompt):] = torch.tensor(prompt)
+        mask[b, longest - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def peer_generate(peer, batch, new_tokens: int) -> list[list[int]]:
+    import transformers
+
+    ids, mask = batch
+    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens,
+                                           eos_token_id=None, pad_token_id=0, bos_token_id=1)
+    with torch.inference_mode():
+        out = peer.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Row]:
+    with tempfile.TemporaryDirectory() as directory:
+        ours, peer = build_models(work, device, directory)
+    prompts = prompt_ids(work, ours.config.vocab_size)
+    batch = padded_batch(prompts, device)
+    real = sum(len(p) for p in prompts)
+    padded = len(prompts) * max(len(p) for p in prompts)
+    dtype = str(work.dtype).removeprefix("torch.")
+    runs = {OURS: lambda n: generate(ours, prompts, n),
+            PEER: lambda n: peer_generate(peer, batch, n)}
+    repeats = 2 if quick else 3
+    outputs = {name: run(work.new_tokens) for name, run in runs.items()}
+    matching = sum(a == b for a, b in zip(outputs[OURS], outputs[PEER])) / len(prompts)
+    rows = []
+    for name, run in runs.items():
+        prefill_ms = time_ms(run, [1], device, warmup=1, repeats=repeats)
+        total_ms = time_ms(run, [work.new_tokens], device, warmup=1, repeats=repeats)
+        steps = work.new_tokens - 1
+        step_ms = (total_ms - prefill_ms) / steps
+        rows.append(Row("prefill", f"{work.model} B={len(prompts)} tokens={real} (padded "
+                        f"{padded})", dtype, name, prefill_ms,
+                        extra={"tokens_per_s": real / prefill_ms * 1e3}))
+        rows.append(Row("decode", f"{work.model} B={len(prompts)} new={work.new_tokens}", dtype,
+                        name, step_ms, extra={"tokens_per_s": len(prompts) / step_ms * 1e3,
+                                              "tokens_match": matching}))
+    for r in rows:
+        print(f"{r.op} {r.shape}: {r.backend}: {r.extra['tokens_per_s']:.0f} tokens/s")
+    print(f"greedy tokens equal transformers' for {matching:.0%} of the prompts")
+    return rows
+
+
+def bench_generate(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+    if device.type == "cuda":
+        workloads = GPU_QUICK if quick else GPU
+    else:
+        workloads = CPU_QUICK if quick else CPU
+    return [row for work in workloads for row in bench_workload(work, device, quick)]
+
+
+def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
+    return run_family("generate", device, quick, bench_generate, (OURS,), (PEER,),
+                      results_dir=results_dir)

@@ -81,11 +81,12 @@ def generate(llm_or_model: LLM | SphinxX, prompts: Sequence, max_new_tokens: int
         ``len(prompts)`` lists of token ids, each ending with an EOS or stop string's last token
         where one ended it.
     """
-    out: list[list[int]] = [[] for _ in prompts] if isinstance(prompts, (list, tuple)) else []
-    for index, token in stream_generate(
-            llm_or_model, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_p=top_p, eos_token_id=eos_token_id, use_cache=use_cache, seed=seed,
-            stop_strings=stop_strings, tokenizer=tokenizer):
+    stream = stream_generate(
+        llm_or_model, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_p=top_p, eos_token_id=eos_token_id, use_cache=use_cache, seed=seed,
+        stop_strings=stop_strings, tokenizer=tokenizer)  # checks the arguments
+    out: list[list[int]] = [[] for _ in prompts]
+    for index, token in stream:
         out[index].append(token)
     return out
 
@@ -167,7 +168,7 @@ class _CachedDecoder:
 
     def step(self, live: list[int], tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
-        if len(live) != cache._num_live:
+        if live != cache.live:
             cache.select(live)
         cu = cache.begin_forward()
         hidden, _ = self.llm.hidden_states(self.llm.embed_tokens(tokens), cu, max_seqlen=1,

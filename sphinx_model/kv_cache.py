@@ -85,7 +85,7 @@ class PreallocatedKVCache:
                                      device=device))
         # Per-forward state, in buffers sized for the whole batch and sliced to the live count.
         self._live = torch.arange(batch, **index)         # live sequences' indices
-        self._num_live = batch
+        self._host_live = list(range(batch))
         self._live_start = torch.empty(batch, **index)    # their slot starts
         self._live_length = torch.empty(batch, **index)   # their cached rows before the forward
         self._dest = torch.empty(batch, **index)          # decode: each new row's cache row
@@ -104,7 +104,7 @@ class PreallocatedKVCache:
     @property
     def live(self) -> list[int]:
         """Indices of the live sequences, in the order their rows are packed."""
-        return self._live[:self._num_live].tolist()
+        return list(self._host_live)
 
     def lengths(self) -> list[int]:
         """Rows cached per sequence (host ints; all ``B`` sequences)."""
@@ -118,7 +118,7 @@ class PreallocatedKVCache:
             raise ValueError(f"live must be increasing indices in [0, {self.batch_size}), got "
                              f"{live}")
         m = len(live)
-        self._num_live = m
+        self._host_live = live
         self._live[:m].copy_(torch.tensor(live, dtype=torch.int64))
         if self._prefix is not None:
             self._prefix_live[1:2 * m:2].copy_(self._prefix[self._live[:m]])
@@ -126,16 +126,16 @@ class PreallocatedKVCache:
     def prefix_lens(self) -> torch.Tensor | None:
         """int32 ``[2m]``: the live sequences' prefix lengths in the interleaved layout (0 for the
         gaps), for the model's ``prefix_lens``; None without prefixes."""
-        return None if self._prefix is None else self._prefix_live[:2 * self._num_live]
+        return None if self._prefix is None else self._prefix_live[:2 * len(self._host_live)]
 
     def begin_forward(self, new_rows: Sequence[int] | None = None) -> torch.Tensor:
         """Prepares a forward that brings ``new_rows[j]`` rows for live sequence ``j`` (None: one
         each, a decode step, done with in-place ops on preallocated buffers only) and returns its
         ``cu_seqlens`` (int32 ``[2m + 1]``, gaps interleaved) for the model. A ``ValueError`` names
         a sequence whose slot would overflow."""
-        m = self._num_live
+        host_live = self._host_live
+        m = len(host_live)
         live_ids = self._live[:m]
-        host_live = self.live
         counts = [1] * m if new_rows is None else [int(n) for n in new_rows]
         if len(counts) != m:
             raise ValueError(f"new_rows must have one count per live sequence ({m}), got "
@@ -174,7 +174,7 @@ class PreallocatedKVCache:
 
     def cached_lengths(self) -> torch.Tensor:
         """int32 ``[2m]``: rows each packed sequence had cached before this forward (0 for gaps)."""
-        return self._cached[:2 * self._num_live]
+        return self._cached[:2 * len(self._host_live)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -186,5 +186,5 @@ class PreallocatedKVCache:
         rows = self._rows.shape[0]
         self.keys[layer].index_copy_(0, self._rows, k[:rows])
         self.values[layer].index_copy_(0, self._rows, v[:rows])
-        return self.keys[layer], self.values[layer], self._cu_k[:2 * self._num_live + 1], \
+        return self.keys[layer], self.values[layer], self._cu_k[:2 * len(self._host_live) + 1], \
             self.capacity

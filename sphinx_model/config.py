@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["VisionConfig", "ProjectorConfig", "LLMConfig", "SphinxConfig", "PRESETS", "preset",
-           "config_from_dict", "validate_llm", "LLM_ARCHS"]
+           "config_from_dict", "check_value", "validate_llm", "LLM_ARCHS"]
 
 LLM_ARCHS = ("llama", "mixtral", "internlm2")  # the decoder families (and checkpoint layouts) we load
 
@@ -143,12 +143,13 @@ def config_from_dict(cls: type, data: Mapping[str, Any], path: str = ""):
         if dataclasses.is_dataclass(hint):
             values[name] = config_from_dict(hint, value, f"{path}{name}.")
         else:
-            values[name] = _checked(value, hint, f"{path}{name}")
+            values[name] = check_value(value, hint, f"{path}{name}")
     return cls(**values)
 
 
-def _checked(value: Any, hint: Any, path: str) -> Any:
-    """``value`` if it matches the simple type ``hint`` (int accepted for float), else TypeError."""
+def check_value(value: Any, hint: Any, path: str) -> Any:
+    """``value`` if it matches the simple type ``hint`` (int accepted for float), else a TypeError
+    naming the key ``path``."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         base = typing.get_origin(option) or option
@@ -158,8 +159,8 @@ def _checked(value: Any, hint: Any, path: str) -> Any:
             return float(value)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if base in (str, bool, dict) and isinstance(value, base):
-            return dict(value) if base is dict else value
+        if base in (str, bool, dict, list) and isinstance(value, base):
+            return base(value) if base in (dict, list) else value
     raise TypeError(f"config key {path} must be {hint}, got {value!r}")
 
 

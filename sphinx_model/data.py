@@ -243,8 +243,8 @@ class SphinxData(torch.utils.data.Dataset):
     heavy work in DataLoader workers::
 
         data = SphinxData.from_config(DataConfig(path="mix.yaml"), model_config, tokenizer,
-                                      rank=rank, world_size=world)
-        for batch in data.loader(position, steps=total_steps, pin_memory=True):
+                                      rank=rank, world_size=world, position=resumed_position)
+        for batch in data.loader(steps=total_steps, pin_memory=True):
             ...   # batch.micro_batches, batch.stats, then checkpoint batch.position
     """
 

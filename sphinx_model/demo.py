@@ -1,12 +1,12 @@
 """The demo data: real photographs with short dialogues about them, built offline on first use.
 
     demo = build_demo()          # reused when already built
-    demo.mixture                 # the YAML mixture (images.jsonl twice per epoch, text.jsonl once)
+    demo.mixture                 # the YAML mixture (images.jsonl once per epoch, text.jsonl twice)
     demo.load_tokenizer()        # its tokenizer
 
 Photographs: scikit-image's sample images (shipped in its wheel), eight whole and six crops of them
 at other aspect ratios (wide strips, tall strips), whose empty tiles become skip tokens; one crop is
-stored sideways with an EXIF orientation tag. Each photograph has three short dialogues with
+stored sideways with an EXIF orientation tag. Each photograph has five short dialogues with
 consistent answers (the same question always gets the same answer about the same subject), so the
 ``tiny`` preset learns them in a few hundred CPU steps; a dozen text-only dialogues are mixed in.
 
@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ __all__ = [
     "build_demo",
     "default_demo_root",
     "mistral_tokenizer_path",
+    "train_bpe_tokenizer",
 ]
 
 _DEMO_FORMAT = 1  # bump when the files' layout changes (the content is hashed anyway)
@@ -157,10 +159,10 @@ def build_demo(root: str | os.PathLike | None = None, *, use_mistral: bool = Tru
                 f.writelines(json.dumps(record, ensure_ascii=False) + "\n"
                              for record in records[name])
         (building / "mixture.yaml").write_text(
-            "# The demo mixture: each photo dialogue twice per epoch, each text dialogue once.\n"
+            "# The demo mixture: each photo dialogue once per epoch, each text dialogue twice.\n"
             "datasets:\n"
-            "  - {path: images.jsonl, ratio: 2.0}\n"
-            "  - {path: text.jsonl, ratio: 1.0}\n", encoding="utf-8")
+            "  - {path: images.jsonl, ratio: 1.0}\n"
+            "  - {path: text.jsonl, ratio: 2.0}\n", encoding="utf-8")
         if mistral is not None:
             shutil.copyfile(mistral, building / "tokenizer.model")
             tokenizer = "tokenizer.model"
@@ -180,14 +182,16 @@ def build_demo(root: str | os.PathLike | None = None, *, use_mistral: bool = Tru
 
 
 def _records() -> dict[str, list[dict]]:
-    """The dialogues as LLaVA-format items: three per photograph and crop, and the text ones."""
+    """The dialogues as LLaVA-format items: five per photograph and crop, each question asked first
+    in one of them, and the text ones."""
     images = []
     for name, photo in [(n, n) for n in PHOTOS] + [(n, c[0]) for n, c in CROPS.items()]:
         _, description, color, facts = PHOTOS[photo]
-        (q1, a1), (q2, a2) = facts
-        for turns in ([("What is in this image?", description)],
-                      [(q1, a1), (_COLOR_QUESTION, _COLOR_ANSWERS[color])],
-                      [("Describe the image briefly.", description), (q2, a2)]):
+        what, describe = ("What is in this image?", description), ("Describe the image briefly.",
+                                                                  description)
+        in_color = (_COLOR_QUESTION, _COLOR_ANSWERS[color])
+        for turns in ([what, facts[1]], [facts[0], in_color], [in_color, describe],
+                      [describe, facts[0]], [facts[1], what]):
             images.append({"image": f"images/{name}.jpg",
                            "conversations": _llava_turns(turns, image=True)})
     text = [{"conversations": _llava_turns(turns, image=False)} for turns in TEXT_DIALOGUES]
@@ -225,22 +229,27 @@ def _write_images(folder: Path) -> None:
 
 
 def _train_bpe(records: dict[str, list[dict]], path: Path) -> None:
-    """A byte-level BPE trained on the demo's rendered dialogues; ids 0-2 are <unk>, <s>, </s>."""
+    """The fallback tokenizer, trained on the demo's rendered dialogues."""
+    texts = [SPHINX_TEMPLATE.render(parse_conversation(record).turns)
+             for record in records["images"] + records["text"]]
+    train_bpe_tokenizer(texts, path)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], path: Path, vocab_size: int = 2000) -> Path:
+    """A byte-level BPE ``tokenizer.json`` trained offline on ``texts`` and written to ``path``;
+    ids 0-2 are ``<unk>``, ``<s>`` (BOS), ``</s>`` (EOS)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    texts = []
-    for record in records["images"] + records["text"]:
-        conversation = parse_conversation(record)
-        texts.append(SPHINX_TEMPLATE.render(conversation.turns))
     tokenizer = HFTokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
+    return path
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from sphinx_model.config import VisionConfig
 
@@ -34,6 +34,7 @@ __all__ = [
     "tile_geometry",
     "tile_image",
     "to_rgb",
+    "upright_size",
 ]
 
 # Per-channel RGB statistics in [0, 1] of the encoders' pretraining (ConvNeXt: OpenAI CLIP's,
@@ -44,6 +45,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The padding colour: the CLIP mean in uint8, truncated as the SPHINX reference's PadToSquare does.
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
+# EXIF orientations that turn the stored image a quarter (its upright width is its stored height).
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @dataclass
@@ -91,15 +94,18 @@ def tile_image(image: Image.Image, vision: VisionConfig) -> TiledImage:
     """The global view and the kept tiles of ``image`` at both encoders' resolutions.
 
     ``image``: any Pillow image (EXIF orientation is applied; palette, grayscale, 16-bit, CMYK and
-    images with alpha are converted to RGB, transparent pixels becoming the padding colour).
+    images with alpha are converted to RGB, transparent pixels becoming the padding colour). A JPEG
+    not yet loaded (as ``Image.open`` returns it) is decoded at the smallest DCT scale that still
+    covers the largest view (``Image.draft``: several times faster for a large photo; it changes
+    ``image`` in place). The geometry is always that of the upright full-size image
+    (:func:`upright_size`), so ``tile_geometry`` on a file's header size predicts it.
     ``vision``: the tiling (``tiles``) and the two view sizes.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     if not isinstance(vision, VisionConfig):
         raise TypeError(f"vision must be a VisionConfig, got {type(vision).__name__}")
-    rgb = to_rgb(image)
-    width, height = rgb.size
+    width, height = upright_size(image)
     tiles = vision.tiles
     rows, cols, skipped = tile_geometry(width, height, tiles)
     kept_tiles = [divmod(i, cols) for i, skip in enumerate(skipped) if not skip]
@@ -110,7 +116,10 @@ def tile_image(image: Image.Image, vision: VisionConfig) -> TiledImage:
     # (a second bicubic pass from a larger image: visually the same, 2-3x faster on a 12 MP photo).
     largest = max((_extent(width, height, canvas * side, tiles)
                    for side in sides.values() for canvas in (1, tiles)), key=lambda e: e[0] * e[1])
-    if largest[0] * largest[1] < width * height:
+    stored = largest if image.size == (width, height) else largest[::-1]
+    image.draft(None, stored)  # a no-op unless an unloaded JPEG
+    rgb = to_rgb(image)
+    if largest[0] * largest[1] < rgb.width * rgb.height:
         rgb = rgb.resize(largest, Image.Resampling.BICUBIC, reducing_gap=3.0)
     views = {}
     for name, side in sides.items():
@@ -122,6 +131,16 @@ def tile_image(image: Image.Image, vision: VisionConfig) -> TiledImage:
     return TiledImage(rows, cols, skipped, views["dinov2"], views["convnext"])
 
 
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of ``image`` once its EXIF orientation is applied, from its header (no
+    decoding). ``ValueError`` for an image without pixels."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"image must have at least one pixel, got size {width}x{height}")
+    turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
+    return (height, width) if turned else (width, height)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` upright (EXIF orientation applied) in mode RGB, fully loaded.
 
@@ -130,9 +149,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ValueError(f"image must have at least one pixel, got size {width}x{height}")
+    upright_size(image)
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):  # 16-bit grayscale: scaled to 8 bits rather than clipped
         image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")

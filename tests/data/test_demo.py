@@ -27,9 +27,9 @@ def records(demo, name):
 
 def test_demo_is_built_with_photos_dialogues_and_a_tokenizer(demo):
     images, text = records(demo, "images"), records(demo, "text")
-    assert len(images) == 3 * (len(PHOTOS) + len(CROPS)) and len(text) == len(TEXT_DIALOGUES)
+    assert len(images) == 5 * (len(PHOTOS) + len(CROPS)) and len(text) == len(TEXT_DIALOGUES)
     mixture = sm.load_mixture(demo.mixture)
-    assert mixture.draws == [2 * len(images), len(text)]
+    assert mixture.draws == [len(images), 2 * len(text)]
     tok = demo.load_tokenizer()
     if mistral_tokenizer_path() is not None:
         assert demo.tokenizer.name == "tokenizer.model" and tok.vocab_size == 32000
@@ -40,13 +40,16 @@ def test_demo_is_built_with_photos_dialogues_and_a_tokenizer(demo):
 
 def test_answers_are_consistent(demo):
     answers = defaultdict(set)  # (subject photo, question) -> answers
+    first = defaultdict(set)    # image file -> questions asked first
     for record in records(demo, "images"):
         name = record["image"].split("/")[-1][:-4]
         subject = CROPS[name][0] if name in CROPS else name
         turns = parse_conversation(record).turns
+        first[name].add(turns[0].text)
         for question, answer in zip(turns[::2], turns[1::2]):
             answers[subject, question.text].add(answer.text)
     assert all(len(found) == 1 for found in answers.values())
+    assert all(len(questions) == 5 for questions in first.values())  # each question asked first
 
 
 def test_some_demo_images_have_skipped_tiles_one_through_exif(demo):

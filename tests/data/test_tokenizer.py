@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sphinx_model import load_tokenizer
-from sphinx_model.demo import mistral_tokenizer_path
+from sphinx_model.demo import mistral_tokenizer_path, train_bpe_tokenizer
 
 MISTRAL = mistral_tokenizer_path()
 needs_mistral = pytest.mark.skipif(MISTRAL is None, reason="mistral-common is not installed")
@@ -25,17 +25,9 @@ def mistral():
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
     """A byte-level BPE tokenizer.json trained here, in a checkpoint-like folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     folder = tmp_path_factory.mktemp("bpe")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(SAMPLES * 3 + ["the cat sat on the mat"] * 5, trainer)
-    tok.save(str(folder / "tokenizer.json"))
+    train_bpe_tokenizer(SAMPLES * 3 + ["the cat sat on the mat"] * 5, folder / "tokenizer.json",
+                        vocab_size=400)
     return folder
 
 

@@ -33,7 +33,7 @@ def source(tmp_path_factory):
     llm = sm.load_hf_llm(root / "hf")
     tower = randomised(VisionTower(VISION), seed=4)
     gen = torch.Generator().manual_seed(5)
-    state = _accessory_state(hf)
+    state = _accessory_state(llm)
     state.update({
         P + "visual_proj.0.weight": torch.randn(HIDDEN, 192 + 48, generator=gen),
         P + "visual_proj.0.bias": torch.randn(HIDDEN, generator=gen),

@@ -124,6 +124,35 @@ def test_exif_orientation_is_applied():
     assert tiled.skipped == tile_geometry(20, 60, 2)[2] == [False, True, False, True]
 
 
+def jpeg(size, orientation=None):
+    """A smooth photo-like JPEG file's bytes (optionally with an EXIF orientation)."""
+    width, height = size
+    ramp = torch.linspace(0, 1, width)[None, :] * torch.linspace(0.2, 1, height)[:, None]
+    hwc = torch.stack([ramp * 250, (1 - ramp) * 200, ramp.sqrt() * 180], dim=-1).to(torch.uint8)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.frombytes("RGB", size, bytes(hwc.flatten().tolist())).save(
+        buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_large_jpeg_is_drafted_with_the_header_geometry(orientation):
+    data = jpeg((1500, 500), orientation)
+    lazy, full = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(data))
+    full.load()  # loaded: decoded at full size, no draft
+    fast, slow = tile_image(lazy, TINY), tile_image(full, TINY)
+    assert lazy.size[0] < 1500  # decoded at a reduced DCT scale
+    upright = (500, 1500) if orientation else (1500, 500)
+    assert fast.skipped == slow.skipped == tile_geometry(*upright, 2)[2]
+    for a, b in ((fast.dinov2_pixels, slow.dinov2_pixels),
+                 (fast.convnext_pixels, slow.convnext_pixels)):
+        assert a.shape == b.shape
+        assert (a.float() - b.float()).abs().mean() < 2.0  # the same picture, resampled otherwise
+
+
 @pytest.mark.parametrize("mode, fill, expected", [
     ("L", 200, (200, 200, 200)),
     ("1", 1, (255, 255, 255)),

@@ -19,7 +19,10 @@ Weights: our ``LLM`` randomly initialised, exported with ``save_hf_llm`` and loa
 
 Targets: prefill >= 1.5x transformers' padded batch, decode tokens/s >= transformers'. CPU: the
 ``tiny-dense`` (Llama) and ``tiny`` (Mixtral) decoders in float32, 8 prompts of 16-512 tokens, 32
-new tokens. GPU: ``tinyllama-1.1b`` in bfloat16, 32 prompts of 32-1536 tokens, 128 new tokens.
+new tokens, both generators on one intra-op thread: at these sizes both are chains of small ops, and
+on a shared machine a second thread makes each op wait for a busy core (measured: a [3, 128] linear
+takes 2.3 ms with two threads under load, 20 us with one), which drowns the comparison in noise.
+GPU: ``tinyllama-1.1b`` in bfloat16, 32 prompts of 32-1536 tokens, 128 new tokens.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class Workload:
 
 CPU = [Workload("tiny-dense", 8, (16, 512), 32, torch.float32),
        Workload("tiny", 8, (16, 512), 32, torch.float32)]
-CPU_QUICK = [Workload("tiny-dense", 4, (8, 64), 8, torch.float32)]
+CPU_QUICK = [Workload("tiny-dense", 4, (8, 64), 4, torch.float32)]
 GPU = [Workload("tinyllama-1.1b", 32, (32, 1536), 128, torch.bfloat16)]
 GPU_QUICK = [Workload("tinyllama-1.1b", 8, (32, 512), 32, torch.bfloat16)]
 
@@ -110,13 +113,13 @@ def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Ro
     dtype = str(work.dtype).removeprefix("torch.")
     runs = {OURS: lambda n: generate(ours, prompts, n),
             PEER: lambda n: peer_generate(peer, batch, n)}
-    repeats = 2 if quick else 3
-    outputs = {name: run(work.new_tokens) for name, run in runs.items()}
+    outputs = {name: run(work.new_tokens) for name, run in runs.items()}  # also the warm-up
     matching = sum(a == b for a, b in zip(outputs[OURS], outputs[PEER])) / len(prompts)
+    timing = {"warmup": 0, "repeats": 1} if quick else {"warmup": 1, "repeats": 3}
     rows = []
     for name, run in runs.items():
-        prefill_ms = time_ms(run, [1], device, warmup=1, repeats=repeats)
-        total_ms = time_ms(run, [work.new_tokens], device, warmup=1, repeats=repeats)
+        prefill_ms = time_ms(run, [1], device, **timing)
+        total_ms = time_ms(run, [work.new_tokens], device, **timing)
         steps = work.new_tokens - 1
         step_ms = (total_ms - prefill_ms) / steps
         rows.append(Row("prefill", f"{work.model} B={len(prompts)} tokens={real} (padded "
@@ -124,7 +127,8 @@ def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Ro
                         extra={"tokens_per_s": real / prefill_ms * 1e3}))
         rows.append(Row("decode", f"{work.model} B={len(prompts)} new={work.new_tokens}", dtype,
                         name, step_ms, extra={"tokens_per_s": len(prompts) / step_ms * 1e3,
-                                              "tokens_match": matching}))
+                                              "tokens_match": matching,
+                                              "threads": torch.get_num_threads()}))
     for r in rows:
         print(f"{r.op} {r.shape}: {r.backend}: {r.extra['tokens_per_s']:.0f} tokens/s")
     print(f"greedy tokens equal transformers' for {matching:.0%} of the prompts")
@@ -133,10 +137,15 @@ def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Ro
 
 def bench_generate(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
     if device.type == "cuda":
-        workloads = GPU_QUICK if quick else GPU
-    else:
-        workloads = CPU_QUICK if quick else CPU
-    return [row for work in workloads for row in bench_workload(work, device, quick)]
+        return [row for work in (GPU_QUICK if quick else GPU)
+                for row in bench_workload(work, device, quick)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the module docstring
+    try:
+        return [row for work in (CPU_QUICK if quick else CPU)
+                for row in bench_workload(work, device, quick)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:

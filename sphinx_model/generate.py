@@ -110,8 +110,10 @@ def stream_generate(llm_or_model: LLM | SphinxX, prompts: Sequence, max_new_toke
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
     limit = llm.config.max_position_embeddings
     for i, prompt in enumerate(prompts):
-        rows = len(prompt.ids) + (sum(image_block_rows(t.skipped, model.config.vision.tokens_per_view)
-                                      for t in prompt.images) if prompt.images else 0)
+        rows = len(prompt.ids)
+        if prompt.images:  # a SphinxX's: each image block's rows too
+            per_view = model.config.vision.tokens_per_view
+            rows += sum(image_block_rows(t.skipped, per_view) for t in prompt.images)
         if rows + max_new_tokens > limit:
             raise ValueError(f"prompts[{i}] ({rows} rows) plus max_new_tokens ({max_new_tokens}) "
                              f"exceed the model's max_position_embeddings ({limit})")

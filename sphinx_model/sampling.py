@@ -14,7 +14,8 @@ __all__ = ["Sampler"]
 class Sampler:
     """How the next token is chosen (the arguments of :func:`sphinx_model.generate`).
 
-    ``do_sample=False``: the most likely token (greedy; ``temperature`` and ``top_p`` unused).
+    ``do_sample=False``: the most likely token (greedy; ``temperature`` and ``top_p`` unused, only
+    their types checked).
     Sampling: logits divided by ``temperature`` (> 0), then only the smallest set of most likely
     tokens whose probabilities reach ``top_p`` (in (0, 1]; the most likely token is always kept, so
     ``top_p`` near 0 is greedy) is sampled from, renormalised. ``seed``: a fixed seed makes sampling
@@ -34,11 +35,11 @@ class Sampler:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite float, got {value!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (for greedy "
-                             "decoding pass do_sample=False)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature} (for "
+                             "greedy decoding pass do_sample=False)")
+        if self.do_sample and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] when sampling, got {self.top_p}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be None or an int, got {self.seed!r}")
 

@@ -17,6 +17,9 @@ Weights: our ``LLM`` randomly initialised, exported with ``save_hf_llm`` and loa
   new tokens/s (``B * (N - 1)`` tokens); ``tokens_match``: the share of prompts whose greedy tokens
   equal transformers' (a check that both compute the same thing).
 
+TFLOP/s count the useful work only (:func:`forward_flops`: real tokens, the active experts, visible
+attention pairs, logits of the rows sampled from), the same for both generators.
+
 Targets: prefill >= 1.5x transformers' padded batch, decode tokens/s >= transformers'. CPU: the
 ``tiny-dense`` (Llama) and ``tiny`` (Mixtral) decoders in float32, 8 prompts of 16-512 tokens, 32
 new tokens, both generators on one intra-op thread: at these sizes both are chains of small ops, and
@@ -28,13 +31,15 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Row, run_family, time_ms
-from sphinx_model import LLM, generate, preset, save_hf_llm
+from benchmarks.counts import attention_flops, gemm_flops, swiglu_mlp_flops
+from benchmarks.harness import RESULTS_DIR, Row, compute_row, run_family, time_ms
+from sphinx_model import LLM, LLMConfig, generate, preset, save_hf_llm
 
 OURS, PEER = "sphinx_model.generate", "transformers generate (padded)"
 
@@ -61,6 +66,22 @@ def prompt_ids(work: Workload, vocab: int, seed: int = 0) -> list[list[int]]:
     low, high = (math.log(n) for n in work.lengths)
     lengths = [int(math.exp(rng.uniform(low, high))) for _ in range(work.prompts)]
     return [[1] + [rng.randrange(3, vocab) for _ in range(n - 1)] for n in lengths]
+
+
+def forward_flops(cfg: LLMConfig, lens_q: list[int], lens_k: list[int], logits_rows: int) -> int:
+    """Useful FLOPs of one decoder forward: ``lens_q[b]`` new rows of sequence b attending to its
+    ``lens_k[b]`` keys (the new rows last), projections, the MLP (a MoE's router and its ``top_k``
+    experts per row), and the LM head on ``logits_rows`` rows."""
+    rows, hidden, dim = sum(lens_q), cfg.hidden_size, cfg.dim_per_head
+    layer = (gemm_flops(rows, (cfg.num_heads + 2 * cfg.num_kv_heads) * dim, hidden)
+             + gemm_flops(rows, hidden, cfg.num_heads * dim)
+             + attention_flops(lens_q, lens_k, num_heads=cfg.num_heads, head_dim=dim))
+    if cfg.num_experts:
+        layer += gemm_flops(rows, cfg.num_experts, hidden)
+        layer += swiglu_mlp_flops(rows * cfg.top_k, hidden, cfg.intermediate_size)
+    else:
+        layer += swiglu_mlp_flops(rows, hidden, cfg.intermediate_size)
+    return cfg.num_layers * layer + gemm_flops(logits_rows, cfg.vocab_size, hidden)
 
 
 def build_models(work: Workload, device: torch.device, directory: str):
@@ -108,27 +129,35 @@ def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Ro
         ours, peer = build_models(work, device, directory)
     prompts = prompt_ids(work, ours.config.vocab_size)
     batch = padded_batch(prompts, device)
-    real = sum(len(p) for p in prompts)
-    padded = len(prompts) * max(len(p) for p in prompts)
+    lengths = [len(p) for p in prompts]
+    real, padded = sum(lengths), len(prompts) * max(lengths)
+    prefill_flops = forward_flops(ours.config, lengths, lengths, len(prompts))
+    steps = work.new_tokens - 1
+    step_flops = sum(forward_flops(ours.config, [1] * len(prompts), [n + s for n in lengths],
+                                   len(prompts)) for s in range(1, steps + 1)) // steps
     dtype = str(work.dtype).removeprefix("torch.")
     runs = {OURS: lambda n: generate(ours, prompts, n),
             PEER: lambda n: peer_generate(peer, batch, n)}
     outputs = {name: run(work.new_tokens) for name, run in runs.items()}  # also the warm-up
     matching = sum(a == b for a, b in zip(outputs[OURS], outputs[PEER])) / len(prompts)
-    timing = {"warmup": 0, "repeats": 1} if quick else {"warmup": 1, "repeats": 3}
+    # The two generators take turns, one call at a time, so that a change in the machine's load
+    # (it is shared) falls on both; each figure is the median of its calls.
+    samples = {(name, n): [] for name in runs for n in (1, work.new_tokens)}
+    for _ in range(1 if quick else 5):
+        for (name, n), times in samples.items():
+            times.append(time_ms(runs[name], [n], device, warmup=0, repeats=1))
     rows = []
-    for name, run in runs.items():
-        prefill_ms = time_ms(run, [1], device, **timing)
-        total_ms = time_ms(run, [work.new_tokens], device, **timing)
-        steps = work.new_tokens - 1
+    for name in runs:
+        prefill_ms = statistics.median(samples[name, 1])
+        total_ms = statistics.median(samples[name, work.new_tokens])
         step_ms = (total_ms - prefill_ms) / steps
-        rows.append(Row("prefill", f"{work.model} B={len(prompts)} tokens={real} (padded "
-                        f"{padded})", dtype, name, prefill_ms,
-                        extra={"tokens_per_s": real / prefill_ms * 1e3}))
-        rows.append(Row("decode", f"{work.model} B={len(prompts)} new={work.new_tokens}", dtype,
-                        name, step_ms, extra={"tokens_per_s": len(prompts) / step_ms * 1e3,
-                                              "tokens_match": matching,
-                                              "threads": torch.get_num_threads()}))
+        rows.append(compute_row("prefill", f"{work.model} B={len(prompts)} tokens={real} (padded "
+                                f"{padded})", dtype, name, prefill_ms, prefill_flops,
+                                tokens_per_s=real / prefill_ms * 1e3))
+        rows.append(compute_row("decode", f"{work.model} B={len(prompts)} new={work.new_tokens}",
+                                dtype, name, step_ms, step_flops,
+                                tokens_per_s=len(prompts) / step_ms * 1e3,
+                                tokens_match=matching, threads=torch.get_num_threads()))
     for r in rows:
         print(f"{r.op} {r.shape}: {r.backend}: {r.extra['tokens_per_s']:.0f} tokens/s")
     print(f"greedy tokens equal transformers' for {matching:.0%} of the prompts")

@@ -79,19 +79,28 @@ def test_answers_a_question_about_an_image(checkpoint):
     assert out == expected + "\n" and expected
 
 
-def test_interactive_chat_keeps_the_dialogue(checkpoint, monkeypatch):
+def test_interactive_chat_keeps_the_dialogue_and_the_image(checkpoint, monkeypatch):
     prompts = []
-    original = chat_cli.encode_prompt
+    original = chat_cli.stream_generate
 
-    def recording(tokenizer, turns):
-        prompts.append(list(turns))
-        return original(tokenizer, turns)
+    def recording(model, batch, *args, **kwargs):
+        prompts.extend(batch)
+        return original(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(chat_cli, "encode_prompt", recording)
+    monkeypatch.setattr(chat_cli, "stream_generate", recording)
     code, out = run(["--checkpoint", checkpoint / "final", "--image", checkpoint / "photo.png",
                      "--max-new-tokens", 4], stdin="Hello?\nAnd then?\n\n")
-    assert code == 0 and out.count("Assistant: ") == 2
-    assert [t.text for t in prompts[1]][::2] == ["Hello?", "And then?"] and len(prompts[1]) == 3
+    assert code == 0 and out.count("Assistant: ") == 2 and len(prompts) == 2
+    first, second = prompts
+    assert len(first.images) == len(second.images) == 1 and first.images[0] is second.images[0]
+    # The second prompt is the first, the answer, and the new question.
+    assert second.ids[:len(first.ids)] == first.ids and len(second.ids) > len(first.ids) + 4
+
+
+def test_checkpoint_kinds(checkpoint, tmp_path):
+    assert chat_cli.checkpoint_kind(checkpoint / "final") == "sphinx"
+    (tmp_path / "consolidated.00-of-01.model.pth").write_bytes(b"")
+    assert chat_cli.checkpoint_kind(tmp_path) == "accessory"
 
 
 def test_text_only_hugging_face_llm(checkpoint, tmp_path):

@@ -42,7 +42,6 @@ from sphinx_model.data import (
     pack_samples,
 )
 from sphinx_model.datasets import SKIP_CAUSES, Mixture, load_mixture
-from sphinx_model.demo import build_demo
 from sphinx_model.generate import ChatPrompt, generate, stream_generate
 from sphinx_model.llm import LLM, KVCache, MoELosses, SimpleKVCache
 from sphinx_model.sphinx import SphinxOutput, SphinxX
@@ -54,7 +53,7 @@ __all__ = ["LLM", "PRESETS", "SKIP_CAUSES", "SPHINX_TEMPLATE", "ChatPrompt", "Ch
            "Conversation", "DataConfig", "DataPosition", "KVCache", "LLMConfig", "Mixture",
            "MoELosses", "PackedBatch", "ProjectorConfig", "SimpleKVCache", "SphinxConfig",
            "SphinxData", "SphinxOutput", "SphinxX", "StepBatch", "StepStats", "StreamDecoder",
-           "TiledImage", "Tokenizer", "Turn", "VisionConfig", "VisionTower", "build_demo",
+           "TiledImage", "Tokenizer", "Turn", "VisionConfig", "VisionTower",
            "encode_conversation", "encode_prompt", "generate", "load_accessory_sphinx",
            "load_hf_llm", "load_mixture", "load_tokenizer", "pack_samples", "parse_conversation",
            "preset", "save_hf_llm", "stream_generate", "tile_geometry", "tile_image"]

@@ -4,8 +4,14 @@ import argparse
 
 import torch
 
-from benchmarks import (bench_generate, bench_hf, bench_layer, bench_moe, bench_projection,
-                        bench_varlen)
+from benchmarks import (
+    bench_generate,
+    bench_hf,
+    bench_layer,
+    bench_moe,
+    bench_projection,
+    bench_varlen,
+)
 from benchmarks.harness import RESULTS_DIR
 
 FAMILIES = {"varlen": bench_varlen.run, "projection": bench_projection.run, "moe": bench_moe.run,

@@ -1,7 +1,7 @@
-"""Generation benchmark: ``sphinx_model.generate`` (one packed prefill, then decode steps of one row per
-live sequence against the preallocated KV cache) against transformers' ``generate`` (its batch
-left-padded to the longest prompt, its own KV cache, SDPA attention) on the same weights and the same
-prompts.
+"""Generation benchmark: ``sphinx_model.generate`` (one packed prefill, then decode steps of one row
+per live sequence against the preallocated KV cache) against transformers' ``generate`` (its batch
+left-padded to the longest prompt, its own KV cache, SDPA attention) on the same weights and the
+same prompts.
 
     python -m benchmarks --family generate [--quick]
 
@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.counts import attention_flops, gemm_flops, swiglu_mlp_flops
-from benchmarks.harness import RESULTS_DIR, Row, compute_row, run_family, time_ms
+from benchmarks.harness import RESULTS_DIR, run_family, time_ms
+from benchmarks.rows import Row, compute_row
 from sphinx_model import LLM, LLMConfig, generate, preset, save_hf_llm
 
 OURS, PEER = "sphinx_model.generate", "transformers generate (padded)"
@@ -178,5 +179,5 @@ def bench_generate(device: torch.device, quick: bool, ceiling_gbps: float | None
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
-    return run_family("generate", device, quick, bench_generate, (OURS,), (PEER,),
+    return run_family("generate", device, quick, (bench_generate,), (OURS,), (PEER,),
                       results_dir=results_dir)

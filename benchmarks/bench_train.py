@@ -26,7 +26,9 @@ Variants, all on the same samples with the same weights:
   micro-batches of ``packing off`` with every tile encoded, the projector as the eager chain, inputs
   assembled per sample with ``torch.cat``, and transformers' own loss over the full logits.
 
-Reported per variant: ms per step; tokens/s, where the tokens are the same for every variant: the
+Reported per variant: ms per step (the median over rounds in which the variants run in turn, so
+that a change in load touches them alike; on the CPU, the process's CPU time, see
+:func:`time_in_turn`); tokens/s, where the tokens are the same for every variant: the
 samples' rows as ``sphinx`` packs them (text tokens and visual rows, skip tokens included, no
 padding); labelled tokens/s and samples/s likewise; useful TFLOP/s from FLOPs counted once for the
 workload (``sphinx``'s rows, attention pairs, labelled rows and encoded views, as the trainer counts
@@ -49,6 +51,8 @@ import itertools
 import math
 import os
 import re
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -262,6 +266,29 @@ def reference_kernels():
             os.environ[ENV_BACKEND] = before
 
 
+def time_in_turn(steps: dict[str, tuple[Callable[[object], object], list]], device: torch.device,
+                 *, warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one call of each variant, the variants called in turn each round (so
+    a change in the machine's load touches all of them alike), each on the next of its inputs.
+
+    A GPU call is timed by CUDA events; a CPU call by the CPU time of the process, which on a
+    one-thread run is the call's time on an idle core: a shared machine's wall clock also counts the
+    time other processes hold the core."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for turn in range(warmup + repeats):
+        for name, (fn, inputs) in steps.items():
+            args = inputs[turn % len(inputs)]
+            if device.type == "cuda":
+                ms = time_ms(fn, [args], device, warmup=0, repeats=1)
+            else:
+                begin = time.process_time()
+                fn(args)
+                ms = (time.process_time() - begin) * 1e3
+            if turn >= warmup:
+                samples[name].append(ms)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
@@ -380,10 +407,11 @@ def bench_preset(bench: TrainBenchConfig, device: torch.device) -> list[Row]:
              f"{len(first.ours.micro_batches)} budget={bench.budget} skipped tiles={skipped}/{tiles}")
     dtype = str(bench.dtype).removeprefix("torch.")
     peak = peak_flops(device)
+    times = time_in_turn(steps, device, warmup=bench.warmup, repeats=bench.repeats)
     rows = []
     for name in VARIANTS:
         fn, inputs = steps[name]
-        ms = time_ms(fn, inputs, device, warmup=bench.warmup, repeats=bench.repeats)
+        ms = times[name]
         memory = peak_memory_mib(fn, inputs[0], device)
         computed_rows, views = _computed(name, first, inputs[0])
         seconds = ms / 1e3

@@ -21,6 +21,8 @@ Variants, all on the same samples with the same weights:
   is what it holds), packed under the same budget.
 - ``sphinx kernels off``: every sphinx_kernels op on its ``reference`` backend
   (``SPHINX_KERNELS_BACKEND=reference``).
+- ``sphinx full-logit loss``: the loss over every row's logits (as transformers computes it), not
+  only over the labelled rows' in chunks (``sphinx_model.loss``).
 - ``hf padded``: the padded baseline (:mod:`benchmarks.train_baseline`): transformers' own decoder
   with sdpa attention and the eager loop over experts, holding our weights, on the fixed-size
   micro-batches of ``packing off`` with every tile encoded, the projector as the eager chain, inputs
@@ -79,16 +81,19 @@ from sphinx_model import (
     tile_image,
 )
 from sphinx_model.data import image_block_rows
+from sphinx_model.loss import linear_cross_entropy_reference
 from sphinx_model.parallel import Distributed
 from sphinx_model.tiling import PAD_COLOR
 from sphinx_model.train import train_step
 from sphinx_model.train_config import TrainConfig
 from sphinx_model.train_metrics import decoder_flops, peak_flops
 
-OURS, PACKING_OFF, SKIP_OFF, KERNELS_OFF = ("sphinx", "sphinx packing off",
-                                            "sphinx skip tokens off", "sphinx kernels off")
+OURS, PACKING_OFF, SKIP_OFF, KERNELS_OFF, FULL_LOGITS = (
+    "sphinx", "sphinx packing off", "sphinx skip tokens off", "sphinx kernels off",
+    "sphinx full-logit loss")
 BASELINE = "hf padded"
-VARIANTS = (OURS, PACKING_OFF, SKIP_OFF, KERNELS_OFF, BASELINE)
+SUBJECTS = (OURS, PACKING_OFF, SKIP_OFF, KERNELS_OFF, FULL_LOGITS)
+VARIANTS = (*SUBJECTS, BASELINE)
 
 
 @dataclass(frozen=True)
@@ -356,6 +361,26 @@ def variant_steps(model: SphinxX, baseline: PaddedBaseline, workloads: Sequence[
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 and train_cfg.dtype == "bfloat16" else contextlib.nullcontext())
 
+    def full_logit_loss(step: StepBatch):
+        """``train_step`` with the loss over every row's logits (the plain computation), not only
+        over the labelled rows'."""
+        trained, rows = step.stats.trained_tokens, step.stats.rows
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for micro in step.micro_batches:
+            with autocast:
+                hidden, moe = model.hidden_states(micro)
+                lm_loss = linear_cross_entropy_reference(hidden, model.llm.lm_head.weight,
+                                                         micro.layout.labels) / trained
+                loss = lm_loss
+                if moe is not None:
+                    share = micro.layout.position_ids.shape[0] / rows
+                    loss = loss + share * (train_cfg.moe_aux_loss_weight * moe.load_balancing_loss
+                                           + train_cfg.moe_z_loss_weight * moe.z_loss)
+            loss.backward()
+            total += torch.stack([loss.detach(), lm_loss.detach()]).double()
+        model.zero_grad(set_to_none=True)
+        return total.cpu()
+
     def padded(work: tuple[list, int]):
         batches, trained = work
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -374,6 +399,7 @@ def variant_steps(model: SphinxX, baseline: PaddedBaseline, workloads: Sequence[
             PACKING_OFF: (ours, [w.packing_off for w in workloads]),
             SKIP_OFF: (ours, [w.skip_off for w in workloads]),
             KERNELS_OFF: (kernels_off, [w.ours for w in workloads]),
+            FULL_LOGITS: (full_logit_loss, [w.ours for w in workloads]),
             BASELINE: (padded, baseline_inputs)}
 
 
@@ -383,8 +409,7 @@ def _computed(name: str, work: Workload, baseline_inputs) -> tuple[int, int]:
         batches, _ = baseline_inputs
         return (sum(int(b.attention_mask.numel()) for b in batches),
                 sum(b.num_views for b in batches))
-    step = {OURS: work.ours, KERNELS_OFF: work.ours, PACKING_OFF: work.packing_off,
-            SKIP_OFF: work.skip_off}[name]
+    step = {PACKING_OFF: work.packing_off, SKIP_OFF: work.skip_off}.get(name, work.ours)
     return step.stats.rows, sum(mb.num_views for mb in step.micro_batches)
 
 
@@ -441,7 +466,7 @@ def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> li
         torch.set_num_threads(1)  # shared 2-core machines: one thread gives stable numbers
     try:
         return run_family("train", device, quick, bench_train,
-                          (OURS, PACKING_OFF, SKIP_OFF, KERNELS_OFF), (BASELINE,),
+                          SUBJECTS, (BASELINE,),
                           results_dir=results_dir)
     finally:
         torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """The end-to-end training benchmark compares like with like: on the same samples and weights, its
 padded transformers baseline computes the loss of our model with every tile encoded (``skip tokens
-off``), and packing off and kernels off compute our loss; and the workload has what the benchmark
+off``), and packing off, kernels off and the full-logit loss compute our loss; and the workload has what the benchmark
 claims (skipped tiles, text-only samples, several micro-batches)."""
 import pytest
 import torch
@@ -43,7 +43,7 @@ def test_every_variant_computes_the_loss_it_should(quick_setup):
         lm_loss[name] = losses if name == bench_train.BASELINE else losses[1]
         assert all(p.grad is None for p in model.parameters())  # each step clears its gradients
     ours = lm_loss[bench_train.OURS]
-    for name in (bench_train.PACKING_OFF, bench_train.KERNELS_OFF):
+    for name in (bench_train.PACKING_OFF, bench_train.KERNELS_OFF, bench_train.FULL_LOGITS):
         torch.testing.assert_close(lm_loss[name], ours, rtol=1e-5, atol=0)
     # The baseline encodes every tile, as skip tokens off does: the same loss, not ours.
     torch.testing.assert_close(lm_loss[bench_train.BASELINE], lm_loss[bench_train.SKIP_OFF],

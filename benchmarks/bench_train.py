@@ -37,7 +37,9 @@ workload (``sphinx``'s rows, attention pairs, labelled rows and encoded views, a
 them), so padding and re-encoded tiles count as waste, with MFU against the dense bf16 peak on a
 GPU; peak memory of one step above the resident weights (a GPU: ``torch.cuda.max_memory_allocated``;
 the CPU: the process's peak RSS growth, the high-water mark reset through ``/proc/self/clear_refs``
-after returning freed memory with ``malloc_trim``, Linux only); the speed-up over ``hf padded``.
+after returning freed memory with ``malloc_trim``, Linux only; coarse, about +-10%); what it
+computes per step (decoder rows with padding, encoded views, micro-batches); the speed-up over
+``hf padded``.
 
 Sizes: the CPU runs the ``tiny`` and ``tiny-dense`` presets in float32 on one thread
 (``torch.set_num_threads(1)``: the CPU numbers are single-core); a GPU ``tinyllama-1.1b`` in
@@ -157,7 +159,8 @@ def packed_batches(samples: Sequence[Sample], vision: VisionConfig, budget: int
 
 
 def fixed_size_chunks(samples: Sequence[Sample], count: int) -> list[list[Sample]]:
-    """``count`` micro-batches (the last one possibly smaller) of consecutive samples."""
+    """At most ``count`` micro-batches of ``ceil(len(samples) / count)`` consecutive samples (the
+    last one possibly fewer): a fixed batch size giving as many micro-batches as packing does."""
     size = math.ceil(len(samples) / count)
     return [list(samples[i:i + size]) for i in range(0, len(samples), size)]
 
@@ -193,10 +196,10 @@ class Workload:
     """One optimizer step's samples and every variant's batches of them.
 
     Attributes:
-        ours: the pipeline's own ``StepBatch`` (``SphinxData.step_batch``).
-        packing_off, skip_off: ``StepBatch`` es of the two ablations.
-        baseline: the padded baseline's micro-batches (built by :meth:`PaddedBaseline.batch`
-            later, once the baseline exists); here their samples.
+        ours: the pipeline's own batch (``SphinxData.step_batch``), on the device.
+        packing_off, skip_off: the batches of those two variants, on the device.
+        baseline_samples: the samples (every tile) of each of the padded baseline's micro-batches,
+            which :meth:`PaddedBaseline.batch` turns into its inputs.
     """
 
     ours: StepBatch
@@ -403,14 +406,16 @@ def variant_steps(model: SphinxX, baseline: PaddedBaseline, workloads: Sequence[
             BASELINE: (padded, baseline_inputs)}
 
 
-def _computed(name: str, work: Workload, baseline_inputs) -> tuple[int, int]:
-    """(rows the decoder computes, views the encoders encode) per step of variant ``name``."""
+def _computed(name: str, work: Workload, baseline_inputs) -> dict[str, int]:
+    """What variant ``name`` computes per step: decoder rows (padding included), encoded views,
+    micro-batches."""
     if name == BASELINE:
         batches, _ = baseline_inputs
-        return (sum(int(b.attention_mask.numel()) for b in batches),
-                sum(b.num_views for b in batches))
+        return {"rows": sum(int(b.attention_mask.numel()) for b in batches),
+                "views": sum(b.num_views for b in batches), "micro_batches": len(batches)}
     step = {PACKING_OFF: work.packing_off, SKIP_OFF: work.skip_off}.get(name, work.ours)
-    return step.stats.rows, sum(mb.num_views for mb in step.micro_batches)
+    return {"rows": step.stats.rows, "views": sum(mb.num_views for mb in step.micro_batches),
+            "micro_batches": len(step.micro_batches)}
 
 
 def bench_preset(bench: TrainBenchConfig, device: torch.device) -> list[Row]:
@@ -427,9 +432,8 @@ def bench_preset(bench: TrainBenchConfig, device: torch.device) -> list[Row]:
     first = workloads[0]
     skipped = sum(mb.num_skipped_tiles for mb in first.ours.micro_batches)
     tiles = sum(mb.num_tiles for mb in first.ours.micro_batches)
-    shape = (f"{bench.preset}{'' if bench.num_layers is None else f' L={bench.num_layers}'} "
-             f"B={first.samples} tokens={first.tokens} micro-batches="
-             f"{len(first.ours.micro_batches)} budget={bench.budget} skipped tiles={skipped}/{tiles}")
+    shape = (f"{bench.preset}{'' if bench.num_layers is None else f' L={bench.num_layers}'}: "
+             f"{first.samples} samples, {first.tokens} tokens")
     dtype = str(bench.dtype).removeprefix("torch.")
     peak = peak_flops(device)
     times = time_in_turn(steps, device, warmup=bench.warmup, repeats=bench.repeats)
@@ -438,7 +442,6 @@ def bench_preset(bench: TrainBenchConfig, device: torch.device) -> list[Row]:
         fn, inputs = steps[name]
         ms = times[name]
         memory = peak_memory_mib(fn, inputs[0], device)
-        computed_rows, views = _computed(name, first, inputs[0])
         seconds = ms / 1e3
         rows.append(compute_row(
             "train step fwd+bwd", shape, dtype, name, ms, int(flops),
@@ -446,7 +449,8 @@ def bench_preset(bench: TrainBenchConfig, device: torch.device) -> list[Row]:
             labelled_tokens_per_s=sum(w.trained_tokens for w in workloads) / n / seconds,
             samples_per_s=sum(w.samples for w in workloads) / n / seconds,
             mfu=flops / seconds / peak if peak else None, peak_memory_mib=memory,
-            rows=computed_rows, views=views))
+            **_computed(name, first, inputs[0]), budget=bench.budget,
+            skipped_tiles=f"{skipped}/{tiles}"))
         print(f"{bench.preset} {name}: {ms:.1f} ms, {tokens / seconds:.0f} tokens/s"
               + (f", peak memory {memory:.0f} MiB" if memory is not None else ""), flush=True)
     return rows

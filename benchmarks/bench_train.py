@@ -63,7 +63,14 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.counts import attention_pairs
-from benchmarks.harness import RESULTS_DIR, Row, compute_row, run_family, time_ms
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Row,
+    compute_row,
+    peak_memory_mb,
+    run_family,
+    time_ms,
+)
 from benchmarks.train_baseline import PaddedBaseline, Sample
 from sphinx_kernels import pack_by_token_budget
 from sphinx_kernels.backends import ENV_BACKEND
@@ -323,12 +330,7 @@ def peak_memory_mib(fn: Callable[[object], object], args: object, device: torch.
     a GPU, the peak RSS growth on the CPU."""
     if device.type != "cuda":
         return peak_rss_growth_mib(fn, args)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn(args)
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return peak_memory_mb(fn, args, device)
 
 
 def build_model(cfg: SphinxConfig, dtype: torch.dtype, device: torch.device) -> SphinxX:

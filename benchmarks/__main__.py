@@ -5,6 +5,7 @@ import argparse
 import torch
 
 from benchmarks import (
+    bench_generate,
     bench_hf,
     bench_layer,
     bench_moe,
@@ -15,7 +16,7 @@ from benchmarks import (
 from benchmarks.harness import RESULTS_DIR
 
 FAMILIES = {"varlen": bench_varlen.run, "projection": bench_projection.run, "moe": bench_moe.run,
-            "layer": bench_layer.run, "hf": bench_hf.run,
+            "layer": bench_layer.run, "hf": bench_hf.run, "generate": bench_generate.run,
             "train": bench_train.run}
 
 

@@ -10,9 +10,10 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 out="${OUTPUT:-runs/demo}"
-python -m sphinx_model.train --preset tiny --data demo --steps 300 --output "$out" "$@"
+python -m sphinx_model.train --preset tiny --data demo --steps 300 --batch-size 8 --token-budget 1024 \
+    --output "$out" "$@"
 photo="$(python -m sphinx_model.demo --photo cat)"
 echo
-echo "Q (about $photo): What animal is in the picture?"
+echo "Q (about $photo): What animal is this?"
 python -m sphinx_model.chat --checkpoint "$out/final" --image "$photo" \
-    "What animal is in the picture?"
+    "What animal is this?"

@@ -1,6 +1,6 @@
-"""SPHINX-X on sphinx_kernels: frozen timm encoders with any-resolution tiles and skip tokens, the
-fused projector, Llama / InternLM2 / Mixtral decoders on packed variable-length batches,
-checkpoints, the one-stage trainer and generation.
+"""SPHINX-X on sphinx_kernels: frozen timm encoders with any-resolution tiles and skip tokens, the fused
+projector, Llama / InternLM2 / Mixtral decoders on packed variable-length batches, checkpoints, the
+one-stage trainer and generation.
 
     import sphinx_model as sm
     cfg = sm.preset("tiny")            # a SphinxConfig; sm.PRESETS lists the names
@@ -11,6 +11,7 @@ checkpoints, the one-stage trainer and generation.
     tok = sm.load_tokenizer(path)      # SentencePiece tokenizer.model or tokenizer.json
     data = sm.SphinxData.from_config(sm.DataConfig(path="mix.yaml"), cfg, tok)
     for step in data.loader(steps=100): ...   # StepBatch: micro-batches, stats, data position
+    new = sm.generate(llm, [[1, 415, 2936]], max_new_tokens=32)  # new token ids per prompt
 """
 from sphinx_model.accessory_sphinx import load_accessory_sphinx
 from sphinx_model.batch import PackedBatch
@@ -41,18 +42,18 @@ from sphinx_model.data import (
     pack_samples,
 )
 from sphinx_model.datasets import SKIP_CAUSES, Mixture, load_mixture
-from sphinx_model.demo import build_demo
+from sphinx_model.generate import ChatPrompt, generate, stream_generate
 from sphinx_model.llm import LLM, KVCache, MoELosses, SimpleKVCache
 from sphinx_model.sphinx import SphinxOutput, SphinxX
 from sphinx_model.tiling import TiledImage, tile_geometry, tile_image
 from sphinx_model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from sphinx_model.vision import VisionTower
 
-__all__ = ["LLM", "PRESETS", "SKIP_CAUSES", "SPHINX_TEMPLATE", "ChatTemplate", "Conversation",
-           "DataConfig", "DataPosition", "KVCache", "LLMConfig", "Mixture", "MoELosses",
-           "PackedBatch", "ProjectorConfig", "SimpleKVCache", "SphinxConfig", "SphinxData",
-           "SphinxOutput", "SphinxX", "StepBatch", "StepStats", "StreamDecoder", "TiledImage",
-           "Tokenizer", "Turn", "VisionConfig", "VisionTower", "build_demo", "encode_conversation",
-           "encode_prompt", "load_accessory_sphinx", "load_hf_llm", "load_mixture",
-           "load_tokenizer", "pack_samples", "parse_conversation", "preset", "save_hf_llm",
-           "tile_geometry", "tile_image"]
+__all__ = ["LLM", "PRESETS", "SKIP_CAUSES", "SPHINX_TEMPLATE", "ChatPrompt", "ChatTemplate",
+           "Conversation", "DataConfig", "DataPosition", "KVCache", "LLMConfig", "Mixture",
+           "MoELosses", "PackedBatch", "ProjectorConfig", "SimpleKVCache", "SphinxConfig",
+           "SphinxData", "SphinxOutput", "SphinxX", "StepBatch", "StepStats", "StreamDecoder",
+           "TiledImage", "Tokenizer", "Turn", "VisionConfig", "VisionTower",
+           "encode_conversation", "encode_prompt", "generate", "load_accessory_sphinx",
+           "load_hf_llm", "load_mixture", "load_tokenizer", "pack_samples", "parse_conversation",
+           "preset", "save_hf_llm", "stream_generate", "tile_geometry", "tile_image"]

@@ -252,9 +252,25 @@ def train_bpe_tokenizer(texts: Iterable[str], path: Path, vocab_size: int = 2000
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sphinx_model.demo [--photo NAME]``: builds the demo data (if needed) and prints
+    where it is, or the path of one photograph (``cat``, ``coffee``, ... and the crops)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sphinx_model.demo", description=main.__doc__)
+    parser.add_argument("--photo", help=f"print this photograph's path: one of "
+                                        f"{', '.join(sorted([*PHOTOS, *CROPS]))}")
+    args = parser.parse_args(argv)
     demo = build_demo()
-    print(f"demo data: {demo.directory}\n  mixture: {demo.mixture}\n  tokenizer: {demo.tokenizer}")
+    if args.photo is None:
+        print(f"demo data: {demo.directory}\n  mixture: {demo.mixture}\n  tokenizer: "
+              f"{demo.tokenizer}")
+        return
+    path = demo.directory / "images" / f"{args.photo}.jpg"
+    if args.photo not in PHOTOS and args.photo not in CROPS or not path.is_file():
+        parser.error(f"no demo photograph {args.photo!r}; choose from "
+                     f"{', '.join(sorted([*PHOTOS, *CROPS]))}")
+    print(path)
 
 
 if __name__ == "__main__":

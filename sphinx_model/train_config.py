@@ -63,6 +63,8 @@ class TrainConfig:
                                   "the CPU), bfloat16, float32")
     activation_checkpointing: bool = _setting(False, "recompute each decoder block in the backward")
     compile: bool = _setting(False, "torch.compile each decoder block")
+    cpu_threads: int = _setting(0, "intra-op threads per process when training on the CPU (0: the "
+                                   "cores each process has, less its data workers, at least 1)")
     # Output
     output: str = _setting("runs/sphinx", "output directory (metrics, checkpoints, plot, final model)")
     save_every: int = _setting(0, "checkpoint every N steps (0: only at the end)")
@@ -76,7 +78,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "warmup_steps", "save_every", "grad_clip", "weight_decay",
-                     "moe_aux_loss_weight", "moe_z_loss_weight"):
+                     "moe_aux_loss_weight", "moe_z_loss_weight", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:

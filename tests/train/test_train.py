@@ -40,7 +40,7 @@ def reference_kernels_one_thread(monkeypatch):
 def tiny(output, **changes) -> TrainConfig:
     settings = dict(preset="tiny", model={"llm": {"num_layers": 1}}, data="demo", batch_size=4,
                     token_budget=1024, num_workers=0, steps=4, warmup_steps=2, lr=3e-3,
-                    output=str(output), progress=False)
+                    output=str(output), progress=False, cpu_threads=1)
     return TrainConfig(**{**settings, **changes})
 
 
@@ -84,7 +84,7 @@ def test_two_gloo_ranks_match_one_and_their_checkpoint_resumes_on_one(tmp_path, 
     # carries that rounding into the next step's loss (measured: up to 1.4e-6 relative).
     args = ["--preset", "tiny", "--model.llm.num_layers", "1", "--data", "demo", "--batch-size", "4",
             "--token-budget", "1024", "--num-workers", "0", "--warmup-steps", "2", "--lr", "3e-3",
-            "--progress", "false", "--output", str(tmp_path)]
+            "--progress", "false", "--cpu-threads", "1", "--output", str(tmp_path)]
     done = run_cli(args + ["--steps", "2", "--save-every", "2"],
                    launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "-m", "sphinx_model.train"))
@@ -112,7 +112,8 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint_for_resume(tmp_pat
         "sys.exit(t.main(sys.argv[1:]))\n")
     args = ["--preset", "tiny", "--model.llm.num_layers", "1", "--batch-size", "4",
             "--token-budget", "1024", "--num-workers", "0", "--warmup-steps", "2", "--lr", "3e-3",
-            "--progress", "false", "--output", str(tmp_path), "--steps", "4", "--save-every", "2"]
+            "--progress", "false", "--cpu-threads", "1", "--output", str(tmp_path), "--steps", "4",
+            "--save-every", "2"]
     done = run_cli(args, launcher=(sys.executable, "-c", script))
     assert done.returncode == 9, done.stderr[-3000:]
     checkpoints = tmp_path / "checkpoints"

@@ -63,8 +63,8 @@ class PaddedBaseline:
     """transformers' decoder holding ``model.llm``'s weights, sharing ``model``'s encoders,
     projector and image markers (so both compute the same function of the same parameters).
 
-    ``model`` must already be on ``device`` in its compute dtype; the decoder copy is made in the same
-    dtype. Its trainable parameters: the decoder copy, the projector and the two markers.
+    ``model`` must already be on ``device`` in its compute dtype; the decoder copy is made in the
+    same dtype. Its trainable parameters: the decoder copy, the projector and the two markers.
     """
 
     def __init__(self, model: SphinxX, device: torch.device):

@@ -1,6 +1,6 @@
-"""SPHINX-X on sphinx_kernels: frozen timm encoders with any-resolution tiles and skip tokens, the fused
-projector, Llama / InternLM2 / Mixtral decoders on packed variable-length batches, checkpoints, the
-one-stage trainer and generation.
+"""SPHINX-X on sphinx_kernels: frozen timm encoders with any-resolution tiles and skip tokens, the
+fused projector, Llama / InternLM2 / Mixtral decoders on packed variable-length batches,
+checkpoints, the one-stage trainer and generation.
 
     import sphinx_model as sm
     cfg = sm.preset("tiny")            # a SphinxConfig; sm.PRESETS lists the names

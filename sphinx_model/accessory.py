@@ -2,8 +2,8 @@
 model-parallel shards merged into one state dict, and its LLM half mapped to
 :class:`~sphinx_model.LLM` names.
 
-A checkpoint directory holds ``consolidated.{i:02d}-of-{n:02d}.model.pth`` for ``i < n``: each rank's
-state dict (possibly under a ``"model"`` entry), keys prefixed ``llma.``, read with
+A checkpoint directory holds ``consolidated.{i:02d}-of-{n:02d}.model.pth`` for ``i < n``: each
+rank's state dict (possibly under a ``"model"`` entry), keys prefixed ``llma.``, read with
 ``torch.load(weights_only=True)`` (a pickle carrying code is refused, never run). Each tensor is
 merged as the Accessory layers split it (``accessory/model/LLM/llama_ens5_light.py``,
 ``mixtral_sparse_ens5.py``, ``accessory/util/tensor_parallel.py``):
@@ -11,8 +11,8 @@ merged as the Accessory layers split it (``accessory/model/LLM/llama_ens5_light.
     ColumnParallelLinear  cat on dim 0   layers.{i}.attention.wq/wk/wv, feed_forward.w1/w3, output
     RowParallelLinear     cat on dim 1   layers.{i}.attention.wo, feed_forward.w2
     ParallelEmbedding     cat on dim 1   tok_embeddings
-    sparse MoE experts    per expert     layers.{i}.feed_forward.w1/w2/w3 ``[E * F/n, H]`` of a layer
-                          on dim 1       that has ``feed_forward.gate`` (viewed ``[E, F/n, H]``)
+    sparse MoE experts    per expert     layers.{i}.feed_forward.w1/w2/w3 ``[E * F/n, H]`` (viewed
+                          on dim 1       ``[E, F/n, H]``) of a layer that has ``feed_forward.gate``
     anything else         replicated     norms, the router, visual_proj, start_img, the encoders ...
 
 The LLM half maps to ours (``tok_embeddings`` -> ``embed_tokens``, ``attention.wq/wk/wv/wo`` ->
@@ -20,9 +20,9 @@ The LLM half maps to ours (``tok_embeddings`` -> ``embed_tokens``, ``attention.w
 ``mlp.w1/w3/w2`` (``w2`` stored ``[E * F, H]``, ours ``[E, H, F]``), ``feed_forward.gate`` ->
 ``mlp.router``, ``attention_norm`` / ``ffn_norm`` -> ``input_layernorm`` /
 ``post_attention_layernorm``, ``norm``, ``output`` -> ``lm_head``). Accessory rotates interleaved
-pairs (Meta's complex form), we rotate half-split pairs (Hugging Face's), so the rows of each q and k
-head are permuted: ours row ``c * D/2 + i`` is Accessory's row ``2 i + c``, which makes every attention
-score identical. The other keys (the multimodal model's) are left to the caller:
+pairs (Meta's complex form), we rotate half-split pairs (Hugging Face's), so the rows of each q and
+k head are permuted: ours row ``c * D/2 + i`` is Accessory's row ``2 i + c``, which makes every
+attention score identical. The other keys (the multimodal model's) are left to the caller:
 :func:`accessory_llm_keys` names the ones this module reads.
 """
 from __future__ import annotations
@@ -227,9 +227,10 @@ def _accessory_triples(merged: Mapping[str, torch.Tensor], cfg: LLMConfig, prefi
 def accessory_llm_state_dict(merged: Mapping[str, torch.Tensor], cfg: LLMConfig,
                              prefix: str = ACCESSORY_PREFIX) -> dict[str, torch.Tensor]:
     """The LLM half of a merged Accessory state dict (:func:`load_accessory_shards`) under
-    :class:`~sphinx_model.LLM` names, ready for ``LLM(cfg).load_state_dict`` (tensors may be views of
-    ``merged``). Missing keys, LLM keys this layout does not have (under ``{prefix}layers.``), wrong
-    shapes and non-float dtypes are errors naming the Accessory key; the other keys are ignored."""
+    :class:`~sphinx_model.LLM` names, ready for ``LLM(cfg).load_state_dict`` (tensors may be views
+    of ``merged``). Missing keys, LLM keys this layout does not have (under ``{prefix}layers.``),
+    wrong shapes and non-float dtypes are errors naming the Accessory key; the other keys are
+    ignored."""
     return dict(check_llm_weights(llm_parameter_shapes(cfg),
                                   _accessory_triples(merged, cfg, prefix)))
 
@@ -238,7 +239,8 @@ def load_accessory_llm(path: str | Path, params: Mapping[str, Any] | None = None
                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                        prefix: str = ACCESSORY_PREFIX) -> LLM:
     """The text-only LLM of an Accessory checkpoint directory. ``params``: its ``ModelArgs`` (None:
-    read ``config.json`` in the directory); ``dtype`` None: the checkpoint's; ``device`` None: CPU."""
+    read ``config.json`` in the directory); ``dtype`` None: the checkpoint's; ``device`` None:
+    CPU."""
     if params is None:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():

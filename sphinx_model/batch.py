@@ -1,20 +1,21 @@
 """The packed micro-batch: what the data pipeline hands the model (the contract between the two).
 
-One micro-batch is ``B`` samples packed back to back in ``T`` rows with no padding between them (rows
-past ``cu_seqlens[-1]`` are padding). Its layout is ``sphinx_kernels.plan_layout``'s
+One micro-batch is ``B`` samples packed back to back in ``T`` rows with no padding between them
+(rows past ``cu_seqlens[-1]`` are padding). Its layout is ``sphinx_kernels.plan_layout``'s
 (:class:`sphinx_kernels.PackedLayout`): per sample, for each of its images a begin-image marker, the
-global view's visual rows, its tiles in raster order (each either its visual rows or one skip row), an
-end-image marker, all right after the sample's BOS token; then the rest of its text.
+global view's visual rows, its tiles in raster order (each either its visual rows or one skip row),
+an end-image marker, all right after the sample's BOS token; then the rest of its text.
 
-The pixels are those of the **kept** views only (global views and tiles holding image pixels), in the
-order of ``layout.view_starts`` (sample, image, view), as uint8 so a batch stays small in pinned memory
-and moves to the GPU cheaply; the vision tower normalises them on the device.
+The pixels are those of the **kept** views only (global views and tiles holding image pixels), in
+the order of ``layout.view_starts`` (sample, image, view), as uint8 so a batch stays small in pinned
+memory and moves to the GPU cheaply; the vision tower normalises them on the device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
 import torch
+
 from sphinx_kernels import IGNORE_INDEX, PackedLayout
 
 __all__ = ["PackedBatch"]
@@ -32,8 +33,8 @@ class PackedBatch:
         max_seqlen: the longest sample's rows (a host int, so no op needs a device sync).
         prefix_lens: int32 ``[B]``: rows of each sample's image block (BOS included) when the model
             attends bidirectionally over it (``llm.prefix_lm``), else None.
-        num_samples: ``B``; ``num_tiles`` / ``num_skipped_tiles``: sub-image tiles in the batch and how
-            many of them are skip tokens (for the trainer's statistics).
+        num_samples: ``B``; ``num_tiles`` / ``num_skipped_tiles``: sub-image tiles in the batch and
+            how many of them are skip tokens (for the trainer's statistics).
     """
 
     layout: PackedLayout
@@ -64,7 +65,8 @@ class PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(self, layout=PackedLayout(*(move(t) for t in self.layout)),
                        dinov2_pixels=move(self.dinov2_pixels),
-                       convnext_pixels=move(self.convnext_pixels), prefix_lens=move(self.prefix_lens))
+                       convnext_pixels=move(self.convnext_pixels),
+                       prefix_lens=move(self.prefix_lens))
 
     def pin_memory(self) -> "PackedBatch":
         """Called by ``torch.utils.data.DataLoader(pin_memory=True)``."""

@@ -4,17 +4,18 @@
     sphinx-chat --checkpoint runs/demo/final --image photo.jpg      # an interactive chat
     python -m sphinx_model.chat ...                                   # the same
 
-``--checkpoint`` is one of: a ``SphinxX.save_pretrained`` directory (the trainer's ``<output>/final``:
-``config.json``, safetensors, ``tokenizer.model``), a Hugging Face LLM directory (text only), or a
-LLaMA2-Accessory SPHINX checkpoint (``consolidated.NN-of-MM.model.pth`` with its ``config.json``).
-The tokenizer is read from the checkpoint directory unless ``--tokenizer`` names one.
+``--checkpoint`` is one of: a ``SphinxX.save_pretrained`` directory (the trainer's
+``<output>/final``: ``config.json``, safetensors, ``tokenizer.model``), a Hugging Face LLM directory
+(text only), or a LLaMA2-Accessory SPHINX checkpoint (``consolidated.NN-of-MM.model.pth`` with its
+``config.json``). The tokenizer is read from the checkpoint directory unless ``--tokenizer`` names
+one.
 
 With a question it answers once; without, it reads questions line by line (``Human:``) until an
 empty line, ``exit`` or end of input, keeping the conversation (and the image) across turns and
 dropping the oldest exchanges when the dialogue outgrows the model's positions. Prompts use the
-trainer's conversation template (``sphinx_model.conversation.SPHINX_TEMPLATE``), the image block right
-after BOS; answers stream as they are generated and end at EOS or the template's separator. Greedy
-by default; ``--temperature`` > 0 samples (with ``--top-p`` and ``--seed``).
+trainer's conversation template (``sphinx_model.conversation.SPHINX_TEMPLATE``), the image block
+right after BOS; answers stream as they are generated and end at EOS or the template's separator.
+Greedy by default; ``--temperature`` > 0 samples (with ``--top-p`` and ``--seed``).
 
 Errors a user can fix (a bad path, an unreadable image or checkpoint) print one line
 ``sphinx-chat: error: ...`` and exit with status 1.
@@ -61,8 +62,8 @@ def checkpoint_kind(path: str | Path) -> str:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no {CONFIG_FILE} (expected a "
-                                "SphinxX.save_pretrained directory, a Hugging Face LLM directory or "
-                                "a LLaMA2-Accessory checkpoint)")
+                                "SphinxX.save_pretrained directory, a Hugging Face LLM directory "
+                                "or a LLaMA2-Accessory checkpoint)")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -71,8 +72,8 @@ def checkpoint_kind(path: str | Path) -> str:
         return "sphinx"
     if isinstance(config, dict) and "model_type" in config:
         return "hf"
-    raise ValueError(f"{config_file} is neither a SphinxConfig (llm, vision, ...) nor a Hugging Face "
-                     "config (model_type)")
+    raise ValueError(f"{config_file} is neither a SphinxConfig (llm, vision, ...) nor a Hugging "
+                     "Face config (model_type)")
 
 
 def load_chat_model(path: str | Path, dtype: torch.dtype | None = None,

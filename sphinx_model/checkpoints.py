@@ -10,18 +10,19 @@ Hugging Face LLM directories (``config.json`` plus ``model.safetensors``, or sha
     Mixtral             as Llama, the MLP being model.layers.{i}.block_sparse_moe.gate and
                         ...block_sparse_moe.experts.{e}.w1/w2/w3 (the files' layout, also written by
                         transformers 5.x), or transformers 5.x's fused in-memory layout
-                        ...mlp.gate, ...mlp.experts.gate_up_proj [E, 2F, H], ...mlp.experts.down_proj
+                        ...mlp.gate, ...mlp.experts.gate_up_proj [E, 2F, H],
+                        ...mlp.experts.down_proj
     InternLM2           model.tok_embeddings, model.layers.{i}.attention.wqkv (fused, grouped: per
                         kv head h the rows of its G = Hq / Hkv query heads, then its key, then its
                         value head, each D rows), attention.wo, feed_forward.w1 (gate) / w3 (up) /
                         w2 (down), attention_norm, ffn_norm, model.norm, output
 
-:func:`save_hf_llm` writes the Llama or Mixtral layout (an InternLM2 model is written as Llama: the two
-compute the same function) with a ``config.json`` that transformers' ``from_pretrained`` reads.
+:func:`save_hf_llm` writes the Llama or Mixtral layout (an InternLM2 model is written as Llama: the
+two compute the same function) with a ``config.json`` that transformers' ``from_pretrained`` reads.
 Missing or unexpected keys, a wrong shape or a non-floating dtype are ``ValueError`` / ``TypeError``
 naming the key. Hugging Face weights are read from safetensors only; :func:`safe_torch_load` is the
-one place the package reads a pickle-based ``.pth`` file (``weights_only=True``: code in the pickle is
-refused, never run). Every
+one place the package reads a pickle-based ``.pth`` file (``weights_only=True``: code in the pickle
+is refused, never run). Every
 checkpoint is written into a temporary directory beside its target and renamed into place
 (:func:`atomic_directory`).
 """
@@ -57,7 +58,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Safe files
 
 class UnsafeCheckpointError(ValueError):
@@ -84,8 +85,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a fresh temporary directory beside ``path``; when the block succeeds it replaces
-    ``path`` (an existing directory there is moved aside, then deleted), when it fails it is deleted.
-    Readers of ``path`` never see a half-written checkpoint."""
+    ``path`` (an existing directory there is moved aside, then deleted), when it fails it is
+    deleted. Readers of ``path`` never see a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -131,8 +132,8 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
         if weight_map is not None:
             for key, name in weight_map.items():
                 if self._file_of.get(key) != name:
-                    raise ValueError(f"{self.path}: {SAFE_INDEX} puts {key!r} in {name}, which does "
-                                     "not hold it")
+                    raise ValueError(f"{self.path}: {SAFE_INDEX} puts {key!r} in {name}, which "
+                                     "does not hold it")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._handles[self._file_of[key]].get_tensor(key)
@@ -151,8 +152,9 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
 def write_safetensors(tensors: Mapping[str, torch.Tensor], directory: str | os.PathLike,
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Writes ``tensors`` into ``directory`` as ``model.safetensors``, or, past ``max_shard_bytes``,
-    as ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` (the Hugging
-    Face layout). Tensors may be views or live on a GPU: each is copied to the CPU as it is written."""
+    as ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` (the
+    Hugging Face layout). Tensors may be views or live on a GPU: each is copied to the CPU as it is
+    written."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in tensors.items():
@@ -176,7 +178,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], directory: str | os.P
         (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config.json
 
 _HF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "mixtral", "internlm2": "internlm2"}
@@ -213,7 +215,8 @@ def llm_config_from_hf(hf: Mapping[str, Any]) -> LLMConfig:
         raise ValueError("config.json: quantization_config: quantized weights are not supported")
     rope = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type = (rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+                 or "default")
     if rope_type not in ("default", "dynamic"):
         raise ValueError(f"config.json: rope scaling {rope_type!r} is not supported (default, "
                          "dynamic)")
@@ -241,8 +244,8 @@ def llm_config_from_hf(hf: Mapping[str, Any]) -> LLMConfig:
 
 
 def llm_config_to_hf(cfg: LLMConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The ``config.json`` of ``cfg`` in the Llama (dense) or Mixtral (MoE) layout; the fields of both
-    transformers 4.x (``rope_theta``, ``torch_dtype``) and 5.x read it."""
+    """The ``config.json`` of ``cfg`` in the Llama (dense) or Mixtral (MoE) layout; the fields of
+    both transformers 4.x (``rope_theta``, ``torch_dtype``) and 5.x read it."""
     moe = cfg.num_experts > 0
     hf: dict[str, Any] = {
         "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"],
@@ -265,7 +268,7 @@ def llm_config_to_hf(cfg: LLMConfig, dtype: torch.dtype = torch.float32) -> dict
     return hf
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # State dicts
 
 class CheckpointReader(Mapping[str, torch.Tensor]):
@@ -304,10 +307,11 @@ class CheckpointReader(Mapping[str, torch.Tensor]):
 
 def hf_llm_state_dict(tensors: Mapping[str, torch.Tensor], cfg: LLMConfig,
                       where: str = "checkpoint") -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Converts a Hugging Face checkpoint's tensors (Llama / Mistral / Mixtral / InternLM2 layout, as
-    ``cfg.arch`` says) to :class:`~sphinx_model.LLM` names, lazily: yields ``(our key, tensor, source
-    key)``, reading one source tensor (one layer's experts) at a time. Unexpected keys raise once all
-    are read (``rotary_emb.inv_freq`` buffers of old checkpoints are ignored)."""
+    """Converts a Hugging Face checkpoint's tensors (Llama / Mistral / Mixtral / InternLM2 layout,
+    as ``cfg.arch`` says) to :class:`~sphinx_model.LLM` names, lazily: yields
+    ``(our key, tensor, source key)``, reading one source tensor (one layer's experts) at a time.
+    Unexpected keys raise once all are read (``rotary_emb.inv_freq`` buffers of old checkpoints are
+    ignored)."""
     reader = CheckpointReader(tensors, where)
     internlm = cfg.arch == "internlm2"
     embed, final_norm, head = (("model.tok_embeddings.weight", "model.norm.weight", "output.weight")
@@ -376,8 +380,8 @@ def check_llm_weights(shapes: Mapping[str, torch.Size],
                       converted: Iterable[tuple[str, torch.Tensor, str]]
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Passes ``(our key, tensor)`` on from ``(our key, tensor, source key)`` triples after checking
-    them against ``shapes`` (our key -> parameter shape): every key known, given once, with its exact
-    shape, and, once exhausted, none left out. Errors name both keys."""
+    them against ``shapes`` (our key -> parameter shape): every key known, given once, with its
+    exact shape, and, once exhausted, none left out. Errors name both keys."""
     seen = set()
     for key, tensor, source in converted:
         if key not in shapes:
@@ -412,8 +416,8 @@ def load_llm_weights(llm: LLM, converted: Iterable[tuple[str, torch.Tensor, str]
 
 
 def empty_llm(cfg: LLMConfig, dtype: torch.dtype, device: torch.device | str | None) -> LLM:
-    """``LLM(cfg)`` with uninitialised ``dtype`` parameters on ``device`` (the CPU by default), built
-    on the meta device and materialised once, for a checkpoint to fill."""
+    """``LLM(cfg)`` with uninitialised ``dtype`` parameters on ``device`` (the CPU by default),
+    built on the meta device and materialised once, for a checkpoint to fill."""
     with torch.device("meta"):
         llm = LLM(cfg)
     return llm.to(dtype).to_empty(device=device or "cpu")
@@ -451,15 +455,16 @@ def save_hf_llm(llm: LLM, path: str | os.PathLike, *,
     """Writes ``llm`` as a Hugging Face directory that transformers' ``from_pretrained`` loads:
     ``config.json`` (:func:`llm_config_to_hf`) and safetensors in the Llama or Mixtral file layout
     (per-expert ``block_sparse_moe`` keys, which transformers 4.x and 5.x both read), sharded past
-    ``max_shard_bytes``. Written to a temporary directory, then renamed onto ``path`` (replacing what
-    was there). The parameters must be plain tensors: gather a sharded model's weights first."""
+    ``max_shard_bytes``. Written to a temporary directory, then renamed onto ``path`` (replacing
+    what was there). The parameters must be plain tensors: gather a sharded model's weights
+    first."""
     cfg = llm.config
     validate_llm(cfg, "llm.config")
     state = llm.state_dict()
     for key, tensor in state.items():
         if type(tensor) is not torch.Tensor:
-            raise TypeError(f"llm.{key} is a {type(tensor).__name__}, not a plain tensor: gather the "
-                            "full state dict of a sharded model before saving")
+            raise TypeError(f"llm.{key} is a {type(tensor).__name__}, not a plain tensor: gather "
+                            "the full state dict of a sharded model before saving")
     hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": state["embed_tokens.weight"]}
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."

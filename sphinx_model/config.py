@@ -1,13 +1,13 @@
 """SPHINX-X configurations: a plain dataclass tree (vision, projector, llm) and the named presets.
 
-``SphinxConfig`` round-trips through JSON (``to_dict`` / ``from_dict``); an unknown key is an error that
-names it with its path (``llm.hiden_size``). Override fields with ``dataclasses.replace``::
+``SphinxConfig`` round-trips through JSON (``to_dict`` / ``from_dict``); an unknown key is an error
+that names it with its path (``llm.hiden_size``). Override fields with ``dataclasses.replace``::
 
     cfg = preset("tiny")
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=2))
 
-Presets (``PRESETS``): ``tiny`` (a Mixtral-style MoE decoder and small timm encoders, for CPU training
-in minutes), ``tiny-dense`` (its Llama-style twin), and the real sizes ``tinyllama-1.1b``,
+Presets (``PRESETS``): ``tiny`` (a Mixtral-style MoE decoder and small timm encoders, for CPU
+training in minutes), ``tiny-dense`` (its Llama-style twin), and the real sizes ``tinyllama-1.1b``,
 ``internlm2-7b``, ``llama2-13b``, ``mixtral-8x7b`` with DINOv2 ViT-g/14 and CLIP ConvNeXt-XXLarge.
 """
 from __future__ import annotations
@@ -23,27 +23,31 @@ from typing import Any, Mapping
 __all__ = ["VisionConfig", "ProjectorConfig", "LLMConfig", "SphinxConfig", "PRESETS", "preset",
            "config_from_dict", "check_value", "validate_llm", "LLM_ARCHS"]
 
-LLM_ARCHS = ("llama", "mixtral", "internlm2")  # the decoder families (and checkpoint layouts) we load
+# The decoder families (and checkpoint layouts) we load.
+LLM_ARCHS = ("llama", "mixtral", "internlm2")
 
 
 @dataclass
 class VisionConfig:
     """The two frozen timm encoders and the any-resolution tiling.
 
-    Each image is resized (aspect kept) onto a ``tiles x tiles`` canvas of square tiles, placed at the
-    top-left and padded with the mean colour. Views: the whole canvas (global view) and every tile that
-    holds an image pixel, in raster order; a tile without one is skipped (never encoded, one skip token).
-    Every view is encoded by both encoders, each at its own resolution, and both are resampled to a
-    ``grid x grid`` token grid (``1 + grid**2`` rows per view: a global row, then the grid).
+    Each image is resized (aspect kept) onto a ``tiles x tiles`` canvas of square tiles, placed at
+    the top-left and padded with the mean colour. Views: the whole canvas (global view) and every
+    tile that holds an image pixel, in raster order; a tile without one is skipped (never encoded,
+    one skip token). Every view is encoded by both encoders, each at its own resolution, and both
+    are resampled to a ``grid x grid`` token grid (``1 + grid**2`` rows per view: a global row, then
+    the grid).
     """
 
-    dinov2_model: str = "vit_giant_patch14_dinov2"  # timm name: tokens [V, 1 + n*n, dinov2_channels]
+    dinov2_model: str = "vit_giant_patch14_dinov2"  # timm name: tokens
+    #                                                 [V, 1 + n*n, dinov2_channels]
     dinov2_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides
     dinov2_image_size: int = 224                      # pixels per view side for DINOv2
     dinov2_channels: int = 1536
     convnext_model: str = "convnext_xxlarge"         # timm name: maps [V, convnext_channels, m, m]
     convnext_kwargs: dict[str, Any] = field(default_factory=dict)
-    convnext_image_size: int = 512                    # pixels per view side for ConvNeXt (stride 32)
+    convnext_image_size: int = 512                    # pixels per view side for ConvNeXt
+    #                                                   (stride 32)
     convnext_channels: int = 3072
     grid: int = 16                                    # token grid per view side
     tiles: int = 2                                    # canvas of tiles x tiles sub-images
@@ -68,7 +72,8 @@ class ProjectorConfig:
 class LLMConfig:
     """A Llama-family decoder: Llama / Mistral (dense), Mixtral (``num_experts > 0``), InternLM2."""
 
-    arch: str = "llama"                  # one of LLM_ARCHS: the checkpoint layout it loads and saves
+    arch: str = "llama"                  # one of LLM_ARCHS: the checkpoint layout
+    #                                      it loads and saves
     vocab_size: int = 32000
     hidden_size: int = 4096
     num_layers: int = 32
@@ -126,9 +131,9 @@ class SphinxConfig:
 
 
 def config_from_dict(cls: type, data: Mapping[str, Any], path: str = ""):
-    """Builds dataclass ``cls`` from ``data``, recursing into nested dataclass fields. Unknown keys and
-    values of the wrong type raise ``ValueError`` / ``TypeError`` naming the key's dotted path; missing
-    keys take their defaults."""
+    """Builds dataclass ``cls`` from ``data``, recursing into nested dataclass fields. Unknown keys
+    and values of the wrong type raise ``ValueError`` / ``TypeError`` naming the key's dotted path;
+    missing keys take their defaults."""
     if not isinstance(data, Mapping):
         raise TypeError(f"{path or cls.__name__} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -207,13 +212,13 @@ def _require_positive(values: Mapping[str, int]) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Presets
 
 _REAL_VISION: dict = {}  # the VisionConfig defaults are the real encoders
 
-# Small timm configurations of the same two architectures: DINOv2 at 56 px (4x4 patches of 14 px) and
-# ConvNeXt at 128 px (a 4x4 map at stride 32), both already on the 4x4 token grid.
+# Small timm configurations of the same two architectures: DINOv2 at 56 px (4x4 patches of 14 px)
+# and ConvNeXt at 128 px (a 4x4 map at stride 32), both already on the 4x4 token grid.
 _TINY_VISION = dict(
     dinov2_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2},
     dinov2_image_size=56, dinov2_channels=48,

@@ -265,8 +265,8 @@ def _check_prompts(prompts, model: SphinxX | None, llm: LLM) -> list[ChatPrompt]
     """The prompts as :class:`ChatPrompt` s with their images tiled, each checked (non-empty ids in
     the vocabulary, images only for a SphinxX)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list (of token id lists, or ChatPrompts for a "
-                         f"SphinxX), got {type(prompts).__name__}")
+        raise ValueError("prompts must be a non-empty list (of token id lists, or ChatPrompts for "
+                         f"a SphinxX), got {type(prompts).__name__}")
     vocab = llm.config.vocab_size
     out = []
     for i, prompt in enumerate(prompts):
@@ -294,7 +294,8 @@ def _check_prompts(prompts, model: SphinxX | None, llm: LLM) -> list[ChatPrompt]
             raise ValueError(f"prompts[{i}] is empty (a prompt needs at least one token, e.g. BOS)")
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompts[{i}] holds token id {bad}, outside [0, vocab_size = {vocab})")
+            raise ValueError(f"prompts[{i}] holds token id {bad}, outside "
+                             f"[0, vocab_size = {vocab})")
         images = prompt.images if isinstance(prompt, ChatPrompt) else []
         out.append(ChatPrompt(list(ids), [image if isinstance(image, TiledImage) else
                                           tile_image(image, model.config.vision)

@@ -19,9 +19,9 @@ one's slot start, with no query rows (it sees nothing and costs nothing), then t
     cu_seqlens_q = [0, 0,       new_0,           new_0,   new_0 + new_1,   ...]      [2m + 1]
 
 The model is called with that ``cu_seqlens_q`` (zero-length sequences are legal everywhere), the new
-rows of live sequence ``j`` being packed sequence ``2j + 1``. :meth:`PreallocatedKVCache.begin_forward`
-builds both for a forward; a decode step (one new row per live sequence) does it with in-place ops
-on preallocated buffers.
+rows of live sequence ``j`` being packed sequence ``2j + 1``.
+:meth:`PreallocatedKVCache.begin_forward` builds both for a forward; a decode step (one new row per
+live sequence) does it with in-place ops on preallocated buffers.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The SPHINX-X decoder: Llama / Mistral / InternLM2 (dense SwiGLU) and Mixtral (sparse MoE) blocks over
-packed variable-length batches, on the sphinx_kernels ops.
+"""The SPHINX-X decoder: Llama / Mistral / InternLM2 (dense SwiGLU) and Mixtral (sparse MoE) blocks
+over packed variable-length batches, on the sphinx_kernels ops.
 
 A batch is ``B`` samples packed back to back in ``T`` rows (no padding between them), described by
 ``cu_seqlens`` (int32 ``[B + 1]``); rows past ``cu_seqlens[-1]`` are padding. Every block is
@@ -10,15 +10,15 @@ A batch is ``B`` samples packed back to back in ``T`` rows (no padding between t
     x = x + mlp(post_attention_layernorm(x))     SwiGLU, or sphinx_kernels.nn.MoEMLP when
                                                  cfg.num_experts > 0
 
-then a final RMSNorm and the LM head. Parameter names are Hugging Face Llama's without the ``model.``
-prefix (``embed_tokens``, ``layers.{i}.self_attn.{q,k,v,o}_proj``, ``layers.{i}.mlp.{gate,up,down}_proj``
-or the MoE's ``layers.{i}.mlp.{router.weight,w1,w3,w2}``, ``layers.{i}.input_layernorm``,
-``layers.{i}.post_attention_layernorm``, ``norm``, ``lm_head``); ``sphinx_model.checkpoints`` converts
-from and to the Hugging Face and InternLM2 layouts.
+then a final RMSNorm and the LM head. Parameter names are Hugging Face Llama's without the
+``model.`` prefix (``embed_tokens``, ``layers.{i}.self_attn.{q,k,v,o}_proj``,
+``layers.{i}.mlp.{gate,up,down}_proj`` or the MoE's ``layers.{i}.mlp.{router.weight,w1,w3,w2}``,
+``layers.{i}.input_layernorm``, ``layers.{i}.post_attention_layernorm``, ``norm``, ``lm_head``);
+``sphinx_model.checkpoints`` converts from and to the Hugging Face and InternLM2 layouts.
 
-Entry points (see :class:`LLM`): ``llm(input_ids, cu_seqlens)`` gives logits; the multimodal model and
-the trainer call ``hidden_states`` on their own input embeddings, then ``loss`` (chunked: the float32
-``[T, vocab]`` logits never exist) or ``logits``. Generation passes a :class:`KVCache`.
+Entry points (see :class:`LLM`): ``llm(input_ids, cu_seqlens)`` gives logits; the multimodal model
+and the trainer call ``hidden_states`` on their own input embeddings, then ``loss`` (chunked: the
+float32 ``[T, vocab]`` logits never exist) or ``logits``. Generation passes a :class:`KVCache`.
 
 The model code holds no parallelism, activation checkpointing or compile (``sphinx_model.parallel``
 applies them from outside), and builds on the meta device: ``with torch.device("meta"): LLM(cfg)``,
@@ -79,12 +79,13 @@ class SwiGLUMLP(nn.Module):
 
 
 class KVCache(Protocol):
-    """What :class:`SelfAttention` needs of a key/value cache, so that a decode step runs through the
-    same layer code as training (the generation module provides a preallocated implementation;
+    """What :class:`SelfAttention` needs of a key/value cache, so that a decode step runs through
+    the same layer code as training (the generation module provides a preallocated implementation;
     :class:`SimpleKVCache` is the plain one).
 
-    A forward with a cache covers the same ``B`` sequences every call; call ``n`` brings each sequence
-    b's new rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (0 new rows is legal: that sequence idles).
+    A forward with a cache covers the same ``B`` sequences every call; call ``n`` brings each
+    sequence b's new rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (0 new rows is legal: that sequence
+    idles).
     """
 
     def cached_lengths(self) -> torch.Tensor | None:
@@ -94,19 +95,19 @@ class KVCache(Protocol):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
-        """Stores layer ``layer``'s new rows ``k``, ``v`` (``[T, Hkv, D]``, rotary already applied to
-        ``k``; rows past ``cu_seqlens[-1]`` are padding, not stored) after each sequence's cached rows,
-        and returns ``(keys, values, cu_seqlens_k, max_seqlen_k)``: ``[Tk, Hkv, D]`` rows of every
-        sequence's cached and new keys / values, packed with int32 ``cu_seqlens_k`` ``[B + 1]``, the
-        new rows last in each sequence (``varlen_attention`` aligns queries to the end of their keys),
-        and an upper bound of the key lengths (a host int) or None."""
+        """Stores layer ``layer``'s new rows ``k``, ``v`` (``[T, Hkv, D]``, rotary already applied
+        to ``k``; rows past ``cu_seqlens[-1]`` are padding, not stored) after each sequence's cached
+        rows, and returns ``(keys, values, cu_seqlens_k, max_seqlen_k)``: ``[Tk, Hkv, D]`` rows of
+        every sequence's cached and new keys / values, packed with int32 ``cu_seqlens_k``
+        ``[B + 1]``, the new rows last in each sequence (``varlen_attention`` aligns queries to the
+        end of their keys), and an upper bound of the key lengths (a host int) or None."""
 
 
 class SimpleKVCache:
-    """A :class:`KVCache` that keeps, per layer, every sequence's keys and values packed in one tensor
-    and re-packs it on each update (a concatenation: each step copies the whole cache, and reads
-    ``cu_seqlens`` back to the host). For tests and short generations; ``sphinx_model.generate`` has
-    the preallocated one."""
+    """A :class:`KVCache` that keeps, per layer, every sequence's keys and values packed in one
+    tensor and re-packs it on each update (a concatenation: each step copies the whole cache, and
+    reads ``cu_seqlens`` back to the host). For tests and short generations;
+    ``sphinx_model.generate`` has the preallocated one."""
 
     def __init__(self) -> None:
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
@@ -141,12 +142,12 @@ class SimpleKVCache:
 
 class SelfAttention(nn.Module):
     """Llama attention over packed sequences: q/k/v projections, rotary (Hugging Face half-split
-    convention) by ``sphinx_kernels.apply_rotary``, ``sphinx_kernels.varlen_attention`` (causal, GQA,
-    optional bidirectional prefix), output projection. ``q_proj`` ``[Hq*D, H]``, ``k_proj`` and
+    convention) by ``sphinx_kernels.apply_rotary``, ``sphinx_kernels.varlen_attention`` (causal,
+    GQA, optional bidirectional prefix), output projection. ``q_proj`` ``[Hq*D, H]``, ``k_proj`` and
     ``v_proj`` ``[Hkv*D, H]``, ``o_proj`` ``[H, Hq*D]``, no biases.
 
-    Unlike ``sphinx_kernels.nn.VarlenSelfAttention`` (same parameter names), it holds no rotary tables:
-    the model passes its one shared pair, and it takes an optional :class:`KVCache`.
+    Unlike ``sphinx_kernels.nn.VarlenSelfAttention`` (same parameter names), it holds no rotary
+    tables: the model passes its one shared pair, and it takes an optional :class:`KVCache`.
     """
 
     def __init__(self, cfg: LLMConfig, layer_index: int):
@@ -160,8 +161,9 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
-                rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, *, max_seqlen: int | None = None,
-                prefix_lens: torch.Tensor | None = None, kv_cache: KVCache | None = None
+                rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, *,
+                max_seqlen: int | None = None, prefix_lens: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None
                 ) -> torch.Tensor:
         """``x`` ``[T, H]`` -> ``[T, H]``; see :meth:`LLM.hidden_states` for the other arguments."""
         rows = x.shape[0]
@@ -196,8 +198,9 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
-                rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, *, max_seqlen: int | None = None,
-                prefix_lens: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+                rotary_cos: torch.Tensor, rotary_sin: torch.Tensor, *,
+                max_seqlen: int | None = None, prefix_lens: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
         """``x`` ``[T, H]`` -> ``(x [T, H], MoEAux or None)``."""
         x = x + self.self_attn(self.input_layernorm(x), cu_seqlens, position_ids, rotary_cos,
                                rotary_sin, max_seqlen=max_seqlen, prefix_lens=prefix_lens,
@@ -212,16 +215,18 @@ class MoELosses(NamedTuple):
     """The routers' by-products of one forward, for the trainer to weight and log."""
 
     load_balancing_loss: torch.Tensor  # [] float32: mean over the MoE layers of each layer's
-    #                                    Switch loss E * sum_e f_e * P_e (1.0 when perfectly balanced)
-    z_loss: torch.Tensor               # [] float32: mean over the layers of mean_t logsumexp(logits)^2
+    #                                    Switch loss E * sum_e f_e * P_e (1.0 when perfectly
+    #                                    balanced)
+    z_loss: torch.Tensor               # [] float32: mean over the layers of
+    #                                    mean_t logsumexp(logits)^2
     tokens_per_expert: torch.Tensor    # [L, E] int32: (token, slot) pairs routed to each expert
 
 
 def packed_position_ids(cu_seqlens: torch.Tensor, num_rows: int,
                         offsets: torch.Tensor | None = None) -> torch.Tensor:
     """int32 ``[num_rows]``: each row's position within its sample (0, 1, ... from each
-    ``cu_seqlens[b]``), plus ``offsets[b]`` (rows already in a KV cache) when given; padding rows (past
-    ``cu_seqlens[-1]``) get 0. Computed on ``cu_seqlens``'s device without a host sync."""
+    ``cu_seqlens[b]``), plus ``offsets[b]`` (rows already in a KV cache) when given; padding rows
+    (past ``cu_seqlens[-1]``) get 0. Computed on ``cu_seqlens``'s device without a host sync."""
     cu_seqlens = cu_seqlens.to(torch.int32)
     rows = torch.arange(num_rows, dtype=torch.int32, device=cu_seqlens.device)
     sample = torch.searchsorted(cu_seqlens[1:], rows, right=True)  # B for padding rows
@@ -237,15 +242,18 @@ class LLM(nn.Module):
 
     Submodules: ``embed_tokens`` (``nn.Embedding [V, H]``), ``layers`` (:class:`DecoderLayer` each),
     ``norm`` (:class:`RMSNorm`), ``lm_head`` (``nn.Linear [V, H]``, the embedding's weight when
-    ``cfg.tie_word_embeddings``, kept tied through ``to`` / ``to_empty``). Buffers ``rotary_cos``, ``rotary_sin`` ``[max_position_embeddings,
-    D]`` float32 (non-persistent): one rotary table shared by every layer.
+    ``cfg.tie_word_embeddings``, kept tied through ``to`` / ``to_empty``). Buffers ``rotary_cos``,
+    ``rotary_sin`` ``[max_position_embeddings, D]`` float32 (non-persistent): one rotary table
+    shared by every layer.
 
     Calls (``T`` packed rows, ``cu_seqlens`` int32 ``[B + 1]`` as in ``sphinx_kernels``):
 
     - ``llm(input_ids, cu_seqlens, position_ids=None, *, max_seqlen=None, prefix_lens=None,
       kv_cache=None)``: ``input_ids`` int64 ``[T]`` -> logits ``[T, V]`` in the model's dtype.
-    - :meth:`hidden_states` on input embeddings ``[T, H]`` -> ``(hidden [T, H], MoELosses or None)``.
-    - :meth:`logits` (hidden -> ``[T, V]``) and :meth:`loss` (chunked cross-entropy at labelled rows).
+    - :meth:`hidden_states` on input embeddings ``[T, H]`` ->
+      ``(hidden [T, H], MoELosses or None)``.
+    - :meth:`logits` (hidden -> ``[T, V]``) and :meth:`loss` (chunked cross-entropy at labelled
+      rows).
 
     Building on the meta device allocates nothing; after ``to_empty(device=...)`` call
     :meth:`init_weights` (random init and rotary tables) or load a state dict and call
@@ -263,8 +271,10 @@ class LLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         table = (cfg.max_position_embeddings, cfg.dim_per_head)
-        self.register_buffer("rotary_cos", torch.empty(table, dtype=torch.float32), persistent=False)
-        self.register_buffer("rotary_sin", torch.empty(table, dtype=torch.float32), persistent=False)
+        self.register_buffer("rotary_cos", torch.empty(table, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("rotary_sin", torch.empty(table, dtype=torch.float32),
+                             persistent=False)
         self.init_weights()
 
     def _apply(self, fn, recurse=True):
@@ -279,7 +289,8 @@ class LLM(nn.Module):
     def init_weights(self, std: float = INIT_STD) -> None:
         """(Re)initialises every parameter in place (weight matrices and embeddings normal(0, std),
         norms 1) and fills the rotary tables; allocates nothing, so it runs after ``to_empty`` on
-        whatever (possibly sharded) storage the parameters have. On the meta device it is a no-op."""
+        whatever (possibly sharded) storage the parameters have. On the meta device it is a
+        no-op."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
@@ -292,8 +303,8 @@ class LLM(nn.Module):
 
     @torch.no_grad()
     def init_rotary(self) -> None:
-        """Fills ``rotary_cos`` / ``rotary_sin`` (Hugging Face layout, angles computed in float64 and
-        rounded once to the buffers' dtype)."""
+        """Fills ``rotary_cos`` / ``rotary_sin`` (Hugging Face layout, angles computed in float64
+        and rounded once to the buffers' dtype)."""
         cos, sin = rotary_tables(self.config.max_position_embeddings, self.config.dim_per_head,
                                  self.config.rope_theta, self.rotary_cos.device)
         self.rotary_cos.copy_(cos)
@@ -321,20 +332,21 @@ class LLM(nn.Module):
             inputs_embeds: ``[T, H]`` (text embeddings from ``embed_tokens``, or the multimodal
                 model's assembled rows), the model's dtype.
             cu_seqlens: int32 ``[B + 1]`` sample boundaries (zero-length samples are legal).
-            position_ids: int32/int64 ``[T]`` rotary positions (``< max_position_embeddings``); None:
-                0, 1, ... from each sample's start (after its cached rows with ``kv_cache``), derived
-                on the device without a host sync.
+            position_ids: int32/int64 ``[T]`` rotary positions (``< max_position_embeddings``);
+                None: 0, 1, ... from each sample's start (after its cached rows with ``kv_cache``),
+                derived on the device without a host sync.
             max_seqlen: an upper bound of the sample lengths (a host int), or None.
-            prefix_lens: int32 ``[B]``: the first ``prefix_lens[b]`` rows of sample b (counted in key
-                positions, so with a cache they include cached rows) attend to each other
+            prefix_lens: int32 ``[B]``: the first ``prefix_lens[b]`` rows of sample b (counted in
+                key positions, so with a cache they include cached rows) attend to each other
                 bidirectionally (the image block, prefix-LM); None: causal everywhere.
             kv_cache: a :class:`KVCache`; each layer stores its new keys / values there and attends
                 over the cached ones too (generation).
 
         Returns:
-            ``(hidden [T, H], moe)``: hidden states after the final norm, rows past ``cu_seqlens[-1]``
-            zero; ``moe`` a :class:`MoELosses` (None for a dense model). Padding rows are routed like
-            the others (they are dropped only by the loss), so keep padding short.
+            ``(hidden [T, H], moe)``: hidden states after the final norm, rows past
+            ``cu_seqlens[-1]`` zero; ``moe`` a :class:`MoELosses` (None for a dense model). Padding
+            rows are routed like the others (they are dropped only by the loss), so keep padding
+            short.
         """
         require_tensor("inputs_embeds", inputs_embeds, dims=2)
         require_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,))
@@ -383,8 +395,8 @@ class LLM(nn.Module):
 
         Only labelled rows are projected, a chunk at a time, with the gradients computed in the same
         pass, so memory stays bounded in the forward and the backward. Reads ``lm_head.weight``
-        directly: under FSDP2 register this method with ``register_fsdp_forward_method``. Finding the
-        labelled rows costs one host sync.
+        directly: under FSDP2 register this method with ``register_fsdp_forward_method``. Finding
+        the labelled rows costs one host sync.
         """
         if isinstance(num_trained_tokens, int) and num_trained_tokens < 1:
             raise ValueError(f"num_trained_tokens must be >= 1, got {num_trained_tokens}")

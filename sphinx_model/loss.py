@@ -1,12 +1,12 @@
-"""Cross-entropy of an LM head without the full logits: ``sum_t CE(hidden[t] @ weight.T, labels[t])``
-over the labelled rows, a chunk of rows at a time.
+"""Cross-entropy of an LM head without the full logits:
+``sum_t CE(hidden[t] @ weight.T, labels[t])`` over the labelled rows, a chunk of rows at a time.
 
 The float32 ``[T, V]`` logits of a packed batch are the largest tensor of LLM training (16k rows of
 InternLM2's 92544-word vocabulary: 6 GB), and most rows of a multimodal batch (image rows, prompts)
 have no label. So only labelled rows are projected, in chunks of ``chunk_rows``, and each chunk's
 gradients (w.r.t. the hidden rows and the head's weight) are computed while its logits are alive
-(Liger-Kernel's fused-linear-cross-entropy habit): the backward only scales them. Peak extra memory is
-one chunk's logits (float32, plus the matmul's output in the weight's dtype), the hidden rows'
+(Liger-Kernel's fused-linear-cross-entropy habit): the backward only scales them. Peak extra memory
+is one chunk's logits (float32, plus the matmul's output in the weight's dtype), the hidden rows'
 gradient and one weight-sized gradient (float32 for low-precision weights, rounded once).
 
 ``linear_cross_entropy_reference`` is the plain computation, for tests.
@@ -81,8 +81,8 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor,
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward over chunks of (already selected) labelled rows; the gradients of the sum are computed
-    in the same pass and the backward scales them by the incoming scalar gradient."""
+    """Forward over chunks of (already selected) labelled rows; the gradients of the sum are
+    computed in the same pass and the backward scales them by the incoming scalar gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):

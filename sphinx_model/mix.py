@@ -1,12 +1,12 @@
-"""``sphinx-mix``: weight mixing of two checkpoints of one architecture, as SPHINX mixes LLMs trained on
-different data.
+"""``sphinx-mix``: weight mixing of two checkpoints of one architecture, as SPHINX mixes LLMs
+trained on different data.
 
     sphinx-mix runs/a/final runs/b/final --beta 0.5 --output runs/mixed
     python -m sphinx_model.mix ...                                        # the same
 
 Every weight of the output is ``beta * A + (1 - beta) * B``, computed in float64 and rounded once to
-A's dtype (so a checkpoint mixed with itself, and ``--beta 1``, give A back bit for bit). A and B are
-directories of safetensors weights (``model.safetensors`` or shards with an index): two
+A's dtype (so a checkpoint mixed with itself, and ``--beta 1``, give A back bit for bit). A and B
+are directories of safetensors weights (``model.safetensors`` or shards with an index): two
 ``SphinxX.save_pretrained`` directories or two Hugging Face LLM directories. Their keys and shapes
 must match exactly; a mismatch is refused naming the keys. Integer tensors must be equal. The
 output holds the mixed weights and a copy of A's other files (``config.json``, the tokenizer, ...),
@@ -83,7 +83,8 @@ def mix_checkpoints(a: str | os.PathLike, b: str | os.PathLike, beta: float,
 
 
 def _check_same_keys(tensors_a, tensors_b, a: Path, b: Path) -> None:
-    only_a, only_b = sorted(set(tensors_a) - set(tensors_b)), sorted(set(tensors_b) - set(tensors_a))
+    only_a = sorted(set(tensors_a) - set(tensors_b))
+    only_b = sorted(set(tensors_b) - set(tensors_a))
     if only_a or only_b:
         parts = [f"only in {path}: {_names(keys)}" for path, keys in ((a, only_a), (b, only_b))
                  if keys]

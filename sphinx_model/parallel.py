@@ -1,15 +1,15 @@
 """Scale-out, applied from outside the model: the only module that knows about torch.distributed.
 
-``init_distributed()`` joins the process group that ``torchrun`` describes (NCCL on GPUs, Gloo on the
-CPU), or returns a single-process description when there is none. ``parallelize(model, ...)`` then
-applies, in this order (torchtitan's order, each step wrapping what the previous one produced):
+``init_distributed()`` joins the process group that ``torchrun`` describes (NCCL on GPUs, Gloo on
+the CPU), or returns a single-process description when there is none. ``parallelize(model, ...)``
+then applies, in this order (torchtitan's order, each step wrapping what the previous one produced):
 
 1. activation checkpointing of every decoder block (``checkpoint_wrapper``: the block's activations
    are recomputed in the backward);
 2. ``torch.compile`` of every decoder block (in place, so parameter names do not change);
 3. FSDP2: ``fully_shard`` of every decoder block, of the frozen vision tower as one unit, then of
-   the root (embeddings, projector, special vectors, final norm, LM head), with parameters gathered in
-   the compute dtype and gradients reduced in float32. Gradients are reduced as sums
+   the root (embeddings, projector, special vectors, final norm, LM head), with parameters gathered
+   in the compute dtype and gradients reduced in float32. Gradients are reduced as sums
    (``gradient_divide_factor = 1``): the trainer already divides the loss by the number of trained
    tokens of the whole global batch, so the world size never changes the gradient.
 
@@ -39,8 +39,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Distributed:
-    """Where this process sits: ``rank`` of ``world_size``, its ``device``, and whether a process group
-    exists (``torchrun``)."""
+    """Where this process sits: ``rank`` of ``world_size``, its ``device``, and whether a process
+    group exists (``torchrun``)."""
 
     rank: int = 0
     world_size: int = 1
@@ -54,9 +54,9 @@ class Distributed:
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> Distributed:
-    """Joins the process group ``torchrun`` set up (``WORLD_SIZE`` in the environment), choosing NCCL
-    on GPUs and Gloo on the CPU; without ``torchrun``, a single process. ``device``: ``auto`` (a GPU
-    when there is one), ``cpu`` or ``cuda``."""
+    """Joins the process group ``torchrun`` set up (``WORLD_SIZE`` in the environment), choosing
+    NCCL on GPUs and Gloo on the CPU; without ``torchrun``, a single process. ``device``: ``auto``
+    (a GPU when there is one), ``cpu`` or ``cuda``."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -83,9 +83,9 @@ def shutdown(env: Distributed) -> None:
 
 def parallelize(model: nn.Module, env: Distributed, *, param_dtype: torch.dtype,
                 activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
-    """Applies activation checkpointing, compile and FSDP2 to a ``SphinxX`` (or a bare ``LLM``) in the
-    documented order, in place; returns the model. ``param_dtype``: the dtype parameters are gathered
-    in for compute (float32 master weights stay sharded)."""
+    """Applies activation checkpointing, compile and FSDP2 to a ``SphinxX`` (or a bare ``LLM``) in
+    the documented order, in place; returns the model. ``param_dtype``: the dtype parameters are
+    gathered in for compute (float32 master weights stay sharded)."""
     llm = getattr(model, "llm", model)
     blocks = llm.layers
     if activation_checkpointing:
@@ -124,7 +124,8 @@ def parallelize(model: nn.Module, env: Distributed, *, param_dtype: torch.dtype,
 
 
 def all_reduce_sum(values: torch.Tensor, env: Distributed) -> torch.Tensor:
-    """The sum over ranks of a float64 / int64 CPU or device tensor (returned; the input is kept)."""
+    """The sum over ranks of a float64 / int64 CPU or device tensor (returned; the input is
+    kept)."""
     if not env.initialized:
         return values.clone()
     out = values.to(env.device, copy=True)

@@ -40,7 +40,8 @@ class Sampler:
                              "greedy decoding pass do_sample=False)")
         if self.do_sample and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] when sampling, got {self.top_p}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be None or an int, got {self.seed!r}")
 
     def generator(self, device: torch.device) -> torch.Generator | None:

@@ -2,18 +2,19 @@
 
 Everything but the frozen vision encoders trains at once on packed micro-batches
 (:mod:`sphinx_model.data`). One optimizer step trains one global batch of samples, packed into
-micro-batches of at most ``token_budget`` rows and dealt to the ranks; the loss of every micro-batch is
-its summed cross-entropy divided by the labelled rows of the whole global batch (all micro-batches, all
-ranks: one all-reduce of a count per step), and FSDP sums the gradients, so neither packing, nor
-accumulation, nor the world size changes the gradient. The MoE routers' losses are weighted per
-micro-batch by its share of the step's rows.
+micro-batches of at most ``token_budget`` rows and dealt to the ranks; the loss of every micro-batch
+is its summed cross-entropy divided by the labelled rows of the whole global batch (all
+micro-batches, all ranks: one all-reduce of a count per step), and FSDP sums the gradients, so
+neither packing, nor accumulation, nor the world size changes the gradient. The MoE routers' losses
+are weighted per micro-batch by its share of the step's rows.
 
-A step whose loss or gradient norm is not finite is skipped (no update) and counted; ``max_bad_steps``
-of them in a row stop the run with an error, the last checkpoint untouched. Checkpoints
-(:mod:`sphinx_model.train_checkpoint`) hold the model, optimizer, scheduler, data position and RNG
-states; ``--resume`` continues from the newest complete one, at any world size. Outputs under
-``output``: ``metrics.jsonl`` (one line per step), ``checkpoints/step-N/``, ``loss.png``, and
-``final/`` (``SphinxX.save_pretrained`` plus the tokenizer: what ``sphinx-chat --checkpoint`` takes).
+A step whose loss or gradient norm is not finite is skipped (no update) and counted;
+``max_bad_steps`` of them in a row stop the run with an error, the last checkpoint untouched.
+Checkpoints (:mod:`sphinx_model.train_checkpoint`) hold the model, optimizer, scheduler, data
+position and RNG states; ``--resume`` continues from the newest complete one, at any world size.
+Outputs under ``output``: ``metrics.jsonl`` (one line per step), ``checkpoints/step-N/``,
+``loss.png``, and ``final/`` (``SphinxX.save_pretrained`` plus the tokenizer: what
+``sphinx-chat --checkpoint`` takes).
 
 Multi-process: ``torchrun --nproc-per-node N -m sphinx_model.train ...`` (Gloo on the CPU, NCCL on
 GPUs; :mod:`sphinx_model.parallel` applies activation checkpointing, compile and FSDP2).
@@ -82,7 +83,8 @@ def _compute_dtype(cfg: TrainConfig, env: Distributed) -> torch.dtype:
 def _cpu_threads(cfg: TrainConfig, env: Distributed) -> int:
     """Intra-op threads for a CPU run: ``cfg.cpu_threads``, or this process's share of the cores
     less its data workers. More threads than cores left make the BLAS threads and the workers
-    preempt each other: on 2 cores with 2 workers, 2 threads ran 30 demo steps in 140 s, 1 in 33 s."""
+    preempt each other: on 2 cores with 2 workers, 2 threads ran 30 demo steps in 140 s, 1
+    in 33 s."""
     if cfg.cpu_threads:
         return cfg.cpu_threads
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -362,12 +364,14 @@ def _record(step: int, loss: torch.Tensor, lm_loss: torch.Tensor, trained: int, 
         + vision_flops * sum(mb.num_views for mb in batch.micro_batches)], dtype=torch.float64),
         env).item() + decoder_flops(model_cfg.llm, 0, 0, trained)
     return {
-        "step": step, "loss": float(loss), "lm_loss": float(lm_loss), "lr": scheduler.get_last_lr()[0],
+        "step": step, "loss": float(loss), "lm_loss": float(lm_loss),
+        "lr": scheduler.get_last_lr()[0],
         "tokens": trained, "rows": stats.rows, "samples": stats.samples,
         "tokens_per_s": trained / seconds, "rows_per_s": stats.rows / seconds,
         "mfu": flops / seconds / (peak * env.world_size) if peak else None,
         "grad_norm": grad_norm, "step_s": seconds, "data_wait_share": waited / seconds,
-        "skip_saved_share": stats.skip_saved_share, "padding_saved_share": stats.padding_saved_share,
+        "skip_saved_share": stats.skip_saved_share,
+        "padding_saved_share": stats.padding_saved_share,
         "skipped": dict(skipped), "truncated": truncated,
     }
 
@@ -392,7 +396,8 @@ def _progress(cfg: TrainConfig, start: int, env: Distributed):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc="sphinx-train", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.steps, initial=start, desc="sphinx-train", unit="step",
+                dynamic_ncols=True)
 
 
 def _summary(result: TrainResult, truncated: int, output: Path) -> None:

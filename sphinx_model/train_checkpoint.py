@@ -1,4 +1,5 @@
-"""Training checkpoints: model and optimizer through ``torch.distributed.checkpoint``, the rest as JSON.
+"""Training checkpoints: model and optimizer through ``torch.distributed.checkpoint``, the rest as
+JSON.
 
 A checkpoint is a directory ``<output>/checkpoints/step-N/`` holding
 
@@ -6,12 +7,13 @@ A checkpoint is a directory ``<output>/checkpoints/step-N/`` holding
   safetensors storage (each shard records its offsets in its header). Loading reads the slices each
   rank needs, so a checkpoint written by 2 ranks loads on 1 and the other way round. No pickle is
   written or read (DCP's default storage keeps its metadata as a pickle; this one keeps it in JSON);
-- ``trainer_state.json``: the step, the data position, the scheduler's state, every rank's RNG states
-  and the configuration, written last.
+- ``trainer_state.json``: the step, the data position, the scheduler's state, every rank's RNG
+  states and the configuration, written last.
 
-It is written to ``checkpoints/.tmp-step-N/`` and renamed to ``step-N`` once complete, so a run killed
-in the middle of a write leaves the previous checkpoints as they were; ``latest_checkpoint`` only
-considers renamed directories that hold ``trainer_state.json``. The newest ``keep_last`` are kept.
+It is written to ``checkpoints/.tmp-step-N/`` and renamed to ``step-N`` once complete, so a run
+killed in the middle of a write leaves the previous checkpoints as they were; ``latest_checkpoint``
+only considers renamed directories that hold ``trainer_state.json``. The newest ``keep_last`` are
+kept.
 """
 from __future__ import annotations
 

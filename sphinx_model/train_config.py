@@ -1,8 +1,8 @@
 """The trainer's settings: one dataclass, read from YAML and overridden from the command line.
 
 Precedence: defaults < ``--config FILE.yaml`` < ``--preset`` / ``--data`` / ... flags and generic
-``--<key> VALUE`` pairs. Keys are the field names below (``--save-every`` and ``--save_every`` are the
-same key); ``model`` takes dotted sub-keys that override the preset's ``SphinxConfig``
+``--<key> VALUE`` pairs. Keys are the field names below (``--save-every`` and ``--save_every`` are
+the same key); ``model`` takes dotted sub-keys that override the preset's ``SphinxConfig``
 (``--model.llm.num_layers 2``). An unknown key, in the YAML file or on the command line, is an error
 that names it.
 """
@@ -33,9 +33,11 @@ def _setting(default: Any, help: str, **kwargs) -> Any:
 class TrainConfig:
     # What to train
     preset: str = _setting("tiny", "model preset (sphinx_model.PRESETS)")
-    model: dict = _setting({}, "overrides of the preset's SphinxConfig, e.g. {llm: {num_layers: 2}}")
-    init: str | None = _setting(None, "start from a save_pretrained directory (SphinxX) or a Hugging "
-                                      "Face LLM directory (the decoder only); default: random init")
+    model: dict = _setting({}, "overrides of the preset's SphinxConfig, "
+                               "e.g. {llm: {num_layers: 2}}")
+    init: str | None = _setting(None, "start from a save_pretrained directory (SphinxX) or a "
+                                      "Hugging Face LLM directory (the decoder only); default: "
+                                      "random init")
     tokenizer: str | None = _setting(None, "tokenizer file or directory; default: the demo data's, "
                                            "or the init directory's")
     # Data
@@ -66,7 +68,8 @@ class TrainConfig:
     cpu_threads: int = _setting(0, "intra-op threads per process when training on the CPU (0: the "
                                    "cores each process has, less its data workers, at least 1)")
     # Output
-    output: str = _setting("runs/sphinx", "output directory (metrics, checkpoints, plot, final model)")
+    output: str = _setting("runs/sphinx", "output directory (metrics, checkpoints, "
+                                          "plot, final model)")
     save_every: int = _setting(0, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _setting(2, "checkpoints kept (older ones are deleted)")
     log_every: int = _setting(1, "steps between progress-bar updates")

@@ -1,7 +1,7 @@
 """The end-to-end training benchmark compares like with like: on the same samples and weights, its
 padded transformers baseline computes the loss of our model with every tile encoded (``skip tokens
-off``), and packing off, kernels off and the full-logit loss compute our loss; and the workload has what the benchmark
-claims (skipped tiles, text-only samples, several micro-batches)."""
+off``), and packing off, kernels off and the full-logit loss compute our loss; and the workload has
+what the benchmark claims (skipped tiles, text-only samples, several micro-batches)."""
 import pytest
 import torch
 

@@ -214,11 +214,12 @@ class SphinxMixtralSparseMoe(nn.Module):
     ``MixtralTopKRouter`` returning its logits (``[B * S, E]``), so transformers records them for
     ``output_router_logits`` and its load-balancing loss (``router_aux_loss_coef``) is unchanged.
 
-    Parameters: ``moe.router.weight`` ``[E, H]``, ``moe.w1`` and ``moe.w3`` ``[E, F, H]``, ``moe.w2``
-    ``[E, H, F]``. The state dict is in transformers' layout: ``gate.weight``,
+    Parameters: ``moe.router.weight`` ``[E, H]``, ``moe.w1`` and ``moe.w3`` ``[E, F, H]``,
+    ``moe.w2`` ``[E, H, F]``. The state dict is in transformers' layout: ``gate.weight``,
     ``experts.gate_up_proj`` ``[E, 2F, H]`` (the w1 rows, then the w3 rows, a copy) and
-    ``experts.down_proj`` ``[E, H, F]``; ``load_state_dict`` takes that layout. So ``save_pretrained``
-    writes a standard Mixtral checkpoint, and transformers' checkpoints load into the model.
+    ``experts.down_proj`` ``[E, H, F]``; ``load_state_dict`` takes that layout. So
+    ``save_pretrained`` writes a standard Mixtral checkpoint, and transformers' checkpoints load
+    into the model.
     """
 
     def __init__(self, moe: MoEMLP, jitter_noise: float = 0.0):
@@ -333,8 +334,8 @@ def use_sphinx_moe(model: nn.Module, *, block_size: int = 128,
 
 
 def undo_sphinx_moe(model: nn.Module) -> nn.Module:
-    """The inverse of :func:`use_sphinx_moe`: every :class:`SphinxMixtralSparseMoe` of ``model`` back
-    to transformers' ``MixtralSparseMoeBlock`` with the current weights, in place (for
+    """The inverse of :func:`use_sphinx_moe`: every :class:`SphinxMixtralSparseMoe` of ``model``
+    back to transformers' ``MixtralSparseMoeBlock`` with the current weights, in place (for
     transformers' own experts implementations; saving needs no undo). Returns ``model``."""
     _require_transformers()
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock

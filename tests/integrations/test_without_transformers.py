@@ -30,6 +30,6 @@ print("ok")
 
 
 def test_sphinx_kernels_imports_and_explains_without_transformers():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, check=False,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True,
+                          check=False, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr

@@ -75,7 +75,8 @@ def _write_shards(state, directory, shards=2, experts=0):
         for part, piece in zip(parts, pieces):
             part[key] = piece.clone()
     for rank, part in enumerate(parts):  # rank 1 in torch's legacy format (not memory-mappable)
-        torch.save({"model": part}, directory / f"consolidated.{rank:02d}-of-{shards:02d}.model.pth",
+        torch.save({"model": part},
+                   directory / f"consolidated.{rank:02d}-of-{shards:02d}.model.pth",
                    _use_new_zipfile_serialization=rank != 1)
     return directory
 

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: tiny random transformers Llama (GQA) and Mixtral load through
-load_hf_llm and give transformers' logits; save_hf_llm's output loads back into transformers; sharded
-files; InternLM2's layout; errors that name the key; atomic writes."""
+load_hf_llm and give transformers' logits; save_hf_llm's output loads back into transformers;
+sharded files; InternLM2's layout; errors that name the key; atomic writes."""
 import json
 import shutil
 import warnings
@@ -107,9 +107,11 @@ def _write_internlm2(llama, directory):
     heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     groups = heads // kv_heads
     tensors = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"],
-               "model.norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
+               "model.norm.weight": state["model.norm.weight"],
+               "output.weight": state["lm_head.weight"]}
     for i in range(cfg.num_hidden_layers):
-        p, attn, mlp = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
         q = state[attn + "q_proj.weight"].view(kv_heads, groups, dim, -1)
         k = state[attn + "k_proj.weight"].view(kv_heads, 1, dim, -1)
         v = state[attn + "v_proj.weight"].view(kv_heads, 1, dim, -1)
@@ -133,7 +135,8 @@ def _write_internlm2(llama, directory):
               "num_key_value_heads": kv_heads, "rms_norm_eps": cfg.rms_norm_eps,
               "rope_scaling": {"type": "dynamic", "factor": 2.0},
               "rope_theta": _rope_theta(cfg), "tie_word_embeddings": False,
-              "torch_dtype": "float32", "vocab_size": cfg.vocab_size, "attn_implementation": "eager"}
+              "torch_dtype": "float32", "vocab_size": cfg.vocab_size,
+              "attn_implementation": "eager"}
     (directory / "config.json").write_text(json.dumps(config))
 
 

@@ -17,8 +17,8 @@ from sphinx_model.kv_cache import PreallocatedKVCache
 from sphinx_model.sampling import Sampler
 from tests.model.common import TINY_DENSE, TINY_MOE
 
-# Model logic, not kernels (tested on their own): the ops' pure-PyTorch backends, which are also what
-# the CPU runs for attention and rotary outside the Triton interpreter.
+# Model logic, not kernels (tested on their own): the ops' pure-PyTorch backends, which are also
+# what the CPU runs for attention and rotary outside the Triton interpreter.
 pytestmark = pytest.mark.usefixtures("reference_kernels", "single_thread")
 
 HF_SIZES = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,

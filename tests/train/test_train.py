@@ -1,5 +1,6 @@
-"""The trainer end to end on the tiny preset (one decoder layer) and the demo data: exact resume, world
-size changes, interrupted checkpoint writes, non-finite steps, accumulation, bad data, the CLI.
+"""The trainer end to end on the tiny preset (one decoder layer) and the demo data: exact resume,
+world size changes, interrupted checkpoint writes, non-finite steps, accumulation, bad data, the
+CLI.
 
 Every op runs on its reference backend (``SPHINX_KERNELS_BACKEND=reference``), as in the other tests
 of model logic rather than of kernels, in this process and in the ``torchrun`` ones.
@@ -82,9 +83,10 @@ def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(tmp_path, uninte
 def test_two_gloo_ranks_match_one_and_their_checkpoint_resumes_on_one(tmp_path, uninterrupted):
     # fp32 tolerance: two ranks sum the gradients in another order, and Adam's normalised update
     # carries that rounding into the next step's loss (measured: up to 1.4e-6 relative).
-    args = ["--preset", "tiny", "--model.llm.num_layers", "1", "--data", "demo", "--batch-size", "4",
-            "--token-budget", "1024", "--num-workers", "0", "--warmup-steps", "2", "--lr", "3e-3",
-            "--progress", "false", "--cpu-threads", "1", "--output", str(tmp_path)]
+    args = ["--preset", "tiny", "--model.llm.num_layers", "1", "--data", "demo",
+            "--batch-size", "4", "--token-budget", "1024", "--num-workers", "0",
+            "--warmup-steps", "2", "--lr", "3e-3", "--progress", "false", "--cpu-threads", "1",
+            "--output", str(tmp_path)]
     done = run_cli(args + ["--steps", "2", "--save-every", "2"],
                    launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "-m", "sphinx_model.train"))

@@ -6,8 +6,13 @@ import random
 import torch
 
 from sphinx_model.parallel import Distributed
-from sphinx_model.train_checkpoint import (TRAINER_STATE, checkpoint_dirs, latest_checkpoint,
-                                           load_checkpoint, save_checkpoint)
+from sphinx_model.train_checkpoint import (
+    TRAINER_STATE,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 ENV = Distributed()
 

@@ -1,15 +1,16 @@
 """Input checks shared by every op: they run before any launch and name the argument at fault.
 
-Metadata (types, dtypes, shapes, devices) is always checked. Index *values* (ranges, monotonic offsets)
-are checked when the tensors are on the CPU, where it is free; on a GPU reading them back would cost a
-host synchronisation per call, so there they are checked only with ``SPHINX_KERNELS_CHECK_INPUTS=1``
-(a debugging switch, like ``CUDA_LAUNCH_BLOCKING``), and the kernels stay in bounds regardless. Value
-checks are skipped while ``torch.compile`` traces (the values are not known then).
+Metadata (types, dtypes, shapes, devices) is always checked. Index *values* (ranges, monotonic
+offsets) are checked when the tensors are on the CPU, where it is free; on a GPU reading them back
+would cost a host synchronisation per call, so there they are checked only with
+``SPHINX_KERNELS_CHECK_INPUTS=1`` (a debugging switch, like ``CUDA_LAUNCH_BLOCKING``), and the
+kernels stay in bounds regardless. Value checks are skipped while ``torch.compile`` traces (the
+values are not known then).
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Collection
 
 import torch
 
@@ -22,15 +23,14 @@ ENV_CHECK_INPUTS = "SPHINX_KERNELS_CHECK_INPUTS"
 
 
 def require_tensor(name: str, value, *, dims: int | None = None,
-                   dtypes: Iterable[torch.dtype] | None = None) -> torch.Tensor:
-    """``value`` as a tensor of ``dims`` dimensions and one of ``dtypes``, else TypeError/ValueError."""
+                   dtypes: Collection[torch.dtype] | None = None) -> torch.Tensor:
+    """``value`` as a tensor of ``dims`` dimensions and one of ``dtypes``, else TypeError /
+    ValueError."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if dtypes is not None:
-        dtypes = sorted(dtypes, key=dtype_name)  # a stable message whatever the set's order
-        if value.dtype not in dtypes:
-            allowed = ", ".join(dtype_name(d) for d in dtypes)
-            raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = ", ".join(sorted(map(dtype_name, dtypes)))  # one message whatever the set's order
+        raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
     if dims is not None and value.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     return value
@@ -71,12 +71,12 @@ def should_check_values(*tensors: torch.Tensor) -> bool:
 def require_index_range(name: str, values: torch.Tensor, bound: int, bound_name: str,
                         source: str | None = None) -> None:
     """Index ``values`` must lie in ``[0, bound)``; read back only where :func:`should_check_values`
-    allows (a host sync on a GPU). ``bound_name`` names the bound in the message, ``source`` where it
-    comes from."""
+    allows (a host sync on a GPU). ``bound_name`` names the bound in the message, ``source`` where
+    it comes from."""
     if not values.numel() or not should_check_values(values):
         return
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= bound:
         where = f" ({source})" if source else ""
-        raise ValueError(f"{name} must be in [0, {bound_name}) = [0, {bound}){where}, got values in "
-                         f"[{low}, {high}]")
+        raise ValueError(f"{name} must be in [0, {bound_name}) = [0, {bound}){where}, got values "
+                         f"in [{low}, {high}]")

@@ -1,4 +1,5 @@
-"""``python -m sphinx_kernels.info``: what is built and which backend serves what on this machine."""
+"""``python -m sphinx_kernels.info``: what is built, and which backend serves what on this
+machine."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,7 +8,7 @@ import platform
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import OpBackends, native_extension, triton_interpreted
+from sphinx_kernels.backends import OpBackends
 from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS
 from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS
@@ -20,6 +21,7 @@ from sphinx_kernels.ops.patch_projection import PATCH_PROJECTION_BACKENDS
 from sphinx_kernels.ops.plan_layout import PLAN_LAYOUT_BACKENDS
 from sphinx_kernels.ops.topk_gating import TOPK_GATING_BACKENDS
 from sphinx_kernels.ops.varlen_attention import VARLEN_ATTENTION_BACKENDS
+from sphinx_kernels.platforms import native_extension, triton_interpreted
 
 # Every public op's backends, with the dtype each is probed with (its main input's); the other
 # features of a request take their type's defaults (a typical training call).

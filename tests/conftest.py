@@ -5,8 +5,8 @@ before any ``@triton.jit`` function is defined, so before sphinx_kernels is impo
 
 Every test runs with torch's and Python's global random generators seeded from its id, and the
 ``seed`` fixture gives that seed for explicit generators: a run is reproducible by default. Set
-``SPHINX_KERNELS_TEST_SEED=random`` for fresh seeds (fuzzing), or to a number to rerun with that seed;
-a failing test reports the seed it ran with.
+``SPHINX_KERNELS_TEST_SEED=random`` for fresh seeds (fuzzing), or to a number to rerun with that
+seed; a failing test reports the seed it ran with.
 """
 import os
 import random
@@ -58,11 +58,12 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         seeds = [value for name, value in item.user_properties if name == "seed"]
         if seeds:
-            report.sections.append(("seed", f"{ENV_TEST_SEED}={seeds[0]} reruns this test as it ran"))
+            report.sections.append(("seed", f"{ENV_TEST_SEED}={seeds[0]} reruns this test as it "
+                                            "ran"))
 
 
 @pytest.fixture
 def value_checks_on(monkeypatch):
-    """Index-value checks on every device: on a GPU they are off by default (each costs a host sync),
-    and bad-input tests must see the ValueError there too."""
+    """Index-value checks on every device: on a GPU they are off by default (each costs a host
+    sync), and bad-input tests must see the ValueError there too."""
     monkeypatch.setenv("SPHINX_KERNELS_CHECK_INPUTS", "1")

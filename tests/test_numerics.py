@@ -1,5 +1,5 @@
-"""The test harness itself: the tolerance rule fails what it should, PyTorch's error is measured over
-enough values, and seeds are reproducible by default and fresh on request."""
+"""The test harness itself: the tolerance rule fails what it should, PyTorch's error is measured
+over enough values, and seeds are reproducible by default and fresh on request."""
 import pytest
 import torch
 
@@ -19,6 +19,14 @@ def test_the_rule_fails_an_error_above_the_factor_and_passes_one_below():
     assert_within_torch_error((expected + 1.9e-3).float(), expected, torch_error, 2.0, "inside")
     with pytest.raises(AssertionError, match="exceeds 2.0x PyTorch's own float32 error"):
         assert_within_torch_error((expected + 2.1e-3).float(), expected, torch_error, 2.0, "out")
+
+
+def test_pytorch_output_stands_for_its_error_on_one_draw():
+    expected = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    torch_output = (expected + 1e-3).float()  # PyTorch's own result: error 1e-3
+    assert_within_torch_error((expected + 1.9e-3).float(), expected, torch_output, 2.0, "inside")
+    with pytest.raises(AssertionError, match="exceeds 2.0x"):
+        assert_within_torch_error((expected + 2.1e-3).float(), expected, torch_output, 2.0, "out")
 
 
 def test_one_rounding_is_allowed_where_pytorch_is_exact():

@@ -1,6 +1,6 @@
-"""``apply_rotary``: ``x * cos[pos] + rotate_half(x) * sin[pos]`` on packed ``[T, H, D]`` tokens (Llama /
-Hugging Face non-interleaved convention), positions per token so that they reset per packed sample;
-q and k in one launch.
+"""``apply_rotary``: ``x * cos[pos] + rotate_half(x) * sin[pos]`` on packed ``[T, H, D]`` tokens
+(Llama / Hugging Face non-interleaved convention), positions per token so that they reset per packed
+sample; q and k in one launch.
 
 Backends: ``triton`` (``sphinx_kernels/triton/apply_rotary.py``), ``reference``
 (:func:`apply_rotary_reference`). The backward is the same op with the transposed rotation.
@@ -19,8 +19,9 @@ from sphinx_kernels._validation import (
     require_tensor,
     require_unit_stride,
 )
-from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "APPLY_ROTARY_BACKENDS"]
 
@@ -46,8 +47,8 @@ def apply_rotary(x: torch.Tensor | Sequence[torch.Tensor], cos: torch.Tensor, si
         backend: force one of ``APPLY_ROTARY_BACKENDS.names``.
 
     Returns:
-        A new contiguous ``[T, H, D]`` tensor in ``x``'s dtype, or the pair ``(q_out, k_out)``. Computed
-        in float32, rounded once.
+        A new contiguous ``[T, H, D]`` tensor in ``x``'s dtype, or the pair ``(q_out, k_out)``.
+        Computed in float32, rounded once.
 
     Autograd: the gradient of ``x`` is the transposed rotation of the output gradient (``sin`` ->
     ``-sin`` with its halves swapped; for Hugging Face tables, whose halves are equal, simply
@@ -76,7 +77,8 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
                            position_ids: torch.Tensor, transpose: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch ``apply_rotary`` of q and k (the Hugging Face formula), in float32 (float64 for
-    float64 inputs), rounded once to the inputs' dtype; ``transpose`` applies the backward rotation."""
+    float64 inputs), rounded once to the inputs' dtype; ``transpose`` applies the backward
+    rotation."""
     acc = accumulate_dtype(q.dtype)
     pos = position_ids.long()
     c = cos.to(acc)[pos][:, None, :]
@@ -150,8 +152,8 @@ def _check_apply_rotary(q, k, cos, sin, position_ids) -> None:
         _check_rotated("x[1]", k, (q.dtype,))
         require_device("x[1]", k, q.device, "x[0]")
         if (k.shape[0], k.shape[2]) != (num_tokens, dim):
-            raise ValueError(f"x[1] has shape {tuple(k.shape)} but x[0] has {tuple(q.shape)}; q and "
-                             "k must share T and D")
+            raise ValueError(f"x[1] has shape {tuple(k.shape)} but x[0] has {tuple(q.shape)}; "
+                             "q and k must share T and D")
     for name, table in (("cos", cos), ("sin", sin)):
         require_tensor(name, table, dims=2, dtypes=KERNEL_DTYPES)
         require_device(name, table, q.device, q_name)
@@ -160,8 +162,8 @@ def _check_apply_rotary(q, k, cos, sin, position_ids) -> None:
                              f"{tuple(table.shape)}")
         require_unit_stride(name, table, "D")
         if table.requires_grad:
-            raise ValueError(f"{name} requires grad, but apply_rotary gives the tables no gradient; "
-                             f"pass {name}.detach()")
+            raise ValueError(f"{name} requires grad, but apply_rotary gives the tables no "
+                             f"gradient; pass {name}.detach()")
     if sin.shape != cos.shape or sin.dtype != cos.dtype:
         raise ValueError(f"sin ({tuple(sin.shape)}, {dtype_name(sin.dtype)}) must match cos "
                          f"({tuple(cos.shape)}, {dtype_name(cos.dtype)})")

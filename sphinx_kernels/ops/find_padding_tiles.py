@@ -1,5 +1,5 @@
-"""``find_padding_tiles``: which tiles of pre-padded images are entirely padding (their sub-images are
-then never encoded: one skip token stands in).
+"""``find_padding_tiles``: which tiles of pre-padded images are entirely padding (their sub-images
+are then never encoded: one skip token stands in).
 
 Backends: ``cuda`` (``csrc/varlen/``), ``triton`` (``sphinx_kernels/triton/find_padding_tiles.py``),
 ``reference`` (:func:`find_padding_tiles_reference`). No C++ CPU kernel: on the CPU the reference is
@@ -13,17 +13,9 @@ from typing import Sequence
 import torch
 
 from sphinx_kernels._validation import require_device, require_tensor
-from sphinx_kernels.backends import (
-    CUDA,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES
+from sphinx_kernels.platforms import CUDA, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_TILES_BACKENDS"]
 
@@ -31,7 +23,8 @@ __all__ = ["find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_T
 def find_padding_tiles(images: torch.Tensor, tile: int | tuple[int, int],
                        pad_value: float | Sequence[float] | torch.Tensor = 0.0, *,
                        backend: str | None = None) -> torch.Tensor:
-    """Which tiles of pre-padded images are pure padding: every pixel, in every channel, equals the pad.
+    """Which tiles of pre-padded images are pure padding: every pixel, in every channel, equals the
+    pad.
 
     Args:
         images: ``[N, C, H, W]`` (or ``[C, H, W]``) float16, bfloat16 or float32, any strides
@@ -48,7 +41,8 @@ def find_padding_tiles(images: torch.Tensor, tile: int | tuple[int, int],
     """
     require_tensor("images", images)
     if images.dim() not in (3, 4):
-        raise ValueError(f"images must be [N, C, H, W] or [C, H, W], got shape {tuple(images.shape)}")
+        raise ValueError(f"images must be [N, C, H, W] or [C, H, W], got shape "
+                         f"{tuple(images.shape)}")
     single = images.dim() == 3
     images = images[None] if single else images
     tile_h, tile_w, pad = _check_find_padding_tiles(images, tile, pad_value)
@@ -90,7 +84,8 @@ def _(images, pad, tile_h, tile_w, backend):
 
 
 def _check_find_padding_tiles(images, tile, pad_value) -> tuple[int, int, torch.Tensor]:
-    """Validates the call; returns the tile size and the pad as float32 ``[C]`` on the images' device."""
+    """Validates the call; returns the tile size and the pad as float32 ``[C]`` on the images'
+    device."""
     require_tensor("images", images, dims=4, dtypes=KERNEL_DTYPES)
     sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
     if len(sizes) != 2 or not all(isinstance(t, int) and t > 0 for t in sizes):

@@ -2,8 +2,8 @@
 ``sphinx_kernels.ops.torch_flash``, and flash-attn's, ``sphinx_kernels.ops.flash_attn``): the calls
 they can serve, and the padding rows they leave unwritten.
 
-Both align a causal mask bottom-right and take GQA by head count, as ``varlen_attention`` does; their
-log-sum-exp (float32 ``[Hq, Tq]``) feeds their own backward only.
+Both align a causal mask bottom-right and take GQA by head count, as ``varlen_attention`` does;
+their log-sum-exp (float32 ``[Hq, Tq]``) feeds their own backward only.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ HEAD_DIM_MULTIPLE = 8
 
 
 def flash_attention_2_reasons(request) -> list[str]:
-    """Why a FlashAttention-2 peer cannot serve a ``VarlenAttentionRequest``: head dims, no prefix-LM
-    mask, and the host-int sequence bounds it needs."""
+    """Why a FlashAttention-2 peer cannot serve a ``VarlenAttentionRequest``: head dims, no
+    prefix-LM mask, and the host-int sequence bounds it needs."""
     reasons = []
     if request.head_dim > MAX_HEAD_DIM or request.head_dim % HEAD_DIM_MULTIPLE:
         reasons.append(f"head dim {request.head_dim} must be at most {MAX_HEAD_DIM} and a multiple "

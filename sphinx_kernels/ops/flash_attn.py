@@ -7,9 +7,9 @@ use; this glue calls the custom ops they call underneath, ``torch.ops.flashattn.
 _flash_attn_varlen_forward`` / ``_backward``. A release whose ops name the keyword arguments passed
 here differently is declared missing rather than failing inside a training step.
 
-Not a backend: xformers, whose varlen masks (``BlockDiagonal*Mask.from_seqlens``) are built from host
-lists of the lengths (a sync per call) and whose lse layout depends on the kernel its dispatcher
-picks; it stays a benchmark peer (``benchmarks/bench_varlen.py``).
+Not a backend: xformers, whose varlen masks (``BlockDiagonal*Mask.from_seqlens``) are built from
+host lists of the lengths (a sync per call) and whose lse layout depends on the kernel its
+dispatcher picks; it stays a benchmark peer (``benchmarks/bench_varlen.py``).
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import importlib.util
 
 import torch
 
-from sphinx_kernels.backends import Backend, Impl, Platform
+from sphinx_kernels.backends import Backend, Impl
 from sphinx_kernels.dtypes import HALF_DTYPES
 from sphinx_kernels.ops.flash_attention_2 import flash_attention_2_reasons, zero_rows_past
+from sphinx_kernels.platforms import Platform
 
 __all__ = ["FLASH_ATTN", "FLASH_ATTN_BACKEND", "flash_attn_ops", "flash_attn_missing",
            "FLASH_ATTN_KEYWORDS"]

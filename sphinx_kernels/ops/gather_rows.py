@@ -1,10 +1,11 @@
 """``gather_rows``: ``out[t] = sources[source_ids[t]][row_ids[t]]``, the one-pass assembly of packed
-input embeddings (token-embedding rows, projected visual rows, learnable skip / begin / end vectors).
+input embeddings (token-embedding rows, projected visual rows, learnable skip / begin / end
+vectors).
 
-Backends: ``cuda`` and ``cpp`` (``csrc/varlen/``), ``triton`` (``sphinx_kernels/triton/gather_rows.py``),
-``reference`` (:func:`gather_rows_reference`). The backward sums each source row's output gradients in
-ascending ``t`` on every backend: a fixed order planned with torch ops (no host sync), then a segment
-sum by the backend's kernel.
+Backends: ``cuda`` and ``cpp`` (``csrc/varlen/``), ``triton``
+(``sphinx_kernels/triton/gather_rows.py``), ``reference`` (:func:`gather_rows_reference`). The
+backward sums each source row's output gradients in ascending ``t`` on every backend: a fixed order
+planned with torch ops (no host sync), then a segment sum by the backend's kernel.
 """
 from __future__ import annotations
 
@@ -20,18 +21,9 @@ from sphinx_kernels._validation import (
     require_unit_stride,
     should_check_values,
 )
-from sphinx_kernels.backends import (
-    CPP,
-    CUDA,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["gather_rows", "gather_rows_reference", "gather_rows_backward_reference",
            "GATHER_ROWS_BACKENDS", "MAX_GATHER_SOURCES"]
@@ -42,12 +34,12 @@ MAX_GATHER_SOURCES = 16
 
 def gather_rows(sources: Sequence[torch.Tensor], source_ids: torch.Tensor, row_ids: torch.Tensor,
                 *, backend: str | None = None) -> torch.Tensor:
-    """Gathers rows from several tables into one tensor: ``out[t] = sources[source_ids[t]][row_ids[t]]``.
+    """Gathers rows from several tables: ``out[t] = sources[source_ids[t]][row_ids[t]]``.
 
     Args:
-        sources: 1 to 16 tensors ``[N_s, D]``, one float dtype (float16, bfloat16, float32, float64),
-            one device and one width ``D``; rows must have unit stride along ``D`` (any row stride,
-            expanded rows included). ``N_s`` may be 0.
+        sources: 1 to 16 tensors ``[N_s, D]``, one float dtype (float16, bfloat16, float32,
+            float64), one device and one width ``D``; rows must have unit stride along ``D`` (any
+            row stride, expanded rows included). ``N_s`` may be 0.
         source_ids: ``[T]`` int32 or int64: the source of each output row; a negative id gives a row
             of zeros (padding).
         row_ids: ``[T]``, the dtype of ``source_ids``: the row within that source, in ``[0, N_s)``.
@@ -59,11 +51,12 @@ def gather_rows(sources: Sequence[torch.Tensor], source_ids: torch.Tensor, row_i
 
     Autograd: every source that requires grad receives the sum of the output gradients of the rows
     read from it (an embedding row used by many tokens accumulates all of them), in float32 (float64
-    for float64 sources), in ascending ``t``: deterministic, and the same bits on every kernel backend.
+    for float64 sources), in ascending ``t``: deterministic, and the same bits on every kernel
+    backend.
 
-    Index values are validated on the CPU; on a GPU only with ``SPHINX_KERNELS_CHECK_INPUTS=1`` (a host
-    sync), and an out-of-range index that reaches a kernel gives a NaN row, never an out-of-bounds
-    access.
+    Index values are validated on the CPU; on a GPU only with ``SPHINX_KERNELS_CHECK_INPUTS=1`` (a
+    host sync), and an out-of-range index that reaches a kernel gives a NaN row, never an
+    out-of-bounds access.
     """
     _check_gather_rows(sources, source_ids, row_ids)
     request = GATHER_ROWS_BACKENDS.request(sources[0].device, sources[0].dtype)
@@ -107,8 +100,8 @@ def _summation_order(source_ids: torch.Tensor, row_ids: torch.Tensor, source_row
     """The backward's fixed summation order, with torch ops and no host sync.
 
     Every output row t read from a source that needs a gradient goes to gradient row
-    ``base[s] + row_ids[t]`` of the concatenated gradient; sorting t stably by that key gives ``order``
-    and the segment of each gradient row in it, ``offsets`` (``[R + 1]``).
+    ``base[s] + row_ids[t]`` of the concatenated gradient; sorting t stably by that key gives
+    ``order`` and the segment of each gradient row in it, ``offsets`` (``[R + 1]``).
     """
     total = sum(n for n, need in zip(source_rows, needs_grad) if need)
     key = torch.full(source_ids.shape, total, dtype=torch.int64, device=source_ids.device)
@@ -132,8 +125,8 @@ def _planned_backward(segment_sum):
 
 
 # Impl: forward(sources, source_ids, row_ids) -> [T, D];
-# backward(grad, source_ids, row_ids, source_rows, needs_grad) -> the needed gradients, concatenated.
-# Every backend serves every input that passes validation.
+# backward(grad, source_ids, row_ids, source_rows, needs_grad) -> the needed gradients,
+# concatenated. Every backend serves every input that passes validation.
 _NATIVE = Impl(native("gather_rows_native"), _planned_backward(native("segment_sum_rows_native")))
 GATHER_ROWS_BACKENDS = OpBackends("gather_rows", [
     Backend(CUDA, _NATIVE, FLOAT_DTYPES),

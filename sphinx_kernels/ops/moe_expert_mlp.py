@@ -16,9 +16,10 @@ from sphinx_kernels._validation import (
     require_tensor,
     should_check_values,
 )
-from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["moe_expert_mlp", "moe_expert_mlp_reference", "moe_expert_mlp_backward_reference",
            "MOE_EXPERT_MLP_BACKENDS"]
@@ -37,8 +38,8 @@ def moe_expert_mlp(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, 
             weights), ``x_grouped``'s dtype and device.
         w2: ``[E, H, F]`` down projections.
         plan: the ``moe_routing`` plan of this batch, ``E = plan.tokens_per_expert.shape[0]``.
-        recompute: keep no activation for the backward (which recomputes it from ``x_grouped``): less
-            memory between forward and backward, one more pair of GEMMs.
+        recompute: keep no activation for the backward (which recomputes it from ``x_grouped``):
+            less memory between forward and backward, one more pair of GEMMs.
         backend: force one of ``MOE_EXPERT_MLP_BACKENDS.names``.
 
     Returns:

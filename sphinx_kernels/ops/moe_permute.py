@@ -1,6 +1,6 @@
-"""``moe_permute``: token rows ``[T, H]`` to expert-grouped, block-padded order ``[R, H]`` (the order of a
-``moe_routing`` plan). Its backward is ``moe_unpermute`` of the gradient, and ``moe_unpermute``'s is a
-scaled ``moe_permute``.
+"""``moe_permute``: token rows ``[T, H]`` to expert-grouped, block-padded order ``[R, H]`` (the
+order of a ``moe_routing`` plan). Its backward is ``moe_unpermute`` of the gradient, and
+``moe_unpermute``'s is a scaled ``moe_permute``.
 
 Backends: ``cpp`` (``csrc/moe/moe_cpu.cpp``), ``triton`` (``sphinx_kernels/triton/moe_permute.py``),
 ``reference`` (:func:`moe_permute_reference`). On GPUs the Triton kernel serves.
@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from sphinx_kernels.backends import (
-    CPP,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["moe_permute", "moe_permute_reference", "MOE_PERMUTE_BACKENDS"]
 
@@ -34,11 +26,11 @@ def moe_permute(x: torch.Tensor, plan: RoutingPlan, *, backend: str | None = Non
         backend: force one of ``MOE_PERMUTE_BACKENDS.names``.
 
     Returns:
-        ``[R, H]`` in ``x``'s dtype (``R = plan.num_padded_rows``); each token appears k times, padding
-        rows are zero. Exact data movement.
+        ``[R, H]`` in ``x``'s dtype (``R = plan.num_padded_rows``); each token appears k times,
+        padding rows are zero. Exact data movement.
 
-    Autograd: ``grad_x = moe_unpermute(grad, plan, None)``: the sum of the token's k rows' gradients,
-    in float32 (float64 for float64) in slot order; deterministic.
+    Autograd: ``grad_x = moe_unpermute(grad, plan, None)``: the sum of the token's k rows'
+    gradients, in float32 (float64 for float64) in slot order; deterministic.
     """
     require_plan_rows("x", x, plan, rows_of="position")
     chosen = MOE_PERMUTE_BACKENDS.select(MOE_PERMUTE_BACKENDS.request(x.device, x.dtype), backend)
@@ -60,8 +52,8 @@ def moe_permute_reference(x: torch.Tensor, position: torch.Tensor, row_to_pair: 
     return rows
 
 
-# Impl: forward(x, position, row_to_pair, scale) -> [R, H]; ``scale`` (``[T * k]`` or None) multiplies
-# each pair's row: the backward of moe_unpermute.
+# Impl: forward(x, position, row_to_pair, scale) -> [R, H]; ``scale`` (``[T * k]`` or None)
+# multiplies each pair's row: the backward of moe_unpermute.
 MOE_PERMUTE_BACKENDS = OpBackends("moe_permute", [
     Backend(CPP, Impl(native("moe_permute_native")), FLOAT_DTYPES),
     Backend(TRITON, Impl(triton_launcher("moe_permute", "permute_rows")), FLOAT_DTYPES),

@@ -1,9 +1,11 @@
-"""``moe_routing``: the routing plan of top-k choices. Tokens per expert, block-padded expert segments
-and each (token, slot) pair's row in expert-grouped order, from a histogram, a prefix sum and a
-scatter: no sort, no host sync, static shapes (the grouped row count is :func:`padded_rows_bound`).
+"""``moe_routing``: the routing plan of top-k choices. Tokens per expert, block-padded expert
+segments and each (token, slot) pair's row in expert-grouped order, from a histogram, a prefix sum
+and a scatter: no sort, no host sync, static shapes (the grouped row count is
+:func:`padded_rows_bound`).
 
-Backends: ``cuda`` and ``cpp`` (``csrc/moe/``), ``triton`` (``sphinx_kernels/triton/moe_routing.py``),
-``reference`` (:func:`moe_routing_reference`). Data only: no autograd.
+Backends: ``cuda`` and ``cpp`` (``csrc/moe/``), ``triton``
+(``sphinx_kernels/triton/moe_routing.py``), ``reference`` (:func:`moe_routing_reference`). Data
+only: no autograd.
 
 Expert parallelism would enter at the plan: with experts sharded over ranks, the grouped rows of
 ``moe_permute`` are exchanged by an all-to-all (each rank sending ``padded_offsets``-delimited
@@ -25,19 +27,9 @@ from sphinx_kernels._validation import (
     require_int,
     require_tensor,
 )
-from sphinx_kernels.backends import (
-    CPP,
-    CUDA,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    Request,
-    native_ops,
-    triton_module,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES
+from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native_ops, triton_module
 
 __all__ = ["RoutingPlan", "MoeRoutingRequest", "moe_routing", "moe_routing_reference",
            "padded_rows_bound", "require_plan_rows", "MOE_ROUTING_BACKENDS",
@@ -48,8 +40,8 @@ class RoutingPlan(NamedTuple):
     """Where every (token, slot) pair goes in expert-grouped, block-padded order (int32 tensors).
 
     Expert ``e`` owns rows ``padded_offsets[e]:padded_offsets[e + 1]``: its
-    ``tokens_per_expert[e]`` pairs in (token, slot) order, then zero rows up to a multiple of the block
-    size. Rows past ``padded_offsets[E]`` (up to the static bound ``R``) are padding too.
+    ``tokens_per_expert[e]`` pairs in (token, slot) order, then zero rows up to a multiple of the
+    block size. Rows past ``padded_offsets[E]`` (up to the static bound ``R``) are padding too.
     """
 
     tokens_per_expert: torch.Tensor  # [E]
@@ -65,8 +57,8 @@ class RoutingPlan(NamedTuple):
 
 def padded_rows_bound(num_pairs: int, num_experts: int, block_size: int) -> int:
     """``R``: the largest multiple of ``block_size`` that every routing of ``num_pairs`` pairs to
-    ``num_experts`` experts may need (each expert wastes at most ``block_size - 1`` rows), known from
-    shapes alone so that no op needs a host sync."""
+    ``num_experts`` experts may need (each expert wastes at most ``block_size - 1`` rows), known
+    from shapes alone so that no op needs a host sync."""
     return (num_pairs + num_experts * (block_size - 1)) // block_size * block_size
 
 
@@ -105,7 +97,8 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int, *, block_size: int =
 
 
 def _padded_offsets(tokens_per_expert: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[E + 1]`` int32 starts of the experts' segments, each padded to a multiple of block_size."""
+    """``[E + 1]`` int32 starts of the experts' segments, each padded to a multiple of
+    ``block_size``."""
     padded = (tokens_per_expert + block_size - 1) // block_size * block_size
     return torch.nn.functional.pad(torch.cumsum(padded, 0, dtype=torch.int32), (1, 0))
 
@@ -171,7 +164,8 @@ def _moe_routing_op(expert_ids: torch.Tensor, num_experts: int, block_size: int,
 @_moe_routing_op.register_fake
 def _(expert_ids, num_experts, block_size, backend):
     num_rows = padded_rows_bound(expert_ids.numel(), num_experts, block_size)
-    new = lambda *shape: expert_ids.new_empty(shape, dtype=torch.int32)
+    def new(*shape):
+        return expert_ids.new_empty(shape, dtype=torch.int32)
     return new(num_experts), new(num_experts + 1), new(*expert_ids.shape), new(num_rows)
 
 
@@ -180,7 +174,8 @@ def _check_moe_routing(expert_ids, num_experts, block_size) -> None:
     require_int("num_experts", num_experts, minimum=1)
     require_int("block_size", block_size, minimum=1)
     if expert_ids.shape[1] < 1:
-        raise ValueError(f"expert_ids must be [T, k] with k >= 1, got shape {tuple(expert_ids.shape)}")
+        raise ValueError(f"expert_ids must be [T, k] with k >= 1, got shape "
+                         f"{tuple(expert_ids.shape)}")
     if padded_rows_bound(expert_ids.numel(), num_experts, block_size) >= 2**31:
         raise ValueError("expert_ids, num_experts and block_size need more than 2^31 grouped rows; "
                          "int32 row indices cannot address them")
@@ -188,8 +183,8 @@ def _check_moe_routing(expert_ids, num_experts, block_size) -> None:
 
 
 def require_plan_rows(name: str, rows, plan, *, rows_of: str) -> None:
-    """The checks of an op that takes rows and the routing plan that orders them: ``rows`` ``[N, H]``
-    float on the plan's device, ``N`` matching ``plan.<rows_of>``'s first dim, the plan's
+    """The checks of an op that takes rows and the routing plan that orders them: ``rows``
+    ``[N, H]`` float on the plan's device, ``N`` matching ``plan.<rows_of>``'s first dim, the plan's
     positions in range."""
     require_tensor(name, rows, dims=2, dtypes=FLOAT_DTYPES)
     if not isinstance(plan, RoutingPlan):

@@ -1,27 +1,20 @@
-"""``moe_unpermute``: expert-grouped rows ``[R, H]`` back to token order ``[T, H]``, the gate-weighted
-sum over each token's k slots. Its backward is a scaled ``moe_permute`` of the gradient (for the
-rows) and ``moe_pair_dots`` (for the weights).
+"""``moe_unpermute``: expert-grouped rows ``[R, H]`` back to token order ``[T, H]``, the
+gate-weighted sum over each token's k slots. Its backward is a scaled ``moe_permute`` of the
+gradient (for the rows) and ``moe_pair_dots`` (for the weights).
 
-Backends: ``cpp`` (``csrc/moe/moe_cpu.cpp``), ``triton`` (``sphinx_kernels/triton/moe_unpermute.py``),
-``reference`` (:func:`moe_unpermute_reference`, :func:`moe_pair_dots_reference`).
+Backends: ``cpp`` (``csrc/moe/moe_cpu.cpp``), ``triton``
+(``sphinx_kernels/triton/moe_unpermute.py``), ``reference`` (:func:`moe_unpermute_reference`,
+:func:`moe_pair_dots_reference`).
 """
 from __future__ import annotations
 
 import torch
 
 from sphinx_kernels._validation import require_device, require_tensor
-from sphinx_kernels.backends import (
-    CPP,
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    native_ops,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native_ops, triton_launcher
 
 __all__ = ["moe_unpermute", "moe_unpermute_reference", "moe_pair_dots_reference",
            "MOE_UNPERMUTE_BACKENDS"]

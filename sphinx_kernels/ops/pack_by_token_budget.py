@@ -1,8 +1,9 @@
 """``pack_by_token_budget``: first-fit-decreasing packing of sample lengths into bins of at most
 ``budget`` tokens, in O(n log n), with the padding it saves over fixed-size batches.
 
-Backends: ``cpp`` (``csrc/varlen/layout_cpu.cpp``), ``reference`` (:func:`pack_by_token_budget_reference`,
-the same tree search in Python lists). CPU data preparation: no autograd.
+Backends: ``cpp`` (``csrc/varlen/layout_cpu.cpp``), ``reference``
+(:func:`pack_by_token_budget_reference`, the same tree search in Python lists). CPU data
+preparation: no autograd.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, require_int, require_tensor
-from sphinx_kernels.backends import CPP, CPU_REFERENCE, Backend, Impl, OpBackends, native
+from sphinx_kernels.backends import Backend, Impl, OpBackends
+from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
 __all__ = ["Packing", "pack_by_token_budget", "pack_by_token_budget_reference",
            "PACK_BY_TOKEN_BUDGET_BACKENDS"]
@@ -21,16 +23,16 @@ class Packing(NamedTuple):
     """Samples packed into bins of at most ``budget`` tokens by ``pack_by_token_budget``.
 
     Padding counts compare two ways of batching the same ``n`` samples:
-    ``padding_tokens = num_bins * budget - sum(lengths)``, the padding when every bin is padded to the
-    budget (``plan_layout(..., length=budget)``); ``baseline_padding_tokens``, the padding when the
-    samples, in their given order, are cut into fixed-size batches of ``baseline_batch_size``
-    consecutive samples (the last one shorter) and every sample is padded to the longest of its batch.
-    ``saved_padding_tokens`` is the difference (negative if packing pads more).
+    ``padding_tokens = num_bins * budget - sum(lengths)``, the padding when every bin is padded to
+    the budget (``plan_layout(..., length=budget)``); ``baseline_padding_tokens``, the padding when
+    the samples, in their given order, are cut into fixed-size batches of ``baseline_batch_size``
+    consecutive samples (the last one shorter) and every sample is padded to the longest of its
+    batch. ``saved_padding_tokens`` is the difference (negative if packing pads more).
     """
 
     bin_ids: torch.Tensor      # [n] int64: the bin of each sample
     order: torch.Tensor        # [n] int64: samples grouped by bin, each bin in placement order
-    bin_offsets: torch.Tensor  # [num_bins + 1] int64: bin b holds order[bin_offsets[b]:bin_offsets[b+1]]
+    bin_offsets: torch.Tensor  # [num_bins + 1] int64: bin b: order[bin_offsets[b]:bin_offsets[b+1]]
     bin_tokens: torch.Tensor   # [num_bins] int64: tokens in each bin, <= budget
     padding_tokens: int
     baseline_padding_tokens: int
@@ -51,8 +53,8 @@ def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
     """First-fit-decreasing packing of samples into bins of at most ``budget`` tokens.
 
     Samples are placed longest first (equal lengths: lower sample index first), each into the
-    lowest-numbered bin it fits in, a new bin opening when none does. A tree over the bins' free space
-    finds that bin in O(log n): O(n log n) in all.
+    lowest-numbered bin it fits in, a new bin opening when none does. A tree over the bins' free
+    space finds that bin in O(log n): O(n log n) in all.
 
     Args:
         lengths: ``[n]`` int32 / int64 CPU tensor (or a sequence of ints) of sample lengths, each in
@@ -66,7 +68,8 @@ def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
 
     Returns:
         :class:`Packing` of CPU int64 tensors (no bins for ``n == 0``). Deterministic. Data
-        preparation: no autograd, not for ``torch.compile`` (the number of bins comes from the values).
+        preparation: no autograd, not for ``torch.compile`` (the number of bins comes from the
+        values).
     """
     if not isinstance(lengths, torch.Tensor):
         lengths = torch.tensor(list(lengths), dtype=torch.int64)
@@ -158,11 +161,13 @@ PACK_BY_TOKEN_BUDGET_BACKENDS = OpBackends("pack_by_token_budget", [
 @torch.library.custom_op("sphinx_kernels::pack_by_token_budget", mutates_args=())
 def _pack_by_token_budget_op(lengths: torch.Tensor, budget: int, backend: str
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(PACK_BY_TOKEN_BUDGET_BACKENDS[backend].impl.forward(lengths=lengths, budget=budget))
+    return tuple(PACK_BY_TOKEN_BUDGET_BACKENDS[backend].impl.forward(lengths=lengths,
+                                                                     budget=budget))
 
 
 @_pack_by_token_budget_op.register_fake
 def _(lengths, budget, backend):
     num_bins = torch.library.get_ctx().new_dynamic_size()
-    new = lambda *shape: lengths.new_empty(shape, dtype=torch.int64)
+    def new(*shape):
+        return lengths.new_empty(shape, dtype=torch.int64)
     return new(lengths.shape[0]), new(lengths.shape[0]), new(num_bins + 1), new(num_bins)

@@ -23,8 +23,9 @@ from sphinx_kernels._validation import (
     require_tensor,
     should_check_values,
 )
-from sphinx_kernels.backends import REFERENCE, TRITON, Backend, Impl, OpBackends, triton_launcher
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["patch_projection", "patch_projection_reference", "resample_reference",
            "feature_layouts", "FeatureLayout", "PATCH_PROJECTION_BACKENDS"]
@@ -34,8 +35,8 @@ __all__ = ["patch_projection", "patch_projection_reference", "resample_reference
 class FeatureLayout:
     """How one encoder's features map onto the common ``(gh, gw)`` grid.
 
-    ``tokens``: token layout ``[V, G + h*w, C]`` (else a map ``[V, C, H, W]``); ``global_tokens``: G,
-    1 when a CLS token is the view's global row, 0 when the global row is the mean of the grid;
+    ``tokens``: token layout ``[V, G + h*w, C]`` (else a map ``[V, C, H, W]``); ``global_tokens``:
+    G, 1 when a CLS token is the view's global row, 0 when the global row is the mean of the grid;
     ``height``, ``width``: the source grid; ``pool_*`` / ``repeat_*``: the integer factors per axis
     (one of each pair is 1): average ``pool_h x pool_w`` windows, or repeat each value
     ``repeat_h x repeat_w`` times.
@@ -77,8 +78,8 @@ def _axis_factors(size: int, target: int) -> tuple[int, int] | None:
 
 
 def _token_grid(num_tokens: int, grid: tuple[int, int]) -> tuple[int, int, int] | None:
-    """(G, h, w) of a token layout with ``num_tokens`` tokens: G in (0, 1) (0 first) and the patch grid
-    ``(h, w)`` the common grid scaled by one integer factor k or 1/k on both axes."""
+    """(G, h, w) of a token layout with ``num_tokens`` tokens: G in (0, 1) (0 first) and the patch
+    grid ``(h, w)`` the common grid scaled by one integer factor k or 1/k on both axes."""
     grid_h, grid_w = grid
     cells = grid_h * grid_w
     for global_tokens in (0, 1):
@@ -97,8 +98,8 @@ def _token_grid(num_tokens: int, grid: tuple[int, int]) -> tuple[int, int, int] 
 
 
 def feature_layouts(features: Sequence[torch.Tensor], grid: tuple[int, int]) -> list[FeatureLayout]:
-    """Each feature's :class:`FeatureLayout` on ``grid``, from shapes alone; ValueError if one cannot
-    be resampled to it."""
+    """Each feature's :class:`FeatureLayout` on ``grid``, from shapes alone; ValueError if one
+    cannot be resampled to it."""
     layouts = []
     for i, feature in enumerate(features):
         name = f"features[{i}]"
@@ -124,7 +125,7 @@ def feature_layouts(features: Sequence[torch.Tensor], grid: tuple[int, int]) -> 
     return layouts
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The public op
 
 
@@ -132,12 +133,13 @@ def patch_projection(features: Sequence[torch.Tensor], weight: torch.Tensor,
                      bias: torch.Tensor | None = None, *, grid: int | tuple[int, int],
                      norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
                      eps: float = 1e-5, out: torch.Tensor | None = None,
-                     out_rows: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                     out_rows: torch.Tensor | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Projects several encoders' features, resampled to one token grid, into the LLM width.
 
     For view ``v`` the output has ``T = 1 + gh * gw`` rows: the global row, then the grid cells in
-    raster order. Row ``t`` of encoder ``i`` is resampled from its own grid, the rows of all encoders
-    are concatenated along channels (virtually: never materialised), and
+    raster order. Row ``t`` of encoder ``i`` is resampled from its own grid, the rows of all
+    encoders are concatenated along channels (virtually: never materialised), and
     ``y = concat @ weight.T + bias``, accumulated in float32, then ``LayerNorm(y)`` when
     ``norm_weight`` is given::
 
@@ -157,27 +159,30 @@ def patch_projection(features: Sequence[torch.Tensor], weight: torch.Tensor,
             axis on its own. A side larger than the grid's is average-pooled by the integer factor,
             a smaller one repeated (nearest). The global row is the CLS token where there is one,
             else the mean of the whole source grid.
-        weight: ``[D, sum C_i]``, the features' dtype (``nn.Linear.weight``; columns in encoder order).
+        weight: ``[D, sum C_i]``, the features' dtype (``nn.Linear.weight``; columns in encoder
+            order).
         bias: ``[D]`` or None.
         grid: ``(gh, gw)`` or one int for a square grid.
         norm_weight, norm_bias: ``[D]``: LayerNorm over D with this affine transform, applied when
             ``norm_weight`` is given (``norm_bias`` needs it).
         eps: the LayerNorm epsilon.
         out, out_rows: the packed sequence ``[R, D]`` (the features' dtype, contiguous rows not
-            required) and ``[V * T]`` int32/int64 distinct rows of it in ``[0, R)``: output row ``m``
-            goes to ``out[out_rows[m]]``. Both or neither.
+            required) and ``[V * T]`` int32/int64 distinct rows of it in ``[0, R)``: output row
+            ``m`` goes to ``out[out_rows[m]]``. Both or neither.
         backend: force one of ``PATCH_PROJECTION_BACKENDS.names``.
 
     Returns:
         ``[V * T, D]``, or, with ``out``, a new ``[R, D]`` tensor equal to ``out`` except at
         ``out_rows`` (functional, like ``out.index_copy(0, out_rows, y)``: ``out`` itself is not
-        modified, so autograd and ``torch.compile`` see a pure op; the price is one copy of ``out``).
-        Rows not listed keep ``out``'s values; views of skipped tiles are simply not passed in.
+        modified, so autograd and ``torch.compile`` see a pure op; the price is one copy of
+        ``out``). Rows not listed keep ``out``'s values; views of skipped tiles are simply not
+        passed in.
 
     Autograd: gradients for every feature in its own layout (contiguous, its shape), for ``weight``,
-    ``bias``, ``norm_weight``, ``norm_bias`` (float32 accumulation, float64 for the sums over rows of
-    the bias and norm gradients, rounded to their dtype) and for ``out`` (the incoming gradient with
-    the ``out_rows`` rows zeroed). Features that do not require grad (frozen encoders) cost nothing.
+    ``bias``, ``norm_weight``, ``norm_bias`` (float32 accumulation, float64 for the sums over rows
+    of the bias and norm gradients, rounded to their dtype) and for ``out`` (the incoming gradient
+    with the ``out_rows`` rows zeroed). Features that do not require grad (frozen encoders) cost
+    nothing.
 
     ``out_rows`` values (range, distinct) are validated on the CPU; on a GPU only with
     ``SPHINX_KERNELS_CHECK_INPUTS=1``.
@@ -186,8 +191,9 @@ def patch_projection(features: Sequence[torch.Tensor], weight: torch.Tensor,
                                    out_rows)
     request = PATCH_PROJECTION_BACKENDS.request(weight.device, weight.dtype)
     chosen = PATCH_PROJECTION_BACKENDS.select(request, backend)
-    result, _, _, _ = _patch_projection_op(list(features), weight, bias, norm_weight, norm_bias, out,
-                                           out_rows, grid[0], grid[1], float(eps), chosen.name)
+    result, _, _, _ = _patch_projection_op(list(features), weight, bias, norm_weight, norm_bias,
+                                           out, out_rows, grid[0], grid[1], float(eps),
+                                           chosen.name)
     return result
 
 
@@ -300,8 +306,8 @@ def _patch_projection_backward_op(grad: torch.Tensor, features: list[torch.Tenso
                                   pre_norm: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                                   grid_h: int, grid_w: int, eps: float, needs: list[bool],
                                   backend: str) -> list[torch.Tensor]:
-    """The gradients of the inputs flagged in ``needs`` (per feature, then weight, bias, norm weight,
-    norm bias), in that order."""
+    """The gradients of the inputs flagged in ``needs`` (per feature, then weight, bias, norm
+    weight, norm bias), in that order."""
     return PATCH_PROJECTION_BACKENDS[backend].impl.backward(
         grad=grad, features=features, weight=weight, bias=bias, norm_weight=norm_weight,
         norm_bias=norm_bias, out_rows=out_rows, pre_norm=pre_norm, mean=mean, rstd=rstd,
@@ -317,7 +323,8 @@ def _(grad, features, weight, bias, norm_weight, norm_bias, out_rows, pre_norm, 
 
 
 def _setup_context(ctx, inputs, output):
-    features, weight, bias, norm_weight, norm_bias, out, out_rows, grid_h, grid_w, eps, backend = inputs
+    (features, weight, bias, norm_weight, norm_bias, out, out_rows, grid_h, grid_w, eps,
+     backend) = inputs
     _, pre_norm, mean, rstd = output
     ctx.save_for_backward(*features, weight, bias, norm_weight, norm_bias, out_rows, pre_norm, mean,
                           rstd)
@@ -349,7 +356,7 @@ def _backward(ctx, grad, _grad_pre_norm, _grad_mean, _grad_rstd):
 _patch_projection_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -363,7 +370,8 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
         raise ValueError(f"grid must be a positive int or a pair (gh, gw) of them, got {grid!r}")
     grid = tuple(grid)
     if not isinstance(features, (list, tuple)):
-        raise TypeError(f"features must be a list or tuple of tensors, got {type(features).__name__}")
+        raise TypeError(f"features must be a list or tuple of tensors, got "
+                        f"{type(features).__name__}")
     if not features:
         raise ValueError("features must hold at least one tensor")
     weight = require_tensor("weight", weight, dims=2, dtypes=FLOAT_DTYPES)
@@ -390,7 +398,8 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
                          f"to {sum(channels)} ({' + '.join(map(str, channels))})")
     width = weight.shape[0]
     if width < 1:
-        raise ValueError(f"weight must have at least one output row, got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must have at least one output row, got shape "
+                         f"{tuple(weight.shape)}")
     for name, param in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if param is None:
             continue

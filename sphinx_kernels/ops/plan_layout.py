@@ -1,15 +1,17 @@
-"""``plan_layout``: from columnar per-sample descriptions (text tokens, answer mask, images with their
-tile grids and skipped tiles), the packed layout of one batch: ``cu_seqlens``, position ids, the
-(source, row) of every packed row for ``gather_rows``, shifted next-token labels, and the packed
+"""``plan_layout``: from columnar per-sample descriptions (text tokens, answer mask, images with
+their tile grids and skipped tiles), the packed layout of one batch: ``cu_seqlens``, position ids,
+the (source, row) of every packed row for ``gather_rows``, shifted next-token labels, and the packed
 destination of every projected visual row.
 
-Backends: ``cpp`` (``csrc/varlen/layout_cpu.cpp``), ``reference`` (:func:`plan_layout_reference`). It runs
-on the CPU (it prepares a batch in the data loader); the outputs move to the GPU with one copy each.
+Backends: ``cpp`` (``csrc/varlen/layout_cpu.cpp``), ``reference`` (:func:`plan_layout_reference`).
+It runs on the CPU (it prepares a batch in the data loader); the outputs move to the GPU with one
+copy each.
 
 Packed order of one sample: its first ``text_before_images`` text tokens (e.g. BOS, where the SPHINX
 reference puts the image block), then for each of its images a begin-image marker, the global view's
-``tokens_per_view`` visual rows, its tiles in raster order (each either its ``tokens_per_view`` visual
-rows or one skip row when skipped), an end-image marker; then the rest of the sample's text tokens.
+``tokens_per_view`` visual rows, its tiles in raster order (each either its ``tokens_per_view``
+visual rows or one skip row when skipped), an end-image marker; then the rest of the sample's text
+tokens.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, require_int, require_tensor
-from sphinx_kernels.backends import CPP, CPU_REFERENCE, Backend, Impl, OpBackends, native
+from sphinx_kernels.backends import Backend, Impl, OpBackends
+from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
 __all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END",
            "SOURCE_PADDING", "IGNORE_INDEX", "ImageSpec", "SampleSpec", "LayoutInputs",
@@ -29,7 +32,7 @@ __all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", 
 # The fixed source numbering of PackedLayout.source_ids: the order of the tables handed to
 # gather_rows([embedding_table, visual_rows, skip[None], begin[None], end[None]], ...).
 SOURCE_TEXT = 0          # the token-embedding table; row = token id
-SOURCE_VISUAL = 1        # the projected visual rows; row = index into them (sample, image, view order)
+SOURCE_VISUAL = 1        # the projected visual rows; row = index into them (sample, image, view)
 SOURCE_SKIP = 2          # the learnable skip vector (a [1, D] table); row = 0
 SOURCE_IMAGE_BEGIN = 3   # the begin-image marker (a [1, D] table); row = 0
 SOURCE_IMAGE_END = 4     # the end-image marker (a [1, D] table); row = 0
@@ -37,22 +40,23 @@ SOURCE_PADDING = -1      # a padding row: gather_rows gives zeros
 IGNORE_INDEX = -100      # the label of a row that predicts nothing (torch's cross-entropy default)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Inputs: columnar tensors, and a readable per-sample builder for tests and the data pipeline
 
 
 class LayoutInputs(NamedTuple):
     """One batch of ``B`` samples with ``I`` images in total, columnar (no per-sample objects).
 
-    Sample ``b`` owns the next ``text_lens[b]`` entries of ``text_ids`` and ``answer_mask`` and the next
-    ``images_per_sample[b]`` rows of ``tile_grids``; image ``i`` owns the next ``rows_i * cols_i``
-    entries of ``skipped_tiles``, its tiles in raster order (all concatenated in sample order). The
-    first ``text_before_images[b]`` of the sample's text tokens go before its images (None: none).
+    Sample ``b`` owns the next ``text_lens[b]`` entries of ``text_ids`` and ``answer_mask`` and the
+    next ``images_per_sample[b]`` rows of ``tile_grids``; image ``i`` owns the next
+    ``rows_i * cols_i`` entries of ``skipped_tiles``, its tiles in raster order (all concatenated in
+    sample order). The first ``text_before_images[b]`` of the sample's text tokens go before its
+    images (None: none).
     """
 
     text_ids: torch.Tensor           # [N] int64 (or int32): token ids, >= 0, samples concatenated
     text_lens: torch.Tensor          # [B] int: text tokens per sample, >= 0
-    answer_mask: torch.Tensor        # [N] bool: True where the token is part of an answer (trained on)
+    answer_mask: torch.Tensor        # [N] bool: True where the token is in an answer (trained on)
     images_per_sample: torch.Tensor  # [B] int: images per sample, >= 0
     tile_grids: torch.Tensor         # [I, 2] int: (rows, cols) of sub-image tiles, each >= 1
     skipped_tiles: torch.Tensor      # [sum rows * cols] bool: True where the tile is all padding
@@ -61,7 +65,7 @@ class LayoutInputs(NamedTuple):
 
 @dataclass
 class ImageSpec:
-    """One image: a ``rows x cols`` grid of sub-image tiles (plus the global view, always present)."""
+    """One image: a ``rows x cols`` grid of sub-image tiles (and the global view, always there)."""
 
     rows: int
     cols: int
@@ -100,22 +104,24 @@ def layout_inputs(samples: Sequence[SampleSpec]) -> LayoutInputs:
                                  f"{image.rows}x{image.cols} grid; they must match")
             grids.append((image.rows, image.cols))
             skipped.extend(flags)
-    return LayoutInputs(torch.tensor(text, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64),
-                        torch.tensor(answer, dtype=torch.bool), torch.tensor(per_sample, dtype=torch.int64),
-                        torch.tensor(grids, dtype=torch.int64).view(-1, 2),
-                        torch.tensor(skipped, dtype=torch.bool), torch.tensor(before, dtype=torch.int64))
+    long = torch.int64
+    return LayoutInputs(torch.tensor(text, dtype=long), torch.tensor(lens, dtype=long),
+                        torch.tensor(answer, dtype=torch.bool),
+                        torch.tensor(per_sample, dtype=long),
+                        torch.tensor(grids, dtype=long).view(-1, 2),
+                        torch.tensor(skipped, dtype=torch.bool), torch.tensor(before, dtype=long))
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # plan_layout
 
 
 class PackedLayout(NamedTuple):
     """The packed layout of one batch of ``B`` samples in ``T`` rows (padding rows included).
 
-    Feed it to ``gather_rows([embedding_table, visual_rows, skip, begin, end], source_ids, row_ids)``
-    with the tables in the order of the ``SOURCE_*`` constants (``skip``, ``begin``, ``end`` as
-    ``[1, D]``), and let the projection write its rows to ``visual_rows`` directly.
+    Feed it to ``gather_rows([embedding_table, visual_rows, skip, begin, end], source_ids,
+    row_ids)`` with the tables in the order of the ``SOURCE_*`` constants (``skip``, ``begin``,
+    ``end`` as ``[1, D]``), and let the projection write its rows to ``visual_rows`` directly.
 
     Row indices are int32 like ``cu_seqlens`` (a batch holds fewer than 2^31 rows): they are most of
     what the planner writes, and every op that takes them accepts int32. The labels are int64, the
@@ -124,12 +130,12 @@ class PackedLayout(NamedTuple):
 
     cu_seqlens: torch.Tensor    # [B + 1] int32: sample b owns rows cu_seqlens[b]:cu_seqlens[b + 1]
     position_ids: torch.Tensor  # [T] int32: 0, 1, ... within each sample; 0 on padding rows
-    source_ids: torch.Tensor    # [T] int32: SOURCE_* of each row (SOURCE_PADDING past cu_seqlens[B])
+    source_ids: torch.Tensor    # [T] int32: SOURCE_* of each row (padding: SOURCE_PADDING)
     row_ids: torch.Tensor       # [T] int32: row within that source (0 for skip, markers, padding)
     labels: torch.Tensor        # [T] int64: token of row t + 1 if it is an answer token of the same
                                 #   sample, else IGNORE_INDEX (the last row of a sample: always)
-    visual_rows: torch.Tensor   # [V * tokens_per_view] int32: packed row of each projected visual row
-    view_starts: torch.Tensor   # [V] int32: first packed row of each kept view (global + kept tiles)
+    visual_rows: torch.Tensor   # [V * tokens_per_view] int32: packed row of each projected row
+    view_starts: torch.Tensor   # [V] int32: first packed row of each kept view (global, kept tiles)
 
     @property
     def num_kept_views(self) -> int:
@@ -177,7 +183,8 @@ def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, t
 
     The packed sequence is a run of segments (text head, begin marker, view, skip row, end marker,
     text tail), one after another in sample order; each gets its source, length and first row id,
-    and ``repeat_interleave`` expands them to rows. ``total``: the rows to return (padding included).
+    and ``repeat_interleave`` expands them to rows. ``total``: the rows to return (padding
+    included).
     """
     num_samples, num_images = text_lens.shape[0], tile_grids.shape[0]
     tpv = tokens_per_view
@@ -245,7 +252,8 @@ def plan_layout_reference(text_ids, text_lens, answer_mask, images_per_sample, t
     view_starts = seg_start[is_view]
     visual_rows = (view_starts[:, None] + torch.arange(tpv)).reshape(-1)
     pad = total - used
-    rows32 = lambda t: t.to(torch.int32)
+    def rows32(t):
+        return t.to(torch.int32)
     return (rows32(cu_seqlens), rows32(_pad(positions, pad, 0)),
             rows32(_pad(source, pad, SOURCE_PADDING)), rows32(_pad(rows, pad, 0)),
             _pad(labels, pad, IGNORE_INDEX), rows32(visual_rows), rows32(view_starts))
@@ -286,9 +294,11 @@ def _(text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_t
       text_before_images, tokens_per_view, total, backend):
     # The number of kept views depends on the values (the packed length is ``total``).
     views = torch.library.get_ctx().new_dynamic_size()
-    new = lambda *shape, dtype=torch.int32: text_lens.new_empty(shape, dtype=dtype)
-    return (new(text_lens.shape[0] + 1), new(total), new(total), new(total), new(total, dtype=torch.int64),
-            new(views * tokens_per_view), new(views))
+    def new(*shape, dtype=torch.int32):
+        return text_lens.new_empty(shape, dtype=dtype)
+
+    return (new(text_lens.shape[0] + 1), new(total), new(total), new(total),
+            new(total, dtype=torch.int64), new(views * tokens_per_view), new(views))
 
 
 def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
@@ -323,8 +333,8 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     for name, value in (("images_per_sample", images_per_sample),
                         ("text_before_images", text_before_images)):
         if value.shape != text_lens.shape:
-            raise ValueError(f"inputs.{name} has shape {tuple(value.shape)} but inputs.text_lens has "
-                             f"{tuple(text_lens.shape)}; both must be [B]")
+            raise ValueError(f"inputs.{name} has shape {tuple(value.shape)} but inputs.text_lens "
+                             f"has {tuple(text_lens.shape)}; both must be [B]")
     for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample),
                         ("text_before_images", text_before_images)):
         if value.numel() and int(value.min()) < 0:
@@ -340,8 +350,8 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
                              f"{low if low < 0 else high}")
     num_text = int(text_lens.sum())
     if text_ids.shape[0] != num_text:
-        raise ValueError(f"inputs.text_ids has {text_ids.shape[0]} tokens but inputs.text_lens sums "
-                         f"to {num_text}; they must match")
+        raise ValueError(f"inputs.text_ids has {text_ids.shape[0]} tokens but inputs.text_lens "
+                         f"sums to {num_text}; they must match")
     if answer_mask.shape != text_ids.shape:
         raise ValueError(f"inputs.answer_mask has {answer_mask.shape[0]} flags but inputs.text_ids "
                          f"has {text_ids.shape[0]} tokens; they must match")
@@ -350,7 +360,8 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
         raise ValueError(f"inputs.tile_grids must be [I, 2] with I = sum(images_per_sample) = "
                          f"{num_images}, got shape {tuple(tile_grids.shape)}")
     if num_images and int(tile_grids.min()) < 1:
-        raise ValueError(f"inputs.tile_grids must hold rows, cols >= 1, got {int(tile_grids.min())}")
+        raise ValueError(f"inputs.tile_grids must hold rows, cols >= 1, got "
+                         f"{int(tile_grids.min())}")
     tiles = tile_grids[:, 0] * tile_grids[:, 1]
     num_tiles = int(tiles.sum())
     if skipped_tiles.shape[0] != num_tiles:

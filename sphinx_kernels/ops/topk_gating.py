@@ -12,16 +12,9 @@ from typing import NamedTuple
 import torch
 
 from sphinx_kernels._validation import require_tensor
-from sphinx_kernels.backends import (
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    triton_launcher,
-    triton_module,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher, triton_module
 
 __all__ = ["Gating", "topk_gating", "topk_gating_reference", "topk_gating_backward_reference",
            "TOPK_GATING_BACKENDS"]
@@ -53,12 +46,12 @@ def topk_gating(logits: torch.Tensor, k: int, *, renormalize: bool = True,
         :class:`Gating`. Probabilities are ``softmax(logits)`` in float32 (at least: the Triton
         kernel evaluates them in float64 and rounds once); the k experts of a token are its k
         largest probabilities in descending order, a tie going to the lower expert id.
-        ``load_balancing_loss = E * sum_e f_e * P_e`` with ``f_e`` the fraction of the ``T * k`` pairs
-        routed to ``e`` and ``P_e`` the mean probability of ``e`` over tokens;
+        ``load_balancing_loss = E * sum_e f_e * P_e`` with ``f_e`` the fraction of the ``T * k``
+        pairs routed to ``e`` and ``P_e`` the mean probability of ``e`` over tokens;
         ``z_loss = mean_t logsumexp(logits[t])^2``. Both are 0 for ``T == 0``.
 
-    Autograd: ``weights``, ``load_balancing_loss`` and ``z_loss`` are differentiable w.r.t. ``logits``
-    (the choice of experts and the counts are not); the gradient has the logits' dtype.
+    Autograd: ``weights``, ``load_balancing_loss`` and ``z_loss`` are differentiable w.r.t.
+    ``logits`` (the choice of experts and the counts are not); the gradient has the logits' dtype.
     """
     _check_topk_gating(logits, k, renormalize)
     request = TOPK_GATING_BACKENDS.request(logits.device, logits.dtype)
@@ -120,8 +113,9 @@ def _reference_forward(logits, k, renormalize):
 
 def _triton_forward(logits, k, renormalize):
     # The kernel's partial sums are float64; the losses are rounded to float32 once, at the end.
-    weights, expert_ids, prob_sums, counts, lse_square_sum = triton_module("topk_gating").topk_gating(
-        logits, k, renormalize)
+    kernels = triton_module("topk_gating")
+    weights, expert_ids, prob_sums, counts, lse_square_sum = kernels.topk_gating(logits, k,
+                                                                                 renormalize)
     losses = _gating_losses(prob_sums, counts, lse_square_sum, logits.shape[0], k)
     return weights, expert_ids, *(loss.float() for loss in losses), counts
 
@@ -138,8 +132,10 @@ TOPK_GATING_BACKENDS = OpBackends("topk_gating", [
 
 @torch.library.custom_op("sphinx_kernels::topk_gating", mutates_args=())
 def _topk_gating_op(logits: torch.Tensor, k: int, renormalize: bool, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    outputs = TOPK_GATING_BACKENDS[backend].impl.forward(logits=logits, k=k, renormalize=renormalize)
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    outputs = TOPK_GATING_BACKENDS[backend].impl.forward(logits=logits, k=k,
+                                                         renormalize=renormalize)
     return tuple(t.contiguous() for t in outputs)
 
 

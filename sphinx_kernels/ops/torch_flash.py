@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from sphinx_kernels.backends import Backend, Impl, Platform
+from sphinx_kernels.backends import Backend, Impl
 from sphinx_kernels.dtypes import HALF_DTYPES
 from sphinx_kernels.ops.flash_attention_2 import flash_attention_2_reasons, zero_rows_past
+from sphinx_kernels.platforms import Platform
 
 __all__ = ["TORCH_FLASH", "TORCH_FLASH_BACKEND", "torch_flash_reasons"]
 

@@ -20,19 +20,12 @@ from sphinx_kernels._validation import (
     require_unit_stride,
     should_check_values,
 )
-from sphinx_kernels.backends import (
-    REFERENCE,
-    TRITON,
-    Backend,
-    Impl,
-    OpBackends,
-    Request,
-    triton_launcher,
-)
+from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN_BACKEND
 from sphinx_kernels.ops.torch_cpu_flash import TORCH_CPU_FLASH_BACKEND
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH_BACKEND
+from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "varlen_attention_backward_reference",
            "varlen_attention_mask", "VarlenAttentionRequest", "VARLEN_ATTENTION_BACKENDS",
@@ -62,10 +55,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     Args:
         q: ``[Tq, Hq, D]`` float16, bfloat16 or float32 (float64: reference backend only).
-        k, v: ``[Tk, Hkv, D]``, the dtype and device of ``q``; ``Hq`` a multiple of ``Hkv`` (GQA; MQA
-            with ``Hkv = 1``). ``D`` from 1 to 256 (Triton pads the block to a power of 2, at least
-            16). Any strides with unit stride along ``D``: q, k, v may be views of one fused
-            ``[T, (Hq + 2 Hkv) D]`` projection, e.g. ``qkv.view(T, -1, D).split([Hq, Hkv, Hkv], 1)``.
+        k, v: ``[Tk, Hkv, D]``, the dtype and device of ``q``; ``Hq`` a multiple of ``Hkv`` (GQA;
+            MQA with ``Hkv = 1``). ``D`` from 1 to 256 (Triton pads the block to a power of 2, at
+            least 16). Any strides with unit stride along ``D``: q, k, v may be views of one fused
+            ``[T, (Hq + 2 Hkv) D]`` projection, e.g.
+            ``qkv.view(T, -1, D).split([Hq, Hkv, Hkv], 1)``.
         cu_seqlens_q: int32 ``[B + 1]``: sequence b owns the query rows from ``cu_seqlens_q[b]`` to
             ``cu_seqlens_q[b + 1]``; ``cu_seqlens_q[0] == 0``, non-decreasing,
             ``cu_seqlens_q[-1] <= Tq``. Zero-length sequences are legal; rows past
@@ -79,8 +73,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             need host ints, serve only calls that pass both.
         causal: mask keys after each query's position (bottom-right aligned, below).
         softmax_scale: scale of ``q @ k^T`` before the softmax; None: ``D ** -0.5``.
-        prefix_lens: optional int32 ``[B]`` (causal only): the first ``prefix_lens[b]`` key positions
-            of sequence b are a bidirectional prefix (prefix-LM: an image and its prompt).
+        prefix_lens: optional int32 ``[B]`` (causal only): the first ``prefix_lens[b]`` key
+            positions of sequence b are a bidirectional prefix (prefix-LM: an image and its prompt).
             ``0 <= prefix_lens[b] <= Lk_b``.
         deterministic: require a bitwise-repeatable backward. The Triton kernels are always
             deterministic (no atomics anywhere); flash_attn runs its deterministic backward; the
@@ -91,11 +85,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         ``[Tq, Hq, D]`` in ``q``'s dtype, contiguous. Padding rows are 0, and so is every row that
         sees no key.
 
-    Mask: query i of sequence b (``Lq`` queries, ``Lk`` keys, prefix ``P``, 0 without ``prefix_lens``)
-    sits at key position ``p = i + Lk - Lq``: queries are aligned to the END of their keys, as for
-    new tokens attending to a KV cache (flash-attn's convention). It sees key j iff
-    ``p >= 0 and (j <= p or j < P)`` when causal, every key of its sequence otherwise. A row with
-    ``p < 0`` (more queries than keys) sees nothing and outputs 0::
+    Mask: query i of sequence b (``Lq`` queries, ``Lk`` keys, prefix ``P``, 0 without
+    ``prefix_lens``) sits at key position ``p = i + Lk - Lq``: queries are aligned to the END of
+    their keys, as for new tokens attending to a KV cache (flash-attn's convention). It sees key j
+    iff ``p >= 0 and (j <= p or j < P)`` when causal, every key of its sequence otherwise. A row
+    with ``p < 0`` (more queries than keys) sees nothing and outputs 0::
 
         Lq = 2, Lk = 5:      Lq = 5, Lk = 2:      Lq = Lk = 5, P = 3:
           1 1 1 1 0            0 0                  1 1 1 0 0
@@ -108,8 +102,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     bidirectional while the new queries (all at ``p >= P`` in generation) attend causally.
 
     Autograd: gradients for q, k, v in their dtypes; padding rows of q (past ``cu_seqlens_q[-1]``)
-    and k, v rows past ``cu_seqlens_k[-1]`` get exactly 0. Kernels accumulate in float32 and save the
-    float32 log-sum-exp for the backward; memory is linear in T (no score matrix).
+    and k, v rows past ``cu_seqlens_k[-1]`` get exactly 0. Kernels accumulate in float32 and save
+    the float32 log-sum-exp for the backward; memory is linear in T (no score matrix).
 
     Index values (cu_seqlens, prefix_lens, the bounds) are validated on the CPU; on a GPU only with
     ``SPHINX_KERNELS_CHECK_INPUTS=1`` (a host sync).
@@ -129,8 +123,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     chosen = VARLEN_ATTENTION_BACKENDS.select(request, backend)
     bound_q = q.shape[0] if max_seqlen_q is None else min(max_seqlen_q, q.shape[0])
     bound_k = k.shape[0] if max_seqlen_k is None else min(max_seqlen_k, k.shape[0])
-    out, _ = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_k, prefix_lens, bound_q, bound_k, causal,
-                                  scale, deterministic, chosen.name)
+    out, _ = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_k, prefix_lens, bound_q, bound_k,
+                                  causal, scale, deterministic, chosen.name)
     return out
 
 
@@ -149,8 +143,9 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                *, causal: bool = True, softmax_scale: float | None = None,
                                prefix_lens: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch ``varlen_attention``: per sequence, ``scaled_dot_product_attention`` in the inputs'
-    dtype with an explicit boolean mask; differentiable by autograd; the tests' oracle in float64.
+    """Pure-PyTorch ``varlen_attention``: per sequence, ``scaled_dot_product_attention`` in the
+    inputs' dtype with an explicit boolean mask; differentiable by autograd; the tests' oracle in
+    float64.
 
     Returns ``(out [Tq, Hq, D], lse [Hq, Tq])``, lse in float32 (float64 for float64 inputs), -inf
     for rows that see no key and for padding rows. Reads the offsets on the host (a sync on a GPU).
@@ -188,11 +183,11 @@ def varlen_attention_backward_reference(grad, q, k, v, out, lse, cu_seqlens_q, c
                                         prefix_lens, max_seqlen_q, max_seqlen_k, causal,
                                         softmax_scale, deterministic=False):
     """``(dq, dk, dv)`` of the attention written out per sequence, with the backends' backward
-    arguments (a custom op's impl runs below autograd, so it cannot differentiate the forward; ``out``,
-    ``lse``, the bounds and ``deterministic`` are not needed here): P = softmax(S), dV = P^T dO,
-    dS = P * (dO V^T - rowsum(dO V^T * P)), dQ = scale dS K, dK = scale dS^T Q. In float32 for
-    float16 and bfloat16 inputs: these formulas in half precision lose more than PyTorch's own SDPA
-    backward does."""
+    arguments (a custom op's impl runs below autograd, so it cannot differentiate the forward;
+    ``out``, ``lse``, the bounds and ``deterministic`` are not needed here): P = softmax(S), dV =
+    P^T dO, dS = P * (dO V^T - rowsum(dO V^T * P)), dQ = scale dS K, dK = scale dS^T Q. In float32
+    for float16 and bfloat16 inputs: these formulas in half precision lose more than PyTorch's own
+    SDPA backward does."""
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         grad, q, k, v = (t.float() for t in (grad, q, k, v))
@@ -232,9 +227,9 @@ def _triton_reasons(request: VarlenAttentionRequest) -> list[str]:
     return []
 
 
-# Impl: forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen_k, causal,
-# softmax_scale, deterministic) -> (out, float32 lse [Hq, Tq]); backward(grad, q, k, v, out, lse,
-# <the forward's arguments from cu_seqlens_q on>) -> (dq, dk, dv).
+# Impl: forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen_k,
+# causal, softmax_scale, deterministic) -> (out, float32 lse [Hq, Tq]); backward(grad, q, k, v, out,
+# lse, <the forward's arguments from cu_seqlens_q on>) -> (dq, dk, dv).
 VARLEN_ATTENTION_BACKENDS = OpBackends("varlen_attention", [
     Backend(TRITON, Impl(triton_launcher("varlen_attention", "varlen_attention_forward"),
                          triton_launcher("varlen_attention", "varlen_attention_backward")),
@@ -247,14 +242,15 @@ VARLEN_ATTENTION_BACKENDS = OpBackends("varlen_attention", [
 
 
 @torch.library.custom_op("sphinx_kernels::varlen_attention", mutates_args=())
-def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                         cu_seqlens_k: torch.Tensor, prefix_lens: torch.Tensor | None,
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         prefix_lens: torch.Tensor | None,
                          max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
                          deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = VARLEN_ATTENTION_BACKENDS[backend].impl.forward(
-        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, prefix_lens=prefix_lens,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-        softmax_scale=softmax_scale, deterministic=deterministic)
+        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        prefix_lens=prefix_lens, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, deterministic=deterministic)
     return out.contiguous(), lse.contiguous()
 
 
@@ -312,8 +308,8 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
     for name, t in (("k", k), ("v", v)):
         require_tensor(name, t, dims=3)
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {dtype_name(t.dtype)} but q has {dtype_name(q.dtype)}; "
-                            "q, k and v must share one dtype")
+            raise TypeError(f"{name} has dtype {dtype_name(t.dtype)} but q has "
+                            f"{dtype_name(q.dtype)}; q, k and v must share one dtype")
         require_device(name, t, q.device, "q")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
@@ -322,13 +318,14 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
     if k_dim != head_dim:
         raise ValueError(f"k and v must have q's head dim {head_dim}, got {k_dim}")
     if not 1 <= head_dim <= MAX_ATTENTION_HEAD_DIM:
-        raise ValueError(f"head dim (q.shape[2]) must be 1 to {MAX_ATTENTION_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"head dim (q.shape[2]) must be 1 to {MAX_ATTENTION_HEAD_DIM}, got "
+                         f"{head_dim}")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"q's heads ({heads}) must be a positive multiple of k's and v's heads "
                          f"({kv_heads})")
     if same_keys and total_k != total_q:
-        raise ValueError(f"without cu_seqlens_k, k and v must have q's {total_q} rows, got {total_k}; "
-                         "pass cu_seqlens_k for keys laid out differently")
+        raise ValueError(f"without cu_seqlens_k, k and v must have q's {total_q} rows, got "
+                         f"{total_k}; pass cu_seqlens_k for keys laid out differently")
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_unit_stride(name, t)
     names = ("cu_seqlens_q",) if same_keys else ("cu_seqlens_q", "cu_seqlens_k")
@@ -348,9 +345,11 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
         require_tensor("prefix_lens", prefix_lens, dims=1, dtypes=(torch.int32,))
         require_device("prefix_lens", prefix_lens, q.device, "q")
         if prefix_lens.shape[0] != num_seqs:
-            raise ValueError(f"prefix_lens must be [B] = [{num_seqs}], got {tuple(prefix_lens.shape)}")
+            raise ValueError(f"prefix_lens must be [B] = [{num_seqs}], got "
+                             f"{tuple(prefix_lens.shape)}")
     for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 0):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                  or bound < 0):
             raise TypeError(f"{name} must be None or an int >= 0, got {bound!r}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool)
                                       or not isinstance(softmax_scale, (int, float))):
@@ -364,8 +363,8 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
             steps = cu[1:] - cu[:-1]
             if bool((steps < 0).any()):
                 b = int((steps < 0).nonzero()[0, 0])
-                raise ValueError(f"{name} must be non-decreasing; {name}[{b + 1}] = {int(cu[b + 1])} "
-                                 f"< {name}[{b}] = {int(cu[b])}")
+                raise ValueError(f"{name} must be non-decreasing; {name}[{b + 1}] = "
+                                 f"{int(cu[b + 1])} < {name}[{b}] = {int(cu[b])}")
             if int(cu[-1]) > total:
                 raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {total} rows of "
                                  f"{'q' if name == 'cu_seqlens_q' else 'k and v'}")

@@ -1,5 +1,6 @@
-"""Triton kernel of ``apply_rotary``: rotary position embedding of packed tokens, q and k in one launch
-(and the same kernel, transposed, for the backward). Contract: ``sphinx_kernels.ops.apply_rotary``."""
+"""Triton kernel of ``apply_rotary``: rotary position embedding of packed tokens, q and k in one
+launch (and the same kernel, transposed, for the backward). Contract:
+``sphinx_kernels.ops.apply_rotary``."""
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ def _rotate_tile(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, head_block, num_toke
     c2 = tl.load(cos_ptr + c_off + half, mask=table_mask, other=float("nan")).to(tl.float32)
     s1 = tl.load(sin_ptr + s_off, mask=table_mask, other=float("nan")).to(tl.float32)
     s2 = tl.load(sin_ptr + s_off + half, mask=table_mask, other=float("nan")).to(tl.float32)
-    # Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (x * cos + rotate_half(x) * sin). Its transpose
-    # (the backward) is the same with sin's halves swapped and negated: y1 = x1 c1 + x2 s2, ...
+    # Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (x * cos + rotate_half(x) * sin). Its
+    # transpose (the backward) is the same with sin's halves swapped and negated: y1 = x1 c1 + x2
+    # s2, ...
     if TRANSPOSE:
         sa = -s2
         sb = -s1
@@ -73,8 +75,8 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  position_ids: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``(q_out, k_out)``; each program rotates a tile of about ``TILE_ELEMENTS`` elements
-    of each half of the head dim."""
+    """Contiguous ``(q_out, k_out)``; each program rotates a tile of about ``TILE_ELEMENTS``
+    elements of each half of the head dim."""
     num_tokens, q_heads, dim = q.shape
     k_heads = k.shape[1]
     q_out = torch.empty((num_tokens, q_heads, dim), dtype=q.dtype, device=q.device)

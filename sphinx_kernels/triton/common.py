@@ -26,9 +26,9 @@ def rows_per_program(width_block: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision for operands of ``dtype``: float32 operands get IEEE products, as
-    torch's matmul gives by default (TF32 would be ten times its error); 16-bit operands are exact in
-    either mode."""
+    """``tl.dot``'s input precision for operands of ``dtype``: float32 operands get IEEE products,
+    as torch's matmul gives by default (TF32 would be ten times its error); 16-bit operands are
+    exact in either mode."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -38,7 +38,7 @@ def accumulate_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Row kernels (gathers, permutations): a tile of whole rows per program, rows of at most
 # MAX_ROW_BLOCK elements per step.
 

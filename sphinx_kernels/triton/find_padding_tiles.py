@@ -1,5 +1,5 @@
-"""Triton kernel of ``find_padding_tiles``: one program per tile compares every pixel of every channel
-with the pad. Contract: ``sphinx_kernels.ops.find_padding_tiles``."""
+"""Triton kernel of ``find_padding_tiles``: one program per tile compares every pixel of every
+channel with the pad. Contract: ``sphinx_kernels.ops.find_padding_tiles``."""
 from __future__ import annotations
 
 import torch
@@ -36,7 +36,8 @@ def _find_padding_tiles_kernel(images_ptr, pad_ptr, flags_ptr, channels, tiles_h
 
 def find_padding_tiles(images: torch.Tensor, pad: torch.Tensor, tile_h: int,
                        tile_w: int) -> torch.Tensor:
-    """bool ``[N, H // tile_h, W // tile_w]`` for ``[N, C, H, W]`` images and a float32 ``[C]`` pad."""
+    """bool ``[N, H // tile_h, W // tile_w]`` for ``[N, C, H, W]`` images and a float32 ``[C]``
+    pad."""
     num, channels, height, width = images.shape
     tiles_h, tiles_w = height // tile_h, width // tile_w
     flags = torch.empty((num, tiles_h, tiles_w), dtype=torch.uint8, device=images.device)

@@ -10,8 +10,9 @@ import triton.language as tl
 
 from sphinx_kernels.triton.common import accumulate_type, row_block, rows_per_program
 
-# The gather moves bits, not numbers: every float dtype is viewed as the integer of its width, so the
-# copy is exact by construction (and needs no bf16 arithmetic, which the interpreter gets wrong).
+# The gather moves bits, not numbers: every float dtype is viewed as the integer of its width, so
+# the copy is exact by construction (and needs no bf16 arithmetic, which the interpreter gets
+# wrong).
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
 
@@ -34,7 +35,8 @@ def _gather_rows_kernel(sources, row_strides, source_rows, source_ids_ptr, row_i
                        mask=hit[:, None] & d_in[None, :], other=0)
         rows = tl.where(hit[:, None], vals, rows)
         known = known | hit
-    # An out-of-range index that slipped past validation gives a NaN row, never an out-of-bounds read.
+    # An out-of-range index that slipped past validation gives a NaN row, never an out-of-bounds
+    # read.
     rows = tl.where(known[:, None], rows, nan_bits)
     tl.store(out_ptr + t[:, None].to(tl.int64) * width + d[None, :], rows,
              mask=t_in[:, None] & d_in[None, :])
@@ -57,7 +59,8 @@ def _segment_sum_rows_kernel(rows_ptr, order_ptr, offsets_ptr, out_ptr, width,
 
 def gather_rows(sources: Sequence[torch.Tensor], source_ids: torch.Tensor,
                 row_ids: torch.Tensor) -> torch.Tensor:
-    """``[T, D]``: ``out[t] = sources[source_ids[t]][row_ids[t]]``, zero for a negative source id."""
+    """``[T, D]``: ``out[t] = sources[source_ids[t]][row_ids[t]]``, zero for a negative source
+    id."""
     dtype = sources[0].dtype
     bits = _BITS[dtype]
     num_rows, width = source_ids.shape[0], sources[0].shape[1]
@@ -75,7 +78,8 @@ def gather_rows(sources: Sequence[torch.Tensor], source_ids: torch.Tensor,
     return out.view(dtype)
 
 
-def segment_sum_rows(rows: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def segment_sum_rows(rows: torch.Tensor, order: torch.Tensor,
+                     offsets: torch.Tensor) -> torch.Tensor:
     """``[R, D]``: row r is the sum of ``rows[order[offsets[r]:offsets[r + 1]]]`` in that order."""
     rows = rows.contiguous()
     num_segments, width = offsets.shape[0] - 1, rows.shape[1]

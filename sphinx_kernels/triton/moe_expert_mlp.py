@@ -1,12 +1,13 @@
-"""Triton kernels of ``moe_expert_mlp``: grouped GEMMs over the plan's expert-grouped rows. Contract:
-``sphinx_kernels.ops.moe_expert_mlp``.
+"""Triton kernels of ``moe_expert_mlp``: grouped GEMMs over the plan's expert-grouped rows.
+Contract: ``sphinx_kernels.ops.moe_expert_mlp``.
 
 A row tile ``[m0, m0 + BLOCK_M)`` meets the experts whose segments overlap it, found from
 ``padded_offsets`` on the device (no host sync): one expert when BLOCK_M divides the plan's block
-size (the GPU default), a few when the block size is smaller. Per expert the tile multiplies only the
-rows that hold that expert's pairs, so rows of other experts and padding rows add exact zeros, and a
-tile with no valid row does no multiply at all (padding blocks are never computed, only zero-filled).
-Weight gradients loop over one expert's rows in order: deterministic, no atomics, no split-K.
+size (the GPU default), a few when the block size is smaller. Per expert the tile multiplies only
+the rows that hold that expert's pairs, so rows of other experts and padding rows add exact zeros,
+and a tile with no valid row does no multiply at all (padding blocks are never computed, only
+zero-filled). Weight gradients loop over one expert's rows in order: deterministic, no atomics, no
+split-K.
 
 One kernel per product: forward ``_gate_up_kernel`` (``act = silu(x W1^T) * (x W3^T)``, both GEMMs
 sharing the loads of x) and ``_down_proj_kernel`` (``y = act W2^T``); backward
@@ -136,8 +137,8 @@ def _down_proj_kernel(act_ptr, w2_ptr, offsets_ptr, counts_ptr, y_ptr, num_rows,
     acc = _grouped_product(act_ptr, w2_ptr, offsets_ptr, counts_ptr, m0, rm, rn, num_rows, hidden,
                            ffn, num_experts, hidden * ffn, ffn, 1, PRECISION, BLOCK_M, BLOCK_N,
                            BLOCK_K, BLOCK_E)
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * hidden + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm < num_rows)[:, None] & (rn < hidden)[None, :])
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * hidden + rn[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=(rm < num_rows)[:, None] & (rn < hidden)[None, :])
 
 
 @triton.jit
@@ -189,7 +190,8 @@ def _input_grad_kernel(dh1_ptr, w1_ptr, dh3_ptr, w3_ptr, offsets_ptr, counts_ptr
             acc = _expert_product(dh3_ptr, w3_ptr, acc, e, rm, rn, valid, hidden, ffn,
                                   ffn * hidden, 1, hidden, PRECISION, BLOCK_K)
     tl.store(dx_ptr + rm[:, None].to(tl.int64) * hidden + rn[None, :],
-             acc.to(dx_ptr.dtype.element_ty), mask=(rm < num_rows)[:, None] & (rn < hidden)[None, :])
+             acc.to(dx_ptr.dtype.element_ty),
+             mask=(rm < num_rows)[:, None] & (rn < hidden)[None, :])
 
 
 @triton.jit
@@ -221,6 +223,21 @@ def _store_weight_grad(out_ptr, acc, e, rp, rq, rows_p, cols_q):
 
 
 @triton.jit
+def _b_block(b_ptr, r0, end, rq, cols_q, BLOCK_R: tl.constexpr):
+    """The rows ``r0 .. r0 + BLOCK_R`` (those below ``end`` valid) and their tile of B."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    r_in = r < end
+    return r, r_in, _rows_block(b_ptr, r, r_in, rq, cols_q)
+
+
+@triton.jit
+def _accumulate_at_b(acc, a_ptr, b, r, r_in, rp, rows_p, PRECISION: tl.constexpr):
+    """``acc + A[r, rp].T @ b``."""
+    return tl.dot(tl.trans(_rows_block(a_ptr, r, r_in, rp, rows_p)), b, acc,
+                  input_precision=PRECISION)
+
+
+@triton.jit
 def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, offsets_ptr, counts_ptr, num_rows, rows_p, cols_q,
                         PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                         BLOCK_R: tl.constexpr):
@@ -230,11 +247,8 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, offsets_ptr, counts_ptr, num_rows
                                               BLOCK_P, BLOCK_Q)
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_in = r < end
-        b = _rows_block(b_ptr, r, r_in, rq, cols_q)
-        acc = tl.dot(tl.trans(_rows_block(a_ptr, r, r_in, rp, rows_p)), b, acc,
-                     input_precision=PRECISION)
+        r, r_in, b = _b_block(b_ptr, r0, end, rq, cols_q, BLOCK_R)
+        acc = _accumulate_at_b(acc, a_ptr, b, r, r_in, rp, rows_p, PRECISION)
     _store_weight_grad(out_ptr, acc, e, rp, rq, rows_p, cols_q)
 
 
@@ -248,18 +262,14 @@ def _weight_grad_pair_kernel(a_ptr, a2_ptr, b_ptr, out_ptr, out2_ptr, offsets_pt
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_in = r < end
-        b = _rows_block(b_ptr, r, r_in, rq, cols_q)
-        acc = tl.dot(tl.trans(_rows_block(a_ptr, r, r_in, rp, rows_p)), b, acc,
-                     input_precision=PRECISION)
-        acc2 = tl.dot(tl.trans(_rows_block(a2_ptr, r, r_in, rp, rows_p)), b, acc2,
-                      input_precision=PRECISION)
+        r, r_in, b = _b_block(b_ptr, r0, end, rq, cols_q, BLOCK_R)
+        acc = _accumulate_at_b(acc, a_ptr, b, r, r_in, rp, rows_p, PRECISION)
+        acc2 = _accumulate_at_b(acc2, a2_ptr, b, r, r_in, rp, rows_p, PRECISION)
     _store_weight_grad(out_ptr, acc, e, rp, rq, rows_p, cols_q)
     _store_weight_grad(out2_ptr, acc2, e, rp, rq, rows_p, cols_q)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Launchers
 
 

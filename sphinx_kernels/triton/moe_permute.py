@@ -18,8 +18,8 @@ def _permute_rows_kernel(x_ptr, row_to_pair_ptr, scale_ptr, out_ptr, num_rows, n
     pair = tl.load(row_to_pair_ptr + r, mask=r_in, other=-1)
     placed = (pair >= 0) & (pair < num_pairs)  # padding rows (-1) are zero
     token = tl.where(placed, pair // K, 0).to(tl.int64)
-    rows = tl.load(x_ptr + token[:, None] * width + d[None, :], mask=placed[:, None] & d_in[None, :],
-                   other=0)
+    rows = tl.load(x_ptr + token[:, None] * width + d[None, :],
+                   mask=placed[:, None] & d_in[None, :], other=0)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + pair, mask=placed, other=0).to(ACC_DTYPE)
         rows = rows.to(ACC_DTYPE) * scale[:, None]

@@ -1,5 +1,5 @@
-"""Triton kernels of ``moe_routing``: a per-block histogram of the expert ids, a prefix sum over blocks
-and experts (torch), and a stable scatter of each pair to its row. Contract:
+"""Triton kernels of ``moe_routing``: a per-block histogram of the expert ids, a prefix sum over
+blocks and experts (torch), and a stable scatter of each pair to its row. Contract:
 ``sphinx_kernels.ops.moe_routing``. No atomics: the plan is deterministic.
 """
 from __future__ import annotations

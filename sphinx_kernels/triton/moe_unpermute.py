@@ -73,7 +73,8 @@ def pair_dots(grad, y_grouped, position, dtype):
         return out
     block_t, block_h, _ = row_grid(num_tokens, grad.shape[1])
     _pair_dots_kernel[(triton.cdiv(num_tokens, block_t), k)](
-        grad_ptr=grad.contiguous(), y_ptr=y_grouped.contiguous(), position_ptr=position.contiguous(),
-        out_ptr=out, num_tokens=num_tokens, num_rows=y_grouped.shape[0], width=grad.shape[1], K=k,
+        grad_ptr=grad.contiguous(), y_ptr=y_grouped.contiguous(),
+        position_ptr=position.contiguous(), out_ptr=out, num_tokens=num_tokens,
+        num_rows=y_grouped.shape[0], width=grad.shape[1], K=k,
         ACC_DTYPE=accumulate_type(y_grouped.dtype), BLOCK_T=block_t, BLOCK_H=block_h)
     return out

@@ -5,13 +5,14 @@ resampling). Contract: ``sphinx_kernels.ops.patch_projection``.
 
 Every encoder arrives here as a ``[V, C, H, W]`` view of its own storage (a token layout is viewed
 that way without a copy) plus a ``[V, C]`` global row (the CLS token's view, or the map mean). The
-virtual input row ``m = v * T + t`` (``T = 1 + gh * gw``) of the GEMM is the global row for ``t == 0``
-and grid cell ``t - 1`` (raster order) otherwise; a cell reads the ``POOL_H x POOL_W`` window at
-``((i // REPEAT_H) * POOL_H, (j // REPEAT_W) * POOL_W)`` and averages it in float32, so pooling
-(``POOL > 1``) and nearest repetition (``REPEAT > 1``) are the same index arithmetic. Resampled values
-are rounded to the input dtype before ``tl.dot`` (tensor cores take 16-bit operands); every
-accumulation is float32 (float64 for the LayerNorm parameters' gradients, sums over every row). No
-arithmetic is done in bf16, so the interpreter runs these kernels on CPU tensors in float16/float32.
+virtual input row ``m = v * T + t`` (``T = 1 + gh * gw``) of the GEMM is the global row for
+``t == 0`` and grid cell ``t - 1`` (raster order) otherwise; a cell reads the ``POOL_H x POOL_W``
+window at ``((i // REPEAT_H) * POOL_H, (j // REPEAT_W) * POOL_W)`` and averages it in float32, so
+pooling (``POOL > 1``) and nearest repetition (``REPEAT > 1``) are the same index arithmetic.
+Resampled values are rounded to the input dtype before ``tl.dot`` (tensor cores take 16-bit
+operands); every accumulation is float32 (float64 for the LayerNorm parameters' gradients, sums over
+every row). No arithmetic is done in bf16, so the interpreter runs these kernels on CPU tensors in
+float16 / float32.
 
 What is fused and what is not:
   forward: resampling + concatenation + GEMM + bias in one kernel; LayerNorm + scatter to
@@ -35,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.backends import triton_interpreted
 from sphinx_kernels.ops.patch_projection import FeatureLayout, feature_layouts
+from sphinx_kernels.platforms import triton_interpreted
 from sphinx_kernels.triton.common import block_of, dot_precision, rows_per_program, swizzled_tile
 
 # Row tiles of the projection GEMM that share each weight column tile while it is in L2.
@@ -112,7 +113,8 @@ def _patch_projection_kernel(maps, globs, map_strides, glob_strides, channels,
     n_in = n < width
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_base = 0
-    # The multi-input K loop: encoder 0's channels, then encoder 1's, ... (the virtual concatenation).
+    # The multi-input K loop: encoder 0's channels, then encoder 1's, ... (the virtual
+    # concatenation).
     for e in tl.static_range(len(maps)):
         ms = map_strides[e]
         gs = glob_strides[e]
@@ -279,7 +281,7 @@ def _grad_features_kernel(dy_ptr, weight_ptr, w_sn, w_sk, k_base, gmap_ptr, gs_v
                  mask=r_in[:, None] & c_in[None, :])
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Launchers. ``maps``: the encoders' [V, C, H, W] views; ``globs``: their [V, C] global rows;
 # ``factors``: (POOL_H, POOL_W, REPEAT_H, REPEAT_W) per encoder.
 
@@ -294,7 +296,8 @@ def _project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
              factors: Sequence[tuple[int, int, int, int]], weight: torch.Tensor,
              bias: torch.Tensor | None, out: torch.Tensor, rows: torch.Tensor | None,
              grid_w: int, tokens_per_view: int) -> None:
-    """Writes ``concat(resampled) @ weight.T + bias`` into ``out[rows]`` (``out[:M]`` without rows)."""
+    """Writes ``concat(resampled) @ weight.T + bias`` into ``out[rows]`` (``out[:M]`` without
+    rows)."""
     num_rows = maps[0].shape[0] * tokens_per_view
     width = weight.shape[0]
     if num_rows == 0 or width == 0:
@@ -324,7 +327,8 @@ def _norm_blocks(width: int) -> tuple[int, int]:
 
 def _layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                 out: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm of the ``[M, D]`` rows of ``y`` into ``out[rows]``; returns float32 mean and rstd."""
+    """LayerNorm of the ``[M, D]`` rows of ``y`` into ``out[rows]``; returns float32 mean and
+    rstd."""
     num_rows, width = y.shape
     mean = torch.empty(num_rows, dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
@@ -342,7 +346,8 @@ def _layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _layer_norm_backward(grad: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor,
                          weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of the pre-norm rows ``[M, D]`` in y's dtype, float64 grad of the norm weight and bias)."""
+    """(grad of the pre-norm rows ``[M, D]`` in y's dtype, float64 grads of the norm weight and
+    bias)."""
     num_rows, width = y.shape
     dy = torch.empty_like(y)
     programs = max(1, min(num_rows, 4 * _multiprocessors(y.device)))
@@ -420,14 +425,14 @@ def _grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map
         DOT_PRECISION=dot_precision(dy.dtype), num_warps=warps, num_stages=stages)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The op's forward and backward: the launchers above, encoder by encoder.
 
 
 def _global_rows(features: Sequence[torch.Tensor],
                  layouts: Sequence[FeatureLayout]) -> list[torch.Tensor]:
-    """Each encoder's ``[V, C]`` global rows: its CLS view, else the mean of its grid (rounded once to
-    the features' dtype, as the reference's mean)."""
+    """Each encoder's ``[V, C]`` global rows: its CLS view, else the mean of its grid (rounded once
+    to the features' dtype, as the reference's mean)."""
     return [layout.cls_view(f) if layout.global_tokens else
             torch.mean(layout.map_view(f), dim=(2, 3), dtype=torch.float32).to(f.dtype)
             for f, layout in zip(features, layouts)]

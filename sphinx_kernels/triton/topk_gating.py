@@ -1,5 +1,5 @@
-"""Triton kernels of ``topk_gating``: the fused softmax / top-k / losses forward and its backward to the
-logits. Contract: ``sphinx_kernels.ops.topk_gating``.
+"""Triton kernels of ``topk_gating``: the fused softmax / top-k / losses forward and its backward to
+the logits. Contract: ``sphinx_kernels.ops.topk_gating``.
 
 The router's softmax is float64 (E values per token: negligible next to the experts) and every
 other sum float32; no bf16 arithmetic (which the interpreter gets wrong) and no atomics: results

@@ -29,15 +29,40 @@ def _seq_bounds(cu_ptr, b, total):
 
 
 @triton.jit
-def _tile_sequence(tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k,
-                   HAS_PREFIX: tl.constexpr):
-    """This program's block of sequence ``seq`` (from the tile table), the sequence's query and key
-    bounds, and its prefix length (0 without prefixes)."""
-    block = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+def _program_tile(tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, num_seqs, total_q, total_k,
+                  HAS_PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile (from the tile table): the ``BLOCK`` positions of its block within its
+    sequence, the sequence's query and key bounds, and its prefix length (0 without prefixes).
+
+    The table has a static size; the tiles past the real count name sequence ``num_seqs`` and get
+    an empty sequence (every mask false, every loop empty), so they store nothing."""
+    seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
+    idle = seq >= num_seqs
+    seq = tl.minimum(seq, num_seqs - 1)  # keeps an idle program's loads in bounds
+    # An idle tile's block number is arbitrary (negative, even): block 0 of an empty sequence.
+    block = tl.where(idle, 0, tl.load(tiles_ptr + 2 * tl.program_id(0) + 1))
     q_start, len_q = _seq_bounds(cu_q_ptr, seq, total_q)
     k_start, len_k = _seq_bounds(cu_k_ptr, seq, total_k)
     prefix = tl.load(prefix_ptr + seq) if HAS_PREFIX else 0
-    return block, q_start, len_q, k_start, len_k, prefix
+    return (block * BLOCK + tl.arange(0, BLOCK), q_start, tl.where(idle, 0, len_q), k_start,
+            tl.where(idle, 0, len_k), prefix)
+
+
+@triton.jit
+def _load_rows(base, rows64, stride_t, d, mask):
+    """Rows ``rows64`` (int64) of a ``[T, D]`` view starting at ``base`` (one head of a
+    ``[T, H, D]`` tensor) with token stride ``stride_t``, ``d`` the columns; 0 outside ``mask``."""
+    return tl.load(base + rows64[:, None] * stride_t + d[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _load_row_stats(lse_ptr, delta_ptr, head, total_q, rows64, row_in):
+    """The forward's log-sum-exp and the backward's delta of rows ``rows64`` of one head (both
+    float32 ``[H, Tq]``)."""
+    offsets = head.to(tl.int64) * total_q + rows64
+    lse = tl.load(lse_ptr + offsets, mask=row_in, other=0)
+    delta = tl.load(delta_ptr + offsets, mask=row_in, other=0)
+    return lse, delta
 
 
 @triton.jit
@@ -51,41 +76,58 @@ def _kv_end(rows, len_q, len_k, prefix, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                     total_q, total_k, num_seqs, head_dim, scale,
-                     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-    seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
-    if seq >= num_seqs:  # the tile table has a static size; the tiles past the real count are idle
-        return
-    block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
-        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
+def _query_block(tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, k_ptr, v_ptr, stride_kt, stride_kh,
+                 stride_vt, stride_vh, num_seqs, total_q, total_k, head_dim,
+                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program over one query block of one head (the forward's, dQ's) starts from: its
+    head, the columns ``d``, whether each row is in the sequence, the rows' int64 positions in the
+    packed tensor, their ``[BLOCK_M, BLOCK_D]`` mask, each row's visible key count ``kv_end`` and
+    the block's largest, the sequence's key count, and its kv head's K and V at the sequence's
+    first key."""
+    rows, q_start, len_q, k_start, len_k, prefix = _program_tile(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, num_seqs, total_q, total_k, HAS_PREFIX, BLOCK_M)
     head = tl.program_id(1)
-    kv_head = head // GROUP
-    scale_log2 = scale * LOG2E
-
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     row_in = rows < len_q
-    d_in = d < head_dim
-    q = tl.load(q_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh
-                + d[None, :], mask=row_in[:, None] & d_in[None, :], other=0)
     kv_end = _kv_end(rows, len_q, len_k, prefix, CAUSAL)
-    hi = tl.max(tl.where(row_in, kv_end, 0), axis=0)
+    kv_head = head // GROUP
+    return (head, d, row_in, (q_start + rows).to(tl.int64),
+            row_in[:, None] & (d < head_dim)[None, :], kv_end,
+            tl.max(tl.where(row_in, kv_end, 0), axis=0), len_k,
+            k_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh,
+            v_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh)
 
-    k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+
+@triton.jit
+def _key_block(k_base, v_base, start, len_k, stride_kt, stride_vt, d, head_dim,
+               BLOCK_N: tl.constexpr):
+    """Keys ``start .. start + BLOCK_N`` of a query block's loop: their positions, K and V."""
+    n = start + tl.arange(0, BLOCK_N)
+    mask = (n < len_k)[:, None] & (d < head_dim)[None, :]
+    k = _load_rows(k_base, n.to(tl.int64), stride_kt, d, mask)
+    v = _load_rows(v_base, n.to(tl.int64), stride_vt, d, mask)
+    return n, k, v
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr,
+                     tiles_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     total_q, total_k, num_seqs, head_dim, scale, GROUP: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    head, d, row_in, rows64, mask, kv_end, hi, len_k, k_base, v_base = _query_block(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt,
+        stride_vh, num_seqs, total_q, total_k, head_dim, GROUP, CAUSAL, HAS_PREFIX, BLOCK_M,
+        BLOCK_D)
+    q = _load_rows(q_ptr + head * stride_qh, rows64, stride_qt, d, mask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, in log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, hi, BLOCK_N):
-        n = start + cols
-        kv_mask = (n < len_k)[:, None] & d_in[None, :]
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        n, k, v = _key_block(k_base, v_base, start, len_k, stride_kt, stride_vt, d, head_dim,
+                             BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)
         s = tl.where(n[None, :] < kv_end[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing visible yet keeps max -inf; exponentiate against 0 there, not NaN.
@@ -93,7 +135,6 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -104,11 +145,10 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, 
     m_safe = tl.where(empty, 0.0, m_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * LN2)
-    out_rows = (q_start + rows).to(tl.int64)
     # out is a fresh contiguous [Tq, Hq, D]
-    tl.store(out_ptr + out_rows[:, None] * (tl.num_programs(1) * head_dim) + head * head_dim
-             + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
-    tl.store(lse_ptr + head.to(tl.int64) * total_q + out_rows, lse, mask=row_in)
+    tl.store(out_ptr + rows64[:, None] * (tl.num_programs(1) * head_dim) + head * head_dim
+             + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + head.to(tl.int64) * total_q + rows64, lse, mask=row_in)
 
 
 @triton.jit
@@ -120,67 +160,54 @@ def _attn_bwd_delta_kernel(out_ptr, grad_ptr, delta_ptr, stride_ot, stride_oh, s
     d = tl.arange(0, BLOCK_D)
     mask = (rows < total_q)[:, None] & (d < head_dim)[None, :]
     rows64 = rows.to(tl.int64)
-    o = tl.load(out_ptr + rows64[:, None] * stride_ot + head * stride_oh + d[None, :], mask=mask,
-                other=0).to(tl.float32)
-    g = tl.load(grad_ptr + rows64[:, None] * stride_gt + head * stride_gh + d[None, :], mask=mask,
-                other=0).to(tl.float32)
+    o = _load_rows(out_ptr + head * stride_oh, rows64, stride_ot, d, mask).to(tl.float32)
+    g = _load_rows(grad_ptr + head * stride_gh, rows64, stride_gt, d, mask).to(tl.float32)
     tl.store(delta_ptr + head.to(tl.int64) * total_q + rows64, tl.sum(o * g, axis=1),
              mask=rows < total_q)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                          cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
-                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                          stride_gt, stride_gh, total_q, total_k, num_seqs, head_dim, scale,
-                          GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                          HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
+                          cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr, stride_qt, stride_qh,
+                          stride_kt, stride_kh, stride_vt, stride_vh, stride_gt, stride_gh, total_q,
+                          total_k, num_seqs, head_dim, scale, GROUP: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV of one key block of one kv head: loops over the query heads of its GQA group and the
     query blocks that see it, accumulating in registers (no atomics: deterministic)."""
-    seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
-    if seq >= num_seqs:
-        return
-    block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
-        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
+    keys, q_start, len_q, k_start, len_k, prefix = _program_tile(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, num_seqs, total_q, total_k, HAS_PREFIX, BLOCK_N)
     kv_head = tl.program_id(1)
-    scale_log2 = scale * LOG2E
-
-    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_in_block = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_in = d < head_dim
     kv_mask = (keys < len_k)[:, None] & d_in[None, :]
     keys64 = (k_start + keys).to(tl.int64)
-    k = tl.load(k_ptr + keys64[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kv_mask,
-                other=0)
-    v = tl.load(v_ptr + keys64[:, None] * stride_vt + kv_head * stride_vh + d[None, :], mask=kv_mask,
-                other=0)
+    k = _load_rows(k_ptr + kv_head * stride_kh, keys64, stride_kt, d, kv_mask)
+    v = _load_rows(v_ptr + kv_head * stride_vh, keys64, stride_vt, d, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    # The first query that sees key block[0] (see the mask above); every later query sees it too.
+    # The first query that sees the block's first key (see the mask above); every later query sees
+    # it too.
     first = 0
     if CAUSAL:
         shift = len_k - len_q
-        first = tl.maximum(tl.where(block * BLOCK_N < prefix, -shift, block * BLOCK_N - shift), 0)
+        key0 = tl.min(keys, axis=0)  # the block's first key
+        first = tl.maximum(tl.where(key0 < prefix, -shift, key0 - shift), 0)
         first = first // BLOCK_M * BLOCK_M
     for g in range(GROUP):
         head = kv_head * GROUP + g
         for start in range(first, len_q, BLOCK_M):
-            rows = start + rows_in_block
+            rows = start + tl.arange(0, BLOCK_M)
             row_in = rows < len_q
             rows64 = (q_start + rows).to(tl.int64)
             mask = row_in[:, None] & d_in[None, :]
-            q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + d[None, :],
-                        mask=mask, other=0)
-            do = tl.load(grad_ptr + rows64[:, None] * stride_gt + head * stride_gh + d[None, :],
-                         mask=mask, other=0)
-            lse = tl.load(lse_ptr + head.to(tl.int64) * total_q + rows64, mask=row_in, other=0)
-            delta = tl.load(delta_ptr + head.to(tl.int64) * total_q + rows64, mask=row_in, other=0)
+            q = _load_rows(q_ptr + head * stride_qh, rows64, stride_qt, d, mask)
+            do = _load_rows(grad_ptr + head * stride_gh, rows64, stride_gt, d, mask)
+            lse, delta = _load_row_stats(lse_ptr, delta_ptr, head, total_q, rows64, row_in)
             kv_end = _kv_end(rows, len_q, len_k, prefix, CAUSAL)
             visible = row_in[:, None] & (keys[None, :] < kv_end[:, None])
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)
             # where, not a product: a row that sees nothing has lse -inf, and exp2 there is inf.
             p = tl.where(visible, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
@@ -188,55 +215,33 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     # dk and dv are fresh contiguous [Tk, Hkv, D]
-    out_offsets = keys64[:, None] * (tl.num_programs(1) * head_dim) + kv_head * head_dim + d[None, :]
+    out_offsets = (keys64[:, None] * (tl.num_programs(1) * head_dim) + kv_head * head_dim
+                   + d[None, :])
     tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr,
-                        cu_q_ptr, cu_k_ptr, prefix_ptr, tiles_ptr,
-                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                        stride_gt, stride_gh, total_q, total_k, num_seqs, head_dim, scale,
-                        GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                        HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr,
+                        cu_k_ptr, prefix_ptr, tiles_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                        stride_vt, stride_vh, stride_gt, stride_gh, total_q, total_k, num_seqs,
+                        head_dim, scale, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of one query block of one head, looping over the key blocks it sees."""
-    seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
-    if seq >= num_seqs:
-        return
-    block, q_start, len_q, k_start, len_k, prefix = _tile_sequence(
-        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, seq, total_q, total_k, HAS_PREFIX)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
-    scale_log2 = scale * LOG2E
-
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    row_in = rows < len_q
-    d_in = d < head_dim
-    mask = row_in[:, None] & d_in[None, :]
-    rows64 = (q_start + rows).to(tl.int64)
-    q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + d[None, :], mask=mask,
-                other=0)
-    do = tl.load(grad_ptr + rows64[:, None] * stride_gt + head * stride_gh + d[None, :], mask=mask,
-                 other=0)
-    lse = tl.load(lse_ptr + head.to(tl.int64) * total_q + rows64, mask=row_in, other=0)
-    delta = tl.load(delta_ptr + head.to(tl.int64) * total_q + rows64, mask=row_in, other=0)
-    kv_end = _kv_end(rows, len_q, len_k, prefix, CAUSAL)
-    hi = tl.max(tl.where(row_in, kv_end, 0), axis=0)
-
-    k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    head, d, row_in, rows64, mask, kv_end, hi, len_k, k_base, v_base = _query_block(
+        tiles_ptr, cu_q_ptr, cu_k_ptr, prefix_ptr, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt,
+        stride_vh, num_seqs, total_q, total_k, head_dim, GROUP, CAUSAL, HAS_PREFIX, BLOCK_M,
+        BLOCK_D)
+    q = _load_rows(q_ptr + head * stride_qh, rows64, stride_qt, d, mask)
+    do = _load_rows(grad_ptr + head * stride_gh, rows64, stride_gt, d, mask)
+    lse, delta = _load_row_stats(lse_ptr, delta_ptr, head, total_q, rows64, row_in)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, hi, BLOCK_N):
-        n = start + cols
-        kv_mask = (n < len_k)[:, None] & d_in[None, :]
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0)
+        n, k, v = _key_block(k_base, v_base, start, len_k, stride_kt, stride_vt, d, head_dim,
+                             BLOCK_N)
         visible = row_in[:, None] & (n[None, :] < kv_end[:, None])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)
         p = tl.where(visible, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -261,10 +266,11 @@ def tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
     """int32 ``[N, 2]``: program -> (sequence, block within it), from torch ops only (no host sync).
 
     ``N = min(cdiv(total, block) + B, B * cdiv(max_len, block))`` bounds the real tile count
-    (``sum_b cdiv(L_b, block)``) from shapes alone; the rows past the real count hold sequence ``B``,
-    which the kernels skip. Lengths are clamped exactly as the kernels' ``_seq_bounds`` clamps them.
-    ``last_block_first`` lists a sequence's blocks from the last: under a causal mask the last query
-    blocks see the most keys, and the GPU starts programs in order, so the long ones start first.
+    (``sum_b cdiv(L_b, block)``) from shapes alone; the rows past the real count hold sequence
+    ``B``, which the kernels skip. Lengths are clamped exactly as the kernels' ``_seq_bounds``
+    clamps them. ``last_block_first`` lists a sequence's blocks from the last: under a causal mask
+    the last query blocks see the most keys, and the GPU starts programs in order, so the long ones
+    start first.
     """
     num_seqs = cu_seqlens.shape[0] - 1
     bound = min(triton.cdiv(total, block) + num_seqs, num_seqs * triton.cdiv(max_len, block))
@@ -316,7 +322,8 @@ def _strides(**tensors: torch.Tensor) -> dict[str, int]:
 
 
 def varlen_attention_backward(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens,
-                              max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic=True):
+                              max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                              deterministic=True):
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype; zero rows where no query or key is."""
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape

@@ -27,7 +27,8 @@ class Case:
         rng = random.Random(config_seed)
         num = max(rng.randint(1, max_seqs), len(first_lens_q))
         self.lens_q = [rng.choice(lengths) for _ in range(num)]
-        self.lens_q[rng.randrange(num)] = rng.choice(lengths[-2:])  # one long sequence: several blocks
+        # One long sequence: several blocks.
+        self.lens_q[rng.randrange(num)] = rng.choice(lengths[-2:])
         self.lens_k = [rng.choice(lengths) for _ in range(num)] if separate_keys else self.lens_q
         # Chosen cases first (bottom-right corners), drawn ones after.
         self.lens_q[:len(first_lens_q)] = first_lens_q
@@ -45,7 +46,8 @@ class Case:
         total_k = sum(self.lens_k) + (rng.randint(0, 3) if separate_keys else pad)
         self.seed = seed
         self.dtype = dtype
-        self.shapes = ((total_q, self.heads, self.head_dim), (total_k, self.kv_heads, self.head_dim))
+        self.shapes = ((total_q, self.heads, self.head_dim),
+                       (total_k, self.kv_heads, self.head_dim))
         self.q, self.k, self.v, self.grad = self.draw(torch.Generator().manual_seed(seed))
 
     def draw(self, gen):

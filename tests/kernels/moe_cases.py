@@ -6,7 +6,8 @@ import torch
 import sphinx_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# The interpreter's bf16 arithmetic is wrong (docs/environment.md): bf16 is checked by the GPU tests.
+# The interpreter's bf16 arithmetic is wrong (docs/environment.md): bf16 is checked by the GPU
+# tests.
 DTYPES = [torch.float32, torch.float16]
 MIXTRAL = {"num_tokens": 8192, "num_experts": 8, "k": 2, "hidden": 4096}
 

@@ -16,7 +16,7 @@ from tests.numerics import (
     FORWARD_FACTOR,
     GRADIENT_FACTOR,
     assert_all_within_torch_error,
-    interpreter_rounds_bf16,
+    skip_if_interpreter_rounds_bf16,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,8 +41,8 @@ def hf_tables(positions: int, dim: int, dtype, device=DEVICE, base=10000.0):
 
 
 def hf_formula(q, k, cos, sin, pos, dtype):
-    """transformers' ``apply_rotary_pos_emb`` of packed ``[T, H, D]`` q and k, evaluated in ``dtype``
-    (Llama casts the tables to the activations' dtype)."""
+    """transformers' ``apply_rotary_pos_emb`` of packed ``[T, H, D]`` q and k, evaluated in
+    ``dtype`` (Llama casts the tables to the activations' dtype)."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama",
                                 reason="transformers (the test extra) is the rotary oracle")
     c, s = (t.to(dtype)[pos.long()] for t in (cos, sin))
@@ -87,8 +87,7 @@ def random_like(tensors, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("general_tables", [False, True])
 def test_forward_within_tolerance_of_float64(backend, dtype, general_tables, seed):
-    if interpreter_rounds_bf16(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
+    skip_if_interpreter_rounds_bf16(backend, dtype)
     gen = torch.Generator().manual_seed(seed)
     for num_tokens, q_heads, k_heads, dim in sample_configs(3, seed):
         what = f"T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend}"
@@ -110,8 +109,7 @@ def test_forward_within_tolerance_of_float64(backend, dtype, general_tables, see
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_within_tolerance_of_float64(backend, dtype, seed):
-    if interpreter_rounds_bf16(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
+    skip_if_interpreter_rounds_bf16(backend, dtype)
     gen = torch.Generator().manual_seed(seed)
     for num_tokens, q_heads, k_heads, dim in sample_configs(2, seed):
         what = f"T={num_tokens} Hq={q_heads} Hk={k_heads} D={dim} {backend} grad"
@@ -179,7 +177,8 @@ def test_empty_inputs(backend):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_out_of_table_position_past_validation_gives_nan_rows(backend):
-    """Kernels stay in bounds on positions that reach them unchecked (a GPU without value checks)."""
+    """Kernels stay in bounds on positions that reach them unchecked (a GPU without value
+    checks)."""
     cos, sin = hf_tables(4, 16, torch.float32)
     q = torch.randn(3, 2, 16, device=DEVICE)
     pos = torch.tensor([1, 4, -1], device=DEVICE)
@@ -228,7 +227,8 @@ def test_bad_input_raises_naming_the_argument(make_bad, error, message, value_ch
 def test_opcheck(backend):
     gen = torch.Generator().manual_seed(11)
     q, k, cos, sin, pos = make_inputs(9, 3, 1, 16, torch.float32, gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.sphinx_kernels.apply_rotary.default, (q, k, cos, sin, pos, False, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.apply_rotary.default,
+                          (q, k, cos, sin, pos, False, backend))
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
@@ -246,7 +246,7 @@ def test_compiles_with_fullgraph_forward_and_backward():
     assert torch.equal(compiled[0], q.grad) and torch.equal(compiled[1], k.grad)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: the Triton kernel at real sizes and in bf16 (skipped without a GPU).
 
 

@@ -1,5 +1,5 @@
-"""The backend registry: per-call selection, forcing by argument and environment, and errors that list
-every backend's reasons."""
+"""The backend registry: per-call selection, forcing by argument and environment, and errors that
+list every backend's reasons."""
 import shutil
 from dataclasses import dataclass
 
@@ -9,19 +9,15 @@ import torch
 import sphinx_kernels
 from sphinx_kernels import info
 from sphinx_kernels.backends import (
-    CPP,
-    CUDA,
     ENV_BACKEND,
-    REFERENCE,
-    TRITON,
     Backend,
     BackendUnavailableError,
     Impl,
     OpBackends,
     Request,
-    native_extension,
 )
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS
+from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native_extension
 
 CPU_FP32 = GATHER_ROWS_BACKENDS.request("cpu", torch.float32)
 
@@ -31,7 +27,8 @@ def test_forcing_a_backend_that_cannot_serve_lists_every_backend():
     with pytest.raises(BackendUnavailableError) as caught:
         sphinx_kernels.gather_rows(sources, source_ids, row_ids, backend="cuda")
     message = str(caught.value)
-    assert "gather_rows: backend 'cuda' cannot serve this call (device=cpu, dtype=float32)" in message
+    assert ("gather_rows: backend 'cuda' cannot serve this call (device=cpu, dtype=float32)"
+            in message)
     for name in GATHER_ROWS_BACKENDS.names:
         assert f"\n  {name}: " in message
     assert "cuda: runs on cuda, not cpu" in message
@@ -94,7 +91,8 @@ def test_no_backend_at_all_lists_dtype_and_op_specific_reasons():
     with pytest.raises(BackendUnavailableError) as caught:
         op.select(request)
     message = str(caught.value)
-    assert "toy: no backend can serve this call (device=cpu, dtype=float32, head_dim=256)" in message
+    assert ("toy: no backend can serve this call (device=cpu, dtype=float32, head_dim=256)"
+            in message)
     assert "reference: dtype float32 not in {float16}; head_dim above 128" in message
 
 
@@ -116,7 +114,8 @@ def test_backend_names_must_be_unique():
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    reasons = Backend(TRITON, Impl(None), frozenset({torch.float32})).not_supported_reasons(CPU_FP32)
+    backend = Backend(TRITON, Impl(None), frozenset({torch.float32}))
+    reasons = backend.not_supported_reasons(CPU_FP32)
     assert any("TRITON_INTERPRET=1" in r for r in reasons)
 
 
@@ -130,12 +129,14 @@ def test_info_reports_build_and_backends():
                     reason="no C++ compiler: the package installs without _C")
 def test_compiled_extension_is_built():
     assert native_extension() is not None, "sphinx_kernels._C did not build"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("sphinx_kernels::gather_rows_native", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sphinx_kernels::gather_rows_native",
+                                                          "CPU")
 
 
 @pytest.mark.skipif(not torch.version.cuda or shutil.which("nvcc") is None,
                     reason="CPU torch or no CUDA toolkit: the CUDA kernels are not built")
 def test_cuda_kernels_are_built_where_the_toolkit_allows():
     ext = native_extension()
-    assert ext is not None and ext.with_cuda, "torch is a CUDA build and nvcc is here, yet _C has no CUDA"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("sphinx_kernels::gather_rows_native", "CUDA")
+    assert ext is not None and ext.with_cuda, "CUDA torch and nvcc are here, yet _C has no CUDA"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sphinx_kernels::gather_rows_native",
+                                                          "CUDA")

@@ -10,7 +10,8 @@ import sphinx_kernels
 from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = FIND_PADDING_TILES_BACKENDS.available(FIND_PADDING_TILES_BACKENDS.request(DEVICE, torch.float32))
+BACKENDS = FIND_PADDING_TILES_BACKENDS.available(
+    FIND_PADDING_TILES_BACKENDS.request(DEVICE, torch.float32))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -110,7 +111,8 @@ def test_bad_input_raises_naming_the_argument(change, error, message):
 def test_opcheck(backend):
     images = padded_images(2, 3, (2, 2), (4, 6), torch.float32, 0.0, seed=1)
     pad = torch.zeros(3, device=DEVICE)
-    torch.library.opcheck(torch.ops.sphinx_kernels.find_padding_tiles.default, (images, pad, 4, 6, backend),
+    torch.library.opcheck(torch.ops.sphinx_kernels.find_padding_tiles.default,
+                          (images, pad, 4, 6, backend),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

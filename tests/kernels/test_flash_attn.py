@@ -1,6 +1,6 @@
-"""The ``flash_attn`` backend of varlen_attention (flash-attn's FlashAttention-2): what it serves and
-declares, and its glue run on the CPU against stand-ins with flash-attn's own op schemas (the real
-ops run in test_varlen_attention.py's GPU tests when flash-attn is installed)."""
+"""The ``flash_attn`` backend of varlen_attention (flash-attn's FlashAttention-2): what it serves
+and declares, and its glue run on the CPU against stand-ins with flash-attn's own op schemas (the
+real ops run in test_varlen_attention.py's GPU tests when flash-attn is installed)."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +31,8 @@ def test_flash_attn_serves_deterministic_and_declares_the_rest():
 
 # Stand-ins for flash-attn 2.8's varlen ops: custom ops with its schemas (names, defaults, which
 # arguments it mutates), computing with the reference on the CPU. Like flash-attn they leave the
-# output's padding rows unwritten (NaN here) and write gradients into the dq, dk, dv they are handed.
+# output's padding rows unwritten (NaN here) and write gradients into the dq, dk, dv they are
+# handed.
 _FLASH_CALLS = {}
 
 
@@ -41,9 +42,9 @@ def _flash_varlen_forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
         softmax_scale: float, causal: bool, window_size_left: int = -1, window_size_right: int = -1,
-        softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, return_softmax: bool = False,
-        block_table: torch.Tensor | None = None, leftpad_k: torch.Tensor | None = None,
-        seqused_k: torch.Tensor | None = None
+        softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+        return_softmax: bool = False, block_table: torch.Tensor | None = None,
+        leftpad_k: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _FLASH_CALLS["forward"] = (max_seqlen_q, max_seqlen_k, dropout_p, window_size_left,
                                window_size_right, softcap)
@@ -93,8 +94,8 @@ def test_flash_attn_glue_against_stand_ins_with_its_schemas(monkeypatch, determi
     grads = impl.backward(case.grad, case.q, case.k, case.v, out, lse, *args)
     expected_out, _ = varlen_attention_reference(case.q, case.k, case.v, case.cu_q, cu_k,
                                                  softmax_scale=scale)
-    expected_grads = varlen_attention_backward_reference(case.grad, case.q, case.k, case.v, out, lse,
-                                                   *args)
+    expected_grads = varlen_attention_backward_reference(case.grad, case.q, case.k, case.v, out,
+                                                         lse, *args)
     assert torch.equal(out, expected_out), case.describe()  # padding rows zeroed, no NaN
     for name, grad, expected in zip("qkv", grads, expected_grads):
         assert torch.equal(grad, expected), f"d{name} {case.describe()}"

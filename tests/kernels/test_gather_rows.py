@@ -9,7 +9,12 @@ import torch
 
 import sphinx_kernels
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
-from tests.numerics import GRADIENT_FACTOR, assert_all_within_torch_error, interpreter_rounds_bf16
+from tests.numerics import (
+    GRADIENT_FACTOR,
+    assert_all_within_torch_error,
+    interpreter_rounds_bf16,
+    skip_if_interpreter_rounds_bf16,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -25,7 +30,8 @@ KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 
 def make_case(num_rows, width, dtype, index_dtype=torch.int32, source_rows=(13, 0, 1, 40),
               device=DEVICE, seed=0, requires_grad=False):
-    """Random sources (one of them empty) and random (source, row) pairs, about 1 in 8 of them padding."""
+    """Random sources (one of them empty) and random (source, row) pairs, about 1 in 8 of them
+    padding."""
     gen = torch.Generator().manual_seed(seed)
     sources = [torch.randn(n, width, generator=gen, dtype=torch.float64).to(dtype).to(device)
                .requires_grad_(requires_grad) for n in source_rows]
@@ -111,8 +117,7 @@ def assert_gradients_within_torch_error(backend, grads, sources, source_ids, row
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_within_tolerance_of_float64(backend, dtype, seed):
-    if interpreter_rounds_bf16(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
+    skip_if_interpreter_rounds_bf16(backend, dtype)
     # Few source rows read by many output rows: every gradient row sums many terms.
     sources, source_ids, row_ids = make_case(300, 33, dtype, source_rows=(5, 0, 1, 9),
                                              requires_grad=True, seed=seed)
@@ -205,7 +210,8 @@ def test_bad_input_raises_naming_the_argument(make_bad, error, message):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     sources, source_ids, row_ids = make_case(37, 9, torch.float32, seed=3, requires_grad=True)
-    torch.library.opcheck(torch.ops.sphinx_kernels.gather_rows.default, (sources, source_ids, row_ids, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.gather_rows.default,
+                          (sources, source_ids, row_ids, backend))
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
@@ -230,7 +236,7 @@ def test_reference_backend_matches_loop_with_empty_input():
     assert gather_rows_reference(sources, empty, empty).shape == (0, 3)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: the CUDA and Triton kernels at real sizes (skipped without a GPU).
 
 
@@ -259,7 +265,8 @@ def test_gpu_backward_deterministic_and_within_tolerance(dtype):
     sources, source_ids, row_ids = make_case(200_000, 1024, dtype, source_rows=(32000, 5000, 3),
                                              requires_grad=True, device="cuda")
     grad_out = torch.randn(200_000, 1024, device="cuda").to(dtype)
-    results = [gradients(b, sources, source_ids, row_ids, grad_out) for b in ("cuda", "triton", "cuda")]
+    results = [gradients(b, sources, source_ids, row_ids, grad_out)
+               for b in ("cuda", "triton", "cuda")]
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     assert_gradients_within_torch_error("cuda", results[0], sources, source_ids, row_ids, grad_out,

@@ -143,7 +143,7 @@ def test_deterministic_and_recompute_gives_the_same_bits(backend, seed):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -163,7 +163,8 @@ BAD_INPUTS = [
     ({"x": lambda a: a["x"][1:]}, ValueError, "x_grouped has 11 rows but plan.row_to_pair has 12"),
     ({"x": lambda a: a["x"].int()}, TypeError, "x_grouped must have dtype"),
     ({"x": lambda a: a["x"][None]}, ValueError, "x_grouped must be 2-D"),
-    ({"w1": lambda a: a["w1"].double()}, TypeError, "w1 has dtype float64 but x_grouped has float32"),
+    ({"w1": lambda a: a["w1"].double()}, TypeError,
+     "w1 has dtype float64 but x_grouped has float32"),
     ({"w2": lambda a: a["w2"].to("meta")}, ValueError, "w2 is on meta"),
     ({"w3": lambda a: a["w3"][:, :6]}, ValueError, "w3 has shape (3, 6, 5), expected (3, 7, 5)"),
     ({"w2": lambda a: a["w2"].transpose(1, 2)}, ValueError,
@@ -188,7 +189,7 @@ def test_bad_input_raises_naming_the_argument(changes, error, message):
         bad_call(**changes)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # opcheck
 
 
@@ -201,14 +202,14 @@ def test_opcheck(backend, recompute):
     weights = [w.requires_grad_(True) for w in weights]
     args = (x_grouped, *weights, plan.tokens_per_expert, plan.padded_offsets, recompute, backend)
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_expert_mlp.default, args)
-    _, h1, h3 = torch.ops.sphinx_kernels.moe_expert_mlp(*(a.detach() if isinstance(a, torch.Tensor) else a
-                                     for a in args))
+    _, h1, h3 = torch.ops.sphinx_kernels.moe_expert_mlp(
+        *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_expert_mlp_backward.default,
                           (grad_y, x_grouped.detach(), *(w.detach() for w in weights),
                            plan.tokens_per_expert, plan.padded_offsets, h1, h3, backend))
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: Mixtral-8x7B sizes in bfloat16 against a float32 reference (skipped without a GPU).
 
 

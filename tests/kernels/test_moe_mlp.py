@@ -73,7 +73,8 @@ def mixtral_block(x, state, k, chosen, *, per_token):
 
     num_tokens, num_experts = logits.shape
     if per_token:
-        y = torch.stack([sum(gates[t, j] * expert(e, x[t]) for j, e in enumerate(chosen[t].tolist()))
+        y = torch.stack([sum(gates[t, j] * expert(e, x[t])
+                             for j, e in enumerate(chosen[t].tolist()))
                          for t in range(num_tokens)]) if num_tokens else torch.zeros_like(x)
     else:
         y = torch.zeros_like(x)
@@ -156,8 +157,8 @@ PARAMETERS = ("router.weight", "w1", "w3", "w2")
 
 
 def check_module_against_loop(module, x, grad_y, backend, gen, tokens=None):
-    """Output and gradients of ``module`` against the float64 loop over tokens, judged by the Hugging
-    Face block's own error in x's dtype over fresh tokens (``tokens(generator)``)."""
+    """Output and gradients of ``module`` against the float64 loop over tokens, judged by the
+    Hugging Face block's own error in x's dtype over fresh tokens (``tokens(generator)``)."""
     x = x.detach().requires_grad_(True)
     y, aux = module(x)
     loss = ((y * grad_y.to(y.dtype)).sum() + LOSS_WEIGHTS[0] * aux.load_balancing_loss
@@ -248,7 +249,8 @@ def test_compiles_with_fullgraph_forward_and_backward():
 
 
 def moe_layer(x, router, expert_scale, backend):
-    """Gating -> routing -> permute -> a stand-in expert (row scale by owning expert) -> unpermute."""
+    """Gating -> routing -> permute -> a stand-in expert (row scale by owning expert) ->
+    unpermute."""
     gating = sphinx_kernels.topk_gating(x @ router, 2, backend=backend)
     plan = sphinx_kernels.moe_routing(gating.expert_ids, router.shape[1], block_size=16,
                                       backend=backend)

@@ -1,6 +1,6 @@
 """moe_permute on every backend this machine can run: exact against a row-by-row loop, its gradient
-(the token's k rows summed) within the tolerance rule (docs/numerics.md), bad inputs, opcheck with and
-without the per-pair scale of moe_unpermute's backward."""
+(the token's k rows summed) within the tolerance rule (docs/numerics.md), bad inputs, opcheck with
+and without the per-pair scale of moe_unpermute's backward."""
 from __future__ import annotations
 
 import re

@@ -102,4 +102,5 @@ def test_bad_packing_input_raises_naming_the_argument(make_bad, error, message):
 @pytest.mark.parametrize("backend", PACK_BACKENDS)
 def test_pack_opcheck(backend):
     lengths = torch.tensor([5, 3, 7, 2, 2, 8, 0, 9, 1])
-    torch.library.opcheck(torch.ops.sphinx_kernels.pack_by_token_budget.default, (lengths, 10, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.pack_by_token_budget.default,
+                          (lengths, 10, backend))

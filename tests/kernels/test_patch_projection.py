@@ -1,7 +1,8 @@
 """patch_projection on every backend this machine can run: output and every gradient within the
-tolerance of a float64 reference over a sample of the acceptance grid (pooled and repeated maps, token
-layouts with and without a CLS token, bias, LayerNorm, rows scattered into a packed sequence), strided
-inputs read in place, bad inputs, opcheck and torch.compile. The nn module: test_patch_projector.py."""
+tolerance of a float64 reference over a sample of the acceptance grid (pooled and repeated maps,
+token layouts with and without a CLS token, bias, LayerNorm, rows scattered into a packed sequence),
+strided inputs read in place, bad inputs, opcheck and torch.compile. The nn module:
+test_patch_projector.py."""
 from __future__ import annotations
 
 import random
@@ -13,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sphinx_kernels
-from sphinx_kernels.projection import (
+from sphinx_kernels.ops.patch_projection import (
     PATCH_PROJECTION_BACKENDS,
     FeatureLayout,
     feature_layouts,
@@ -28,7 +29,8 @@ BACKENDS = PATCH_PROJECTION_BACKENDS.available(
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a test case: a token layout (with ``cls`` or not) or a map, its source grid."""
+    """One encoder of a test case: a token layout (with ``cls`` or not) or a map, its source
+    grid."""
 
     tokens: bool
     cls: bool
@@ -60,9 +62,10 @@ class Case:
 
 def sample_cases(count: int, seed: int) -> list[Case]:
     """``count`` cases from the acceptance grid: V in {1, 3, 8}, C_i in {1, 48, 100, 192}, 4x4 grids
-    pooled to 2x2 or 2x2 grids repeated to 4x4 (or equal to it), each encoder a map or tokens with or
-    without a CLS token, with and without bias, norm and out_rows. The grid is too large to run whole
-    under the interpreter; a fixed seed keeps the test ids stable (the data comes from each test's seed)."""
+    pooled to 2x2 or 2x2 grids repeated to 4x4 (or equal to it), each encoder a map or tokens with
+    or without a CLS token, with and without bias, norm and out_rows. The grid is too large to run
+    whole under the interpreter; a fixed seed keeps the test ids stable (the data comes from each
+    test's seed)."""
     rng = random.Random(seed)
     cases = []
     for _ in range(count):
@@ -119,7 +122,8 @@ def run(fn, features, weight, kwargs, tensors, grad_out):
 
 
 def as_float64(features, weight, kwargs):
-    convert = lambda t: t.detach().double().requires_grad_(t.requires_grad)
+    def convert(t):
+        return t.detach().double().requires_grad_(t.requires_grad)
     kwargs64 = {k: convert(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                 for k, v in kwargs.items()}
     features64 = [convert(f) for f in features]
@@ -256,9 +260,10 @@ class RecordAllocations(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_kernel_backend_makes_no_concatenated_or_resampled_copy(backend):
-    """The forward creates nothing larger than its ``[M, D]`` rows (D is smaller than every encoder's
-    channels here, so a concatenated, resampled or transposed copy of the features would show); the
-    backward creates the inputs' gradients and ``[M, D]`` rows, never an ``[M, C]`` operand."""
+    """The forward creates nothing larger than its ``[M, D]`` rows (D is smaller than every
+    encoder's channels here, so a concatenated, resampled or transposed copy of the features would
+    show); the backward creates the inputs' gradients and ``[M, D]`` rows, never an ``[M, C]``
+    operand."""
     case = Case(3, 2, (Encoder(True, True, 4, 100), Encoder(False, False, 4, 48)), 16, True, True,
                 False)
     features, weight, kwargs, _ = make_inputs(case, torch.float32, torch.Generator(), False)
@@ -382,15 +387,17 @@ def test_compiles_with_fullgraph_forward_and_backward():
     assert all(torch.equal(a, t.grad) for a, t in zip(from_compiled, tensors))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: bf16 at SPHINX-X sizes (skipped without a GPU).
 
 
 def sphinx_inputs(views, width, gen, requires_grad=True):
     """DINOv2 tokens (CLS + 16x16 patches, 1536 channels) and a ConvNeXt map pooled 2x2 to 16x16
-    (3072 channels) in bf16, projected to ``width`` with LayerNorm, into a shuffled packed sequence."""
-    rand = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen).to("cuda") * scale).to(
-        torch.bfloat16)
+    (3072 channels) in bf16, projected to ``width`` with LayerNorm, into a shuffled packed
+    sequence."""
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen).to("cuda") * scale).to(
+            torch.bfloat16)
     features = [rand(views, 257, 1536), rand(views, 3072, 32, 32)]
     rows = views * 257
     kwargs = {"grid": 16, "bias": rand(width), "norm_weight": 1 + rand(width, scale=0.1),

@@ -27,5 +27,6 @@ def test_matches_the_reference_of_its_linear_and_norm():
     torch.testing.assert_close(module(features), expected)
     plain = PatchProjector(in_channels=(6, 4), out_features=16, grid=2, norm=False)
     assert plain.norm is None
-    with pytest.raises(ValueError, match=re.escape("features[1] has 5 channels, in_channels[1] is 4")):
+    message = "features[1] has 5 channels, in_channels[1] is 4"
+    with pytest.raises(ValueError, match=re.escape(message)):
         module([features[0], torch.randn(3, 5, 4, 4, device=DEVICE)])

@@ -1,5 +1,5 @@
-"""plan_layout: every backend against a plain per-sample Python loop and hand-written examples, the C++
-kernel against the reference on random batches, label and padding properties, gather_rows fed by
+"""plan_layout: every backend against a plain per-sample Python loop and hand-written examples, the
+C++ kernel against the reference on random batches, label and padding properties, gather_rows fed by
 the layout, bad inputs, opcheck."""
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def random_samples(rng: random.Random, num_samples: int, vocab: int = 50) -> lis
         for _ in range(num_images):
             rows, cols = rng.randrange(1, 4), rng.randrange(1, 4)
             p_skip = rng.choice([0.0, 0.3, 1.0])
-            images.append(ImageSpec(rows, cols, [rng.random() < p_skip for _ in range(rows * cols)]))
+            skipped = [rng.random() < p_skip for _ in range(rows * cols)]
+            images.append(ImageSpec(rows, cols, skipped))
         # Half the samples put some of their text (a BOS, say) before their images.
         before = rng.randrange(0, text_len + 1) if rng.random() < 0.5 else 0
         samples.append(SampleSpec([rng.randrange(vocab) for _ in range(text_len)],
@@ -105,7 +106,8 @@ def assert_layout_equals_loop(layout, samples, tokens_per_view, what):
 
 
 def test_hand_written_example():
-    """tokens_per_view 2; four samples, padded to a multiple of 4 (the expected rows written out)."""
+    """tokens_per_view 2; four samples, padded to a multiple of 4 (the expected rows written
+    out)."""
     samples = [
         SampleSpec([5, 6, 7], [False, True, True], [ImageSpec(1, 2, [False, True])]),
         SampleSpec([8, 9], [True, True]),
@@ -116,9 +118,15 @@ def test_hand_written_example():
     for backend in LAYOUT_BACKENDS:
         layout = plan_layout(layout_inputs(samples), 2, pad_multiple=4, backend=backend)
         assert layout.cu_seqlens.tolist() == [0, 10, 12, 12, 17]
-        #        sample 0: begin, global view, tile 0, skip, end, text      | s1   | s3         | pad
-        assert layout.source_ids.tolist() == [B, V, V, V, V, S, E, 0, 0, 0, 0, 0, B, V, V, S, E, P, P, P]
-        assert layout.row_ids.tolist() == [0, 0, 1, 2, 3, 0, 0, 5, 6, 7, 8, 9, 0, 4, 5, 0, 0, 0, 0, 0]
+        assert layout.source_ids.tolist() == [
+            B, V, V, V, V, S, E, 0, 0, 0,  # sample 0: begin, global view, tile 0, skip, end, text
+            0, 0,                          # sample 1
+            B, V, V, S, E,                 # sample 3 (sample 2 is empty)
+            P, P, P]                       # padding
+        assert layout.row_ids.tolist() == [0, 0, 1, 2, 3, 0, 0, 5, 6, 7,
+                                           8, 9,
+                                           0, 4, 5, 0, 0,
+                                           0, 0, 0]
         assert layout.position_ids.tolist() == list(range(10)) + [0, 1] + list(range(5)) + [0] * 3
         assert layout.labels.tolist() == [X] * 7 + [6, 7, X, 9] + [X] * 9
         assert layout.visual_rows.tolist() == [1, 2, 3, 4, 13, 14]
@@ -136,8 +144,9 @@ def test_hand_written_example_with_text_before_the_images():
     for backend in LAYOUT_BACKENDS:
         layout = plan_layout(layout_inputs(samples), 1, backend=backend)
         assert layout.cu_seqlens.tolist() == [0, 7, 13, 15]
-        #        sample 0: bos, begin, global, tile, end, text | s1: bos 7 begin global skip end | s2
-        assert layout.source_ids.tolist() == [0, B, V, V, E, 0, 0, 0, 0, B, V, S, E, 0, 0]
+        assert layout.source_ids.tolist() == [0, B, V, V, E, 0, 0,  # sample 0: bos, image, text
+                                              0, 0, B, V, S, E,     # sample 1: bos 7, image
+                                              0, 0]                 # sample 2: text
         assert layout.row_ids.tolist() == [1, 0, 0, 1, 0, 5, 6, 1, 7, 0, 2, 0, 0, 1, 8]
         assert layout.labels.tolist() == [X, X, X, X, 5, 6, X, 7, X, X, X, X, X, 8, X]
         assert layout.position_ids.tolist() == list(range(7)) + list(range(6)) + [0, 1]
@@ -174,7 +183,8 @@ def test_cpp_equals_reference_on_a_large_random_batch(seed):
 @pytest.mark.parametrize("backend", LAYOUT_BACKENDS)
 def test_labels_never_cross_sample_boundaries(backend, seed):
     samples = random_samples(random.Random(seed), 60)
-    # Every text token an answer: the only ignored labels are at boundaries and before non-text rows.
+    # Every text token an answer: the only ignored labels are at boundaries and before non-text
+    # rows.
     for sample in samples:
         sample.answer = [True] * len(sample.text)
     layout = plan_layout(layout_inputs(samples), 2, pad_multiple=8, backend=backend)
@@ -310,4 +320,5 @@ def test_plan_layout_opcheck(backend):
     inputs = layout_inputs(random_samples(random.Random(7), 9))
     args = tuple(t.long() if t.dtype != torch.bool else t for t in inputs)
     used = plan_layout(inputs, 3).source_ids.shape[0]
-    torch.library.opcheck(torch.ops.sphinx_kernels.plan_layout.default, (*args, 3, used + 5, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.plan_layout.default,
+                          (*args, 3, used + 5, backend))

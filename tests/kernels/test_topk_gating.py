@@ -1,6 +1,7 @@
-"""topk_gating on every backend this machine can run: gates, chosen experts and the two losses, and the
-gradient of the logits, against a float64 reference within the tolerance rule (docs/numerics.md);
-ties; outputs left out of the loss; bad inputs; opcheck; determinism across backends."""
+"""topk_gating on every backend this machine can run: gates, chosen experts and the two losses, and
+the gradient of the logits, against a float64 reference within the tolerance rule
+(docs/numerics.md); ties; outputs left out of the loss; bad inputs; opcheck; determinism across
+backends."""
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
-"""The ``torch_flash`` backend of varlen_attention (torch's bundled FlashAttention-2): what it declares
-it cannot serve, here; its numbers against the reference run in test_varlen_attention.py on a GPU."""
+"""The ``torch_flash`` backend of varlen_attention (torch's bundled FlashAttention-2): what it
+declares it cannot serve, here; its numbers against the reference run in test_varlen_attention.py on
+a GPU."""
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,8 @@ from tests.kernels.attention_cases import DEVICE, cu_seqlens
 def test_torch_flash_declares_what_it_cannot_serve():
     def reasons(**features):
         request = VARLEN_ATTENTION_BACKENDS.request("cuda", torch.bfloat16, head_dim=64)
-        return " ".join(VARLEN_ATTENTION_BACKENDS["torch_flash"].check(replace(request, **features)))
+        backend = VARLEN_ATTENTION_BACKENDS["torch_flash"]
+        return " ".join(backend.check(replace(request, **features)))
 
     assert reasons() == ""
     assert "prefix" in reasons(prefix=True)

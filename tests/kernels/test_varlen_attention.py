@@ -4,8 +4,8 @@ prefix-LM), padding and empty sequences, determinism, strided inputs, bad inputs
 torch.compile. The FlashAttention-2 peers' glue has its own tests (test_torch_flash.py,
 test_flash_attn.py); they run here on a GPU.
 
-Configurations are drawn from the acceptance grid by a seeded sampler (a handful per test: the Triton
-interpreter is slow); tensor values from the test's seed (tests/conftest.py).
+Configurations are drawn from the acceptance grid by a seeded sampler (a handful per test: the
+Triton interpreter is slow); tensor values from the test's seed (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def naive_attention(q, k, v, lens_q, lens_k, causal, prefix, scale):
     return out
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The reference against the definition, and the docstring's drawings.
 
 
@@ -95,7 +95,7 @@ def test_mask_is_the_documented_drawing():
                        drawing("1 1 1 0 0\n1 1 1 0 0\n1 1 1 0 0\n1 1 1 1 0\n1 1 1 1 1"))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Every backend against float64, by the tolerance rule.
 
 
@@ -122,7 +122,8 @@ def test_bottom_right_causal_with_separate_keys(backend, dtype, mode, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_rows_and_keyless_rows_are_zero_without_nan(backend):
-    lens_q, lens_k = [3, 0, 5, 4], [0, 2, 2, 6]  # seq 0 has no keys, seq 2 has rows above the diagonal
+    # Sequence 0 has no keys, sequence 2 has rows above the diagonal.
+    lens_q, lens_k = [3, 0, 5, 4], [0, 2, 2, 6]
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     q = torch.randn(15, 4, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(13, 2, 16, device=DEVICE, requires_grad=True)
@@ -210,7 +211,7 @@ def test_empty_inputs():
         assert torch.equal(no_seqs, torch.zeros_like(no_seqs))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Bad inputs, opcheck, compile.
 
 
@@ -242,18 +243,22 @@ BAD_INPUTS = [
     (_bad(q=lambda a: a["q"].transpose(0, 2).contiguous().transpose(0, 2)), ValueError,
      "q must have unit stride"),
     (_bad(k=lambda a: a["k"][:9], v=lambda a: a["v"][:9]), ValueError, "without cu_seqlens_k"),
-    (_bad(cu_seqlens_q=lambda a: a["cu_seqlens_q"].long()), TypeError, "cu_seqlens_q must have dtype"),
+    (_bad(cu_seqlens_q=lambda a: a["cu_seqlens_q"].long()), TypeError,
+     "cu_seqlens_q must have dtype"),
     (_bad(cu_seqlens_q=torch.tensor([], dtype=I32)), ValueError, "cu_seqlens_q must have B + 1"),
     (_bad(cu_seqlens_k=torch.tensor([0, 4], dtype=I32)), ValueError, "cu_seqlens_k has 2 entries"),
-    (_bad(cu_seqlens_q=torch.tensor([1, 3, 9], dtype=I32)), ValueError, "cu_seqlens_q[0] must be 0"),
-    (_bad(cu_seqlens_q=torch.tensor([0, 5, 3, 9], dtype=I32)), ValueError, "must be non-decreasing"),
+    (_bad(cu_seqlens_q=torch.tensor([1, 3, 9], dtype=I32)), ValueError,
+     "cu_seqlens_q[0] must be 0"),
+    (_bad(cu_seqlens_q=torch.tensor([0, 5, 3, 9], dtype=I32)), ValueError,
+     "must be non-decreasing"),
     (_bad(cu_seqlens_q=torch.tensor([0, 5, 11], dtype=I32)), ValueError,
      "cu_seqlens_q[-1] = 11 exceeds the 10 rows of q"),
     (_bad(cu_seqlens_k=torch.tensor([0, 5, 6, 12], dtype=I32)), ValueError,
      "exceeds the 10 rows of k and v"),
     (_bad(prefix_lens=torch.tensor([1, 0, 2], dtype=I32), causal=False), ValueError,
      "prefix_lens applies to causal attention only"),
-    (_bad(prefix_lens=torch.tensor([1, 0], dtype=I32)), ValueError, "prefix_lens must be [B] = [3]"),
+    (_bad(prefix_lens=torch.tensor([1, 0], dtype=I32)), ValueError,
+     "prefix_lens must be [B] = [3]"),
     (_bad(prefix_lens=torch.tensor([1, 0, 2])), TypeError, "prefix_lens must have dtype int32"),
     (_bad(prefix_lens=torch.tensor([4, 0, 2], dtype=I32)), ValueError,
      "prefix_lens[0] = 4 must be in [0, 3]"),
@@ -261,7 +266,8 @@ BAD_INPUTS = [
     (_bad(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is below the longest sequence (6)"),
     (_bad(max_seqlen_k=2.0), TypeError, "max_seqlen_k must be None or an int"),
     (_bad(softmax_scale="0.1"), TypeError, "softmax_scale must be None or a float"),
-    (_bad(cu_seqlens_q=lambda a: a["cu_seqlens_q"].to("meta")), ValueError, "cu_seqlens_q is on meta"),
+    (_bad(cu_seqlens_q=lambda a: a["cu_seqlens_q"].to("meta")), ValueError,
+     "cu_seqlens_q is on meta"),
 ]
 
 
@@ -299,7 +305,7 @@ def test_compiles_with_fullgraph_forward_and_backward(seed):
     assert all(torch.equal(a, b.grad) for a, b in zip(compiled, eager)), case.describe()
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: real sizes in bf16 (skipped without a GPU).
 
 
@@ -315,9 +321,9 @@ def real_size_lengths(total=16384, longest=4096, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ("causal", "prefix"))
 def test_gpu_real_size_bf16(mode):
-    """16k tokens, lengths 1 to 4096, D = 128, 32 query and 8 kv heads, bf16: Triton (and torch_flash
-    where it serves) against the float32 reference by the tolerance rule; Triton also within 2x
-    (3x for gradients) of torch_flash's own error."""
+    """16k tokens, lengths 1 to 4096, D = 128, 32 query and 8 kv heads, bf16: Triton (and
+    torch_flash where it serves) against the float64 reference by the tolerance rule; Triton also
+    within 2x (3x for gradients) of torch_flash's own error."""
     case = Case(config_seed=0, dtype=torch.bfloat16, mode="causal", max_seqs=1, lengths=(0,),
                 head_dims=(128,))
     lengths = real_size_lengths()
@@ -346,7 +352,8 @@ def test_gpu_real_size_bf16(mode):
 @pytest.mark.parametrize("backend", ["triton", *FLASH_PEERS])
 def test_gpu_bottom_right_with_separate_keys_bf16(backend):
     """Checks the FlashAttention-2 peers' causal alignment too: they serve cu_seqlens_k !=
-    cu_seqlens_q only because FlashAttention-2 aligns bottom-right; this fails if they ever do not."""
+    cu_seqlens_q only because FlashAttention-2 aligns bottom-right; this fails if they ever do
+    not."""
     if backend not in runnable_backends(torch.bfloat16):
         pytest.skip(f"{backend} does not serve bf16 here")
     case = Case(config_seed=1, dtype=torch.bfloat16, mode="causal", separate_keys=True,

@@ -1,7 +1,7 @@
-"""nn.VarlenSelfAttention against a float64 Llama attention evaluated per sequence with transformers'
-own functions (``apply_rotary_pos_emb``, ``repeat_kv``) around a causal (or prefix-LM) softmax,
-within the tolerance rule (docs/numerics.md), on the kernel backends and the reference; padding rows;
-Llama parameter names; meta-device build; compile."""
+"""nn.VarlenSelfAttention against a float64 Llama attention evaluated per sequence with
+transformers' own functions (``apply_rotary_pos_emb``, ``repeat_kv``) around a causal (or prefix-LM)
+softmax, within the tolerance rule (docs/numerics.md), on the kernel backends and the reference;
+padding rows; Llama parameter names; meta-device build; compile."""
 from __future__ import annotations
 
 import math
@@ -45,8 +45,8 @@ def llama_attention(module, x, cu, positions, prefix_lens=None, dtype=torch.floa
     cos, sin = (t.to(dtype) for t in rotary_tables(positions.max().item() + 1, HEAD_DIM,
                                                   device=x.device))
     x = x.to(dtype)
-    # Projections over all packed rows at once, as the module does (the same GEMMs, so the comparison
-    # isolates rotary and attention); attention one sequence at a time, as [1, H, L, D].
+    # Projections over all packed rows at once, as the module does (the same GEMMs, so the
+    # comparison isolates rotary and attention); attention one sequence at a time, as [1, H, L, D].
     linear = torch.nn.functional.linear
     heads = {name: linear(x, weights[f"{name}_proj.weight"]).view(x.shape[0], -1, HEAD_DIM)
              for name in "qkv"}
@@ -162,7 +162,8 @@ def test_bad_configuration_raises():
 def test_compiles_with_fullgraph():
     gen = torch.Generator().manual_seed(0)
     x, cu, positions = packed_batch([4, 7], padding=1, gen=gen)
-    module = VarlenSelfAttention(HIDDEN, HEADS, KV_HEADS, HEAD_DIM, max_position_embeddings=16).to(DEVICE)
+    module = VarlenSelfAttention(HIDDEN, HEADS, KV_HEADS, HEAD_DIM,
+                                 max_position_embeddings=16).to(DEVICE)
     x = x.float().requires_grad_()
     eager = module(x, cu, positions)
     compiled = torch.compile(module, fullgraph=True)(x, cu, positions)

@@ -3,11 +3,12 @@
 ``scaled_dot_product_attention`` runs on the CPU), called once per sequence.
 
 On the CPU the sequence offsets are host memory, so reading them costs no device sync; each call
-attends one sequence's rows ``[1, Hq, L, D]`` (keys and values repeated to the query heads, and the
-key gradients summed back over each group). Plain causal self-attention (``Lq == Lk``, no prefix) and
-non-causal attention use the kernel's own masking; the bottom-right causal mask of a KV cache and the
-prefix-LM mask go in as an additive mask. A query row that sees no key (bottom-right causal with
-``Lq > Lk``) gets 0 and a -inf log-sum-exp, as the reference does, and passes no gradient.
+attends one sequence's rows ``[1, Hq, L, D]`` (keys and values repeated to the query heads, and
+the key gradients summed back over each group). Plain causal self-attention (``Lq == Lk``, no
+prefix) and non-causal attention use the kernel's own masking; the bottom-right causal mask of a KV
+cache and the prefix-LM mask go in as an additive mask. A query row that sees no key (bottom-right
+causal with ``Lq > Lk``) gets 0 and a -inf log-sum-exp, as the reference does, and passes no
+gradient.
 
 Its log-sum-exp (float32 ``[Hq, Tq]``) is the kernel's own, in natural log, the reference's layout.
 The backward is a loop over (sequence, head) tasks with no atomics: deterministic.
@@ -92,7 +93,8 @@ def _backward(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens, 
             # flows through them, and a finite stand-in log-sum-exp keeps the kernel's exp finite.
             seq_grad = torch.where(sees[None, None, :, None], seq_grad, 0)
             seq_lse = seq_lse.masked_fill(~sees[None, None, :], 0.0)
-        grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_q, grad_k, grad_v = flash_backward(
             seq_grad.contiguous(), _heads_first(q, q0, q1, 1), _heads_first(k, k0, k1, group),
             _heads_first(v, k0, k1, group), seq_out, seq_lse.contiguous(), 0.0, is_causal,
             attn_mask=mask, scale=softmax_scale)

@@ -23,6 +23,7 @@ from sphinx_kernels._validation import (
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN_BACKEND
+from sphinx_kernels.ops.torch_cpu_flash import TORCH_CPU_FLASH_BACKEND
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH_BACKEND
 from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
@@ -235,6 +236,7 @@ VARLEN_ATTENTION_BACKENDS = OpBackends("varlen_attention", [
             KERNEL_DTYPES, _triton_reasons),
     TORCH_FLASH_BACKEND,
     FLASH_ATTN_BACKEND,
+    TORCH_CPU_FLASH_BACKEND,
     Backend(REFERENCE, Impl(_reference_forward, varlen_attention_backward_reference), FLOAT_DTYPES),
 ], request_type=VarlenAttentionRequest)
 

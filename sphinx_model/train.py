@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sphinx_model.checkpoints import atomic_directory
 from sphinx_model.config import SphinxConfig
 from sphinx_model.data import DataConfig, DataPosition, SphinxData, StepBatch, StepStats
 from sphinx_model.datasets import SKIP_CAUSES
+from sphinx_model.export import write_pretrained
 from sphinx_model.parallel import (
     Distributed,
     all_reduce_sum,
@@ -317,11 +317,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, env: Distributed | None = N
             save_checkpoint(output / "checkpoints", step + 1, model, optimizer,
                             {"data": batch.position.to_dict(), "scheduler": scheduler.state_dict(),
                              "skipped": skipped, "truncated": truncated,
-                             "bad_streak": bad_streak, "config": dataclasses.asdict(cfg)},
-                            env, cfg.keep_last)
+                             "bad_streak": bad_streak, "config": dataclasses.asdict(cfg),
+                             "model_config": model_cfg.to_dict()},
+                            env, cfg.keep_last, data.tokenizer)
     if progress is not None:
         progress.close()
-    final_dir = export_final(model, model_cfg, data.tokenizer, output / "final", env)
+    final_dir = export_final(model, data.tokenizer, output / "final", env)
     result = TrainResult(records, final_dir, skipped)
     if env.is_main:
         plot_loss(MetricsLog.read(output / "metrics.jsonl"), output / "loss.png")
@@ -329,23 +330,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, env: Distributed | None = N
     return result
 
 
-def export_final(model: SphinxX, model_cfg: SphinxConfig, tokenizer: Tokenizer, path: Path,
-                 env: Distributed) -> Path | None:
+def export_final(model: SphinxX, tokenizer: Tokenizer, path: Path, env: Distributed
+                 ) -> Path | None:
     """``SphinxX.save_pretrained`` of the trained model into ``path`` with the tokenizer's file
-    beside it (rank 0 writes; a sharded model's full state is gathered first)."""
+    beside it (rank 0 writes; a sharded model's full state is gathered first, on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
     if not env.is_main:
         return None
-    with torch.device("meta"):
-        final = SphinxX(model_cfg)
-    final.assign_state({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, "cpu")
-    with atomic_directory(path) as tmp:
-        final.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return path
+    return write_pretrained({k: v.detach().to("cpu", torch.float32) for k, v in state.items()},
+                            model.config, tokenizer, path)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -37,12 +37,15 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sphinx_model.parallel import Distributed, barrier
+from sphinx_model.tokenizer import Tokenizer
 
 __all__ = [
     "TRAINER_STATE",
     "checkpoint_dirs",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_model_state",
+    "read_trainer_state",
     "save_checkpoint",
 ]
 
@@ -82,9 +85,10 @@ def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], env: Distributed,
-                    keep_last: int) -> Path:
+                    keep_last: int, tokenizer: Tokenizer | None = None) -> Path:
     """Writes ``root/step-<step>`` atomically (every rank calls this); ``state``: the JSON-able
-    trainer state (this adds the RNG states). Returns the checkpoint directory."""
+    trainer state (this adds the RNG states); ``tokenizer``: written beside it when given. Returns
+    the checkpoint directory."""
     root = Path(root)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     if env.is_main:
@@ -96,6 +100,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     rng = _rng_states(env)
     if env.is_main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         _write_json(tmp / TRAINER_STATE, {**state, "step": step, "world_size": env.world_size,
                                          "rng": rng})
         if final.exists():  # the same step written again (a resumed run): replace it
@@ -113,11 +119,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Loads a checkpoint written at any world size into the (already parallelized) ``model`` and
     ``optimizer``; restores this rank's RNG states; returns the trainer state."""
     path = Path(path)
-    state_file = path / TRAINER_STATE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
-    with open(state_file, encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_trainer_state(path)
     model_state, optim_state, flat = _flat_state(model, optimizer)
     with _single_process_quiet():
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)))
@@ -125,6 +127,29 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     saved = state.get("rng", [])
     if saved:
         _set_rng_state(saved[env.rank % len(saved)])
+    return state
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``; ``FileNotFoundError`` when the directory
+    is not a complete checkpoint."""
+    state_file = Path(path) / TRAINER_STATE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    with open(state_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_model_state(path: str | os.PathLike, like: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """The model tensors of checkpoint ``path`` (written at any world size), read in this one
+    process into new CPU tensors with the names, shapes and dtypes of ``like`` (tensors on any
+    device, the meta device included); the optimizer state is not read."""
+    read_trainer_state(path)  # a complete checkpoint, else FileNotFoundError
+    state = {key: torch.empty(tensor.shape, dtype=tensor.dtype) for key, tensor in like.items()}
+    with _single_process_quiet():
+        dcp.load({f"model/{key}": tensor for key, tensor in state.items()},
+                 storage_reader=HuggingFaceStorageReader(str(path)))
     return state
 
 

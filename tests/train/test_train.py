@@ -17,7 +17,10 @@ import torch
 
 import sphinx_model.train as train_module
 from sphinx_model.data import DataConfig, SphinxData
+from sphinx_model.export import export_checkpoint
+from sphinx_model.export import main as export_main
 from sphinx_model.parallel import Distributed
+from sphinx_model.sphinx import SphinxX
 from sphinx_model.train import TrainingDiverged, build_model, build_optimizer, train, train_step
 from sphinx_model.train_checkpoint import latest_checkpoint, load_checkpoint
 from sphinx_model.train_config import TrainConfig, model_config
@@ -94,8 +97,29 @@ def test_two_gloo_ranks_match_one_and_their_checkpoint_resumes_on_one(tmp_path, 
     state = json.loads((tmp_path / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     torch.testing.assert_close(losses(tmp_path), uninterrupted[:2], rtol=1e-5, atol=0)
+    # The 2 ranks' checkpoint exported in this one process is the model the 2 ranks exported.
+    exported = export_checkpoint(tmp_path / "checkpoints" / "step-2", tmp_path / "exported")
+    assert sorted(p.name for p in exported.iterdir()) == sorted(
+        p.name for p in (tmp_path / "final").iterdir())
+    final = SphinxX.from_pretrained(tmp_path / "final").checkpoint_state()
+    assert_states_equal(SphinxX.from_pretrained(exported).checkpoint_state(), final)
     train(tiny(tmp_path), resume=True, env=ENV)  # 2 ranks' checkpoint, 1 rank now
     torch.testing.assert_close(losses(tmp_path), uninterrupted, rtol=1e-5, atol=0)
+
+
+def assert_states_equal(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_export_refuses_what_is_not_a_complete_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        export_checkpoint(tmp_path, tmp_path / "out")
+    (tmp_path / "trainer_state.json").write_text('{"step": 1}')
+    with pytest.raises(ValueError, match="no model configuration"):
+        export_checkpoint(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_write_killed_midway_leaves_the_previous_checkpoint_for_resume(tmp_path, uninterrupted):
@@ -206,3 +230,9 @@ def test_help_and_unknown_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_module.parse_args(["--steps", "2", "--lrr", "1"])
     assert exit_info.value.code == 2 and "unknown config key 'lrr'" in capsys.readouterr().err
+
+
+def test_export_cli_names_a_bad_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(tmp_path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "not a complete checkpoint" in capsys.readouterr().err

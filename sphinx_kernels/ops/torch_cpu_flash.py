@@ -37,7 +37,7 @@ def _mask(len_q, len_k, prefix, causal, dtype, device):
     kernel's own causal mask where it is ours (top-left and bottom-right agree when ``Lq == Lk``),
     else ``varlen_attention_mask`` as 0 / -inf, keyless rows opened to every key (finite values,
     replaced afterwards)."""
-    if not causal:
+    if not causal or len_q == 1:  # one query row is the last: bottom-right, it sees every key
         return False, None, None
     if prefix == 0 and len_q == len_k:
         return True, None, None
@@ -57,6 +57,22 @@ def _heads_first(x, start, end, group):
     return (rows.repeat_interleave(group, dim=0) if group > 1 else rows)[None]
 
 
+def _unmasked(q, k, v, q0, q1, k0, k1, softmax_scale):
+    """Attention of query rows ``q0:q1`` to every key ``k0:k1``: with no mask the rows are
+    independent, so each kv head's query heads go in as more rows of that head (``[1, Hkv,
+    Lq * group, D]``) instead of the keys and values repeated to every query head. Returns
+    ``out [Lq, Hq, Dv]`` and ``lse [Hq, Lq]``."""
+    len_q, kv_heads = q1 - q0, k.shape[1]
+    group = q.shape[1] // kv_heads
+    rows = q[q0:q1].view(len_q, kv_heads, group, -1).transpose(0, 1).reshape(
+        1, kv_heads, len_q * group, -1)
+    seq_out, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        rows, _heads_first(k, k0, k1, 1), _heads_first(v, k0, k1, 1), 0.0, False,
+        scale=softmax_scale)
+    out = seq_out[0].view(kv_heads, len_q, group, -1).transpose(0, 1).reshape(len_q, q.shape[1], -1)
+    return out, seq_lse[0].view(kv_heads, len_q, group).transpose(1, 2).reshape(q.shape[1], len_q)
+
+
 def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen_k, causal,
              softmax_scale, deterministic):
     heads, group = q.shape[1], q.shape[1] // k.shape[1]
@@ -66,6 +82,9 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max
         if k1 == k0:
             continue  # no key: the rows stay 0 with a -inf log-sum-exp
         is_causal, mask, sees = _mask(q1 - q0, k1 - k0, prefix, causal, q.dtype, q.device)
+        if not is_causal and mask is None:
+            out[q0:q1], lse[:, q0:q1] = _unmasked(q, k, v, q0, q1, k0, k1, softmax_scale)
+            continue
         seq_out, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _heads_first(q, q0, q1, 1), _heads_first(k, k0, k1, group),
             _heads_first(v, k0, k1, group), 0.0, is_causal, attn_mask=mask, scale=softmax_scale)

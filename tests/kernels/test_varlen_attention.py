@@ -121,6 +121,17 @@ def test_bottom_right_causal_with_separate_keys(backend, dtype, mode, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_rows_one_query_per_sequence(backend, mode, seed):
+    """A decode step: one query row per sequence against its cached keys, grouped-query heads (2
+    query heads per kv head here): the last row sees every key whatever the mode."""
+    case = Case(config_seed=6, dtype=torch.float32, mode=mode, separate_keys=True, max_seqs=4,
+                first_lens_q=(1, 1, 1, 1), first_lens_k=(1, 6, 40, 17), seed=seed)
+    assert case.heads == 2 * case.kv_heads
+    assert_matches_float64(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_rows_and_keyless_rows_are_zero_without_nan(backend):
     # Sequence 0 has no keys, sequence 2 has rows above the diagonal.
     lens_q, lens_k = [3, 0, 5, 4], [0, 2, 2, 6]

@@ -1,0 +1,128 @@
+"""The whole check: record every launch for each target, compile each distinct specialisation (and
+each CUDA source) in parallel worker processes, judge them by the policy.
+
+Workers are spawned (not forked: the parent holds torch and fake-mode state); each compiles one
+specialisation at a time, so the load balances whatever the kernels cost.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from sphinx_kernels.aot import cuda_sources, policy
+from sphinx_kernels.aot.compile import Measurement, compile_launch
+from sphinx_kernels.aot.record import TARGETS, Launch, Target, record
+from sphinx_kernels.aot.workloads import workloads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Row:
+    """One specialisation on one target."""
+
+    launch: Launch
+    target: Target
+    measurement: Measurement
+    violations: list[policy.Violation]
+
+    @property
+    def failed(self) -> list[policy.Violation]:
+        """The violations no exemption covers."""
+        return [v for v in self.violations if v.excused_by is None]
+
+
+@dataclass
+class Results:
+    rows: list[Row]
+    cuda: list[cuda_sources.CudaKernel]
+    cuda_errors: list[str]
+    environment: dict
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[tuple[Row, policy.Violation]]:
+        return [(row, v) for row in self.rows for v in row.failed]
+
+    @property
+    def cuda_spills(self) -> list[cuda_sources.CudaKernel]:
+        return [k for k in self.cuda if k.spills]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.cuda_spills and not self.cuda_errors
+
+
+def _expected_cost(job: tuple[Launch, Target]) -> tuple:
+    """Longest first, so that no long compile starts last: float32 data (the largest tiles, the
+    slowest register allocation), then the kernels with the most dots."""
+    launch, _ = job
+    return "float32" in launch.dtypes, launch.kernel().src.count("tl.dot(")
+
+
+def _compile_cuda(source: str, target: str):
+    try:
+        return cuda_sources.compile_source(ROOT, source, target), None
+    except (RuntimeError, OSError) as error:
+        return [], str(error)
+
+
+def environment() -> dict:
+    import torch
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(90)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=False,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"torch": torch.__version__, "triton": triton.__version__,
+            "ptxas": ptxas.version.strip().splitlines()[-1] if ptxas.version else "",
+            "nvcc": _nvcc_version(), "machine": platform.machine(), "commit": commit}
+
+
+def _nvcc_version() -> str:
+    tool = cuda_sources.nvcc()
+    if tool is None:
+        return ""
+    done = subprocess.run([tool, "--version"], check=False, capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else ""
+
+
+def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True) -> Results:
+    """Records, compiles and judges everything; ``jobs`` worker processes compile."""
+    start = time.perf_counter()
+    timings = {}
+    launches = {target.name: record(workloads(), target) for target in targets}
+    timings["record"] = time.perf_counter() - start
+    sources = cuda_sources.sources(ROOT) if cuda and cuda_sources.nvcc() else []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        # The CUDA sources first: a few long nvcc runs, while the many short compiles fill the gaps.
+        cuda_jobs = [pool.submit(_compile_cuda, source, target)
+                     for source in sources for target in cuda_sources.ARCHS]
+        ordered = [(launch, target) for target in targets for launch in launches[target.name]]
+        futures = {(launch.key, target.name): pool.submit(compile_launch, launch, target)
+                   for launch, target in sorted(ordered, key=_expected_cost, reverse=True)}
+        rows = []
+        for launch, target in ordered:  # the table keeps the recording order
+            measurement = futures[launch.key, target.name].result()
+            rows.append(Row(launch, target, measurement,
+                            policy.violations(launch, measurement, target)))
+        cuda_kernels, cuda_errors = [], []
+        for job in cuda_jobs:
+            kernels, error = job.result()
+            cuda_kernels += kernels
+            if error:
+                cuda_errors.append(error)
+    timings["compile"] = time.perf_counter() - start - timings["record"]
+    timings["triton compile (sum over workers)"] = sum(r.measurement.seconds for r in rows)
+    return Results(rows, cuda_kernels, cuda_errors, environment(),
+                   time.perf_counter() - start, timings)

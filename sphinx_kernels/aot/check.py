@@ -2,14 +2,18 @@
 each CUDA source) in parallel worker processes, judge them by the policy.
 
 Workers are spawned (not forked: the parent holds torch and fake-mode state); each compiles one
-specialisation at a time, so the load balances whatever the kernels cost.
+specialisation at a time, so the load balances whatever the kernels cost. Their Triton cache is a
+temporary directory: every compile is done afresh anyway (see ``compile``), and a run would
+otherwise leave some 200 MB of kernels in the user's cache.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import platform
+import re
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +63,10 @@ class Results:
         return not self.failures and not self.cuda_spills and not self.cuda_errors
 
 
+def _use_cache(path: str) -> None:
+    os.environ["TRITON_CACHE_DIR"] = path
+
+
 def _expected_cost(job: tuple[Launch, Target]) -> tuple:
     """Longest first, so that no long compile starts last: float32 data (the largest tiles, the
     slowest register allocation), then the kernels with the most dots."""
@@ -66,9 +74,9 @@ def _expected_cost(job: tuple[Launch, Target]) -> tuple:
     return "float32" in launch.dtypes, launch.kernel().src.count("tl.dot(")
 
 
-def _compile_cuda(source: str, target: str):
+def _compile_cuda(source: str):
     try:
-        return cuda_sources.compile_source(ROOT, source, target), None
+        return cuda_sources.compile_source(ROOT, source), None
     except (RuntimeError, OSError) as error:
         return [], str(error)
 
@@ -93,7 +101,8 @@ def _nvcc_version() -> str:
     if tool is None:
         return ""
     done = subprocess.run([tool, "--version"], check=False, capture_output=True, text=True)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else ""
+    release = re.search(r"release ([\d.]+), (V[\d.]+)", done.stdout)
+    return f"{release.group(1)} ({release.group(2)})" if release else ""
 
 
 def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True) -> Results:
@@ -104,10 +113,11 @@ def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True)
     timings["record"] = time.perf_counter() - start
     sources = cuda_sources.sources(ROOT) if cuda and cuda_sources.nvcc() else []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with (tempfile.TemporaryDirectory(prefix="sphinx-aot-") as cache,
+          ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_use_cache,
+                              initargs=(cache,)) as pool):
         # The CUDA sources first: a few long nvcc runs, while the many short compiles fill the gaps.
-        cuda_jobs = [pool.submit(_compile_cuda, source, target)
-                     for source in sources for target in cuda_sources.ARCHS]
+        cuda_jobs = [pool.submit(_compile_cuda, source) for source in sources]
         ordered = [(launch, target) for target in targets for launch in launches[target.name]]
         futures = {(launch.key, target.name): pool.submit(compile_launch, launch, target)
                    for launch, target in sorted(ordered, key=_expected_cost, reverse=True)}

@@ -1,8 +1,8 @@
 """Registers and spills of the CUDA sources (``csrc/**/*.cu``), from nvcc's ptxas.
 
-Each file is compiled alone for one architecture with the flags ``setup.py`` gives nvcc
-(``-O3 -lineinfo -std=c++17``) plus ``-Xptxas -v``; every kernel instantiation's registers, spill
-stores and loads, and static shared memory are read from the log. The sources include only CUDA
+Each file is compiled alone, for every architecture in one nvcc run, with the flags ``setup.py``
+gives nvcc (``-O3 -lineinfo -std=c++17``) plus ``-Xptxas -v``; every kernel instantiation's
+registers, spill stores and loads, and static shared memory are read from the log. The sources include only CUDA
 headers, so a file takes seconds. The toolkit is the ``nvcc`` on the PATH (or in ``CUDA_HOME``).
 """
 from __future__ import annotations
@@ -58,17 +58,17 @@ def sources(root: str) -> list[str]:
     return sorted(found)
 
 
-def compile_source(root: str, source: str, target: str) -> list[CudaKernel]:
-    """Compiles ``source`` for ``target`` (a key of ``ARCHS``) and reads every kernel's resources.
+def compile_source(root: str, source: str) -> list[CudaKernel]:
+    """Compiles ``source`` for every architecture of ``ARCHS`` and reads every kernel's resources.
     Raises ``RuntimeError`` with nvcc's log when it does not compile."""
-    arch = ARCHS[target]
+    gencodes = [flag for arch in ARCHS.values()
+                for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
     with tempfile.TemporaryDirectory() as scratch:
-        command = [nvcc(), *NVCC_FLAGS, "-Xptxas", "-v", "-gencode",
-                   f"arch=compute_{arch},code=sm_{arch}", "-c", os.path.join(root, source),
-                   "-o", os.path.join(scratch, "kernels.o")]
+        command = [nvcc(), *NVCC_FLAGS, "-Xptxas", "-v", *gencodes, "-c",
+                   os.path.join(root, source), "-o", os.path.join(scratch, "kernels.o")]
         done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"nvcc failed on {source} for {target}:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"nvcc failed on {source}:\n{done.stderr[-4000:]}")
     return parse_log(done.stdout + done.stderr, source)
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -167,6 +168,38 @@ def test_document_is_generated_from_this_toolchain(results):
     if f"triton {env['triton']}, ptxas {env['ptxas']};" not in text:
         pytest.skip(f"docs/launchability.md is from another toolchain than triton {env['triton']}")
     assert not results["returncode"] & 2, "stale: run python -m sphinx_kernels.aot"
+
+
+def _probe(x_ptr, y_ptr, n, one, stride, BLOCK):  # a kernel signature for the test below
+    pass
+
+
+def test_recorded_launch_is_specialised_as_tritons_launcher_does():
+    """The recorder's tensor stand-ins give the attributes Triton's own binder gives real tensors:
+    16-byte aligned pointers and integers divisible by 16 marked, integers equal to 1 constant."""
+    import torch
+    from triton import knobs
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from sphinx_kernels.aot import record
+    kernel = JITFunction(_probe)
+    kernel.params[-1].is_constexpr = True  # BLOCK, as if annotated tl.constexpr
+    x = torch.empty(64, dtype=torch.float16)
+    args, meta = (x, x[1:], 32, 1, 7), {"BLOCK": 16, "num_warps": 4}
+    recorder = record._Recorder(TARGETS[0])
+    recorder.workload = SimpleNamespace(name="probe", dtype="float16")
+    recorder.run(kernel, *args, grid=(3,), warmup=False, **meta)
+    [launch] = recorder.launches
+    options = {"debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    binder = create_function_from_signature(kernel.signature, kernel.params, recorder.backend)
+    bound, specialization, opts = binder(*args, **meta, **options)
+    _, signature, constexprs, attrs = kernel._pack_args(recorder.backend, {**meta, **options},
+                                                        bound, specialization, opts)
+    assert (launch.signature, launch.constexprs, launch.attrs) == (signature, constexprs, attrs)
+    divisible = [["tt.divisibility", 16]]
+    assert [launch.attrs.get((i,)) for i in (0, 1, 2, 4)] == [divisible, [], divisible, []]
+    assert launch.constexprs == {(3,): 1, (5,): 16} and launch.options["num_warps"] == 4
+    assert launch.grid == (3,)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -109,15 +109,15 @@ def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True)
     """Records, compiles and judges everything; ``jobs`` worker processes compile."""
     start = time.perf_counter()
     timings = {}
-    launches = {target.name: record(workloads(), target) for target in targets}
-    timings["record"] = time.perf_counter() - start
     sources = cuda_sources.sources(ROOT) if cuda and cuda_sources.nvcc() else []
     context = multiprocessing.get_context("spawn")
     with (tempfile.TemporaryDirectory(prefix="sphinx-aot-") as cache,
           ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_use_cache,
                               initargs=(cache,)) as pool):
-        # The CUDA sources first: a few long nvcc runs, while the many short compiles fill the gaps.
+        # The CUDA sources first: their nvcc runs start the workers while this process records.
         cuda_jobs = [pool.submit(_compile_cuda, source) for source in sources]
+        launches = {target.name: record(workloads(), target) for target in targets}
+        timings["record"] = time.perf_counter() - start
         ordered = [(launch, target) for target in targets for launch in launches[target.name]]
         futures = {(launch.key, target.name): pool.submit(compile_launch, launch, target)
                    for launch, target in sorted(ordered, key=_expected_cost, reverse=True)}

@@ -1,9 +1,13 @@
-"""Builds sphinx_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and a
-CUDA toolkit is found. Without a compiler or a toolkit the install still succeeds with what it could build
-(the Triton and reference backends need no extension) and says so in one line.
+"""Builds sphinx_kernels._C: the C++ CPU kernels when a C++ compiler is found, the CUDA kernels too
+when torch is a CUDA build and a CUDA toolkit is found. Without a compiler the install succeeds
+without the extension, and without a toolkit without the CUDA kernels (the Triton and reference
+backends need neither), each saying why in one line. A compiler or toolkit that is there but fails
+(a broken source, a broken toolkit) fails the install.
 
 Environment: CUDA_HOME (else the toolkit behind `nvcc` on the PATH), TORCH_CUDA_ARCH_LIST (default
-"8.0;9.0"), MAX_JOBS (parallel compile jobs), SPHINX_KERNELS_NO_CUDA=1 (build the CPU kernels only).
+"8.0;9.0"), MAX_JOBS (parallel compile jobs), CXX (the C++ compiler, default c++),
+SPHINX_KERNELS_NO_CUDA=1 (build the CPU kernels only), SPHINX_KERNELS_REQUIRE_EXTENSION=1 (fail
+rather than install without the extension: CI).
 """
 import glob
 import os
@@ -40,12 +44,22 @@ def say(message):
     print(f"sphinx-kernels: {message}", file=sys.stderr, flush=True)
 
 
+def without_extension(why):
+    """No extension: fine for a user (the Triton and reference backends serve), an error for CI."""
+    if os.environ.get("SPHINX_KERNELS_REQUIRE_EXTENSION"):
+        raise SystemExit(f"sphinx-kernels: SPHINX_KERNELS_REQUIRE_EXTENSION is set, but {why}")
+    say(f"{why}; installing without sphinx_kernels._C")
+    return [], {}
+
+
 def extension_modules():
     try:
         import torch  # the build needs the torch it will run with: pip install --no-build-isolation
     except ImportError:
-        say("torch is not importable at build time; building without sphinx_kernels._C")
-        return [], {}
+        return without_extension("torch is not importable at build time")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return without_extension(f"no C++ compiler ({compiler!r} is not on the PATH; set CXX)")
     cuda_home = None
     if torch.version.cuda and not os.environ.get("SPHINX_KERNELS_NO_CUDA"):
         cuda_home = find_cuda_home()
@@ -82,7 +96,7 @@ def extension_modules():
         ext = cpp_extension.CppExtension("sphinx_kernels._C", sources,
                                          extra_compile_args={"cxx": cxx}, extra_link_args=link)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
-    return [ext], {"build_ext": _tolerant(build_ext)}
+    return [ext], {"build_ext": _explained(build_ext)}
 
 
 def _nvidia_wheel_include():
@@ -94,19 +108,20 @@ def _nvidia_wheel_include():
     return None
 
 
-def _tolerant(build_ext):
-    """build_ext that reports a failed compile in one line and installs the pure-Python package."""
+def _explained(build_ext):
+    """build_ext whose failure says what to do: a compile that fails is a broken source or toolkit,
+    never a reason to install without the kernels."""
 
-    class TolerantBuildExt(build_ext):
+    class ExplainedBuildExt(build_ext):
         def run(self):
             try:
                 super().run()
-            except Exception as error:  # compiler missing or failing: Triton and reference still work
-                if os.environ.get("SPHINX_KERNELS_REQUIRE_EXTENSION"):
-                    raise
-                say(f"building sphinx_kernels._C failed, installing without it: {error}")
+            except Exception:
+                say("building sphinx_kernels._C failed (the error is above). A toolkit that cannot "
+                    "build CUDA here can be left out with SPHINX_KERNELS_NO_CUDA=1.")
+                raise
 
-    return TolerantBuildExt
+    return ExplainedBuildExt
 
 
 ext_modules, cmdclass = extension_modules()

@@ -1,1 +1,2 @@
-"""Benchmarks of every op against its peers: ``python -m benchmarks [--family varlen] [--quick]``."""
+"""Benchmarks of every op against its peers: ``python -m benchmarks [--family varlen]
+[--quick]``."""

@@ -4,11 +4,20 @@ import argparse
 
 import torch
 
-from benchmarks import bench_layer, bench_moe, bench_projection, bench_varlen
+from benchmarks import (
+    bench_generate,
+    bench_hf,
+    bench_layer,
+    bench_moe,
+    bench_projection,
+    bench_train,
+    bench_varlen,
+)
 from benchmarks.harness import RESULTS_DIR
 
 FAMILIES = {"varlen": bench_varlen.run, "projection": bench_projection.run, "moe": bench_moe.run,
-            "layer": bench_layer.run}
+            "layer": bench_layer.run, "hf": bench_hf.run, "generate": bench_generate.run,
+            "train": bench_train.run}
 
 
 def main(argv=None):

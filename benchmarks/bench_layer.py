@@ -1,12 +1,12 @@
-"""Layer-level benchmark: the three kernel families strung together the way a SPHINX-X training step uses
-them, against the padded baseline users write today.
+"""Layer-level benchmark: the three kernel families strung together the way a SPHINX-X training step
+uses them, against the padded baseline users write today.
 
     python -m benchmarks --family layer [--quick]
 
-Workload (seeded, synthetic): samples of one image each, its aspect ratio drawn log-uniformly from 1:4
-to 4:1 and fitted to a canvas of ``canvas x canvas`` sub-image tiles (tiles outside the image are pure
-padding), and a text of 32 to 2048 tokens (log-uniform; 32 to 256 on the CPU) whose second half is the
-answer. One step, forward and backward:
+Workload (seeded, synthetic): samples of one image each, its aspect ratio drawn log-uniformly from
+1:4 to 4:1 and fitted to a canvas of ``canvas x canvas`` sub-image tiles (tiles outside the image
+are pure padding), and a text of 32 to 2048 tokens (log-uniform; 32 to 256 on the CPU) whose second
+half is the answer. One step, forward and backward:
 
 - sphinx_kernels: the layout is planned on the CPU (``plan_layout``; the data loader's work, outside
   the timed step); only the global view and the kept tiles go through the encoders; one
@@ -15,13 +15,15 @@ answer. One step, forward and backward:
   (RMSNorm, ``nn.VarlenSelfAttention``, RMSNorm, ``nn.MoEMLP``) runs on the packed tokens.
 - padded baseline: every tile of the canvas is encoded; the projection is the eager chain
   (``patch_projection_reference``: pool, transposing copy, concatenating copy, Linear, LayerNorm);
-  every sample is padded to the longest; attention is Hugging Face's eager attention with a
-  padding-and-causal mask; the MoE is the Hugging Face loop over experts (``bench_moe``'s).
+  every sample is padded to the longest; attention is transformers' own ``LlamaAttention`` (eager,
+  a padding-and-causal mask) on the layer's projections, the MoE transformers' own
+  ``MixtralSparseMoeBlock`` (its loop over experts) holding the layer's expert weights. It needs
+  transformers, and is skipped with the reason without it.
 
-The frozen encoders are stood in for by one linear patch embedding per encoder (DINOv2-like tokens, a
-ConvNeXt-like map read through its strides): real encoders cost far more per view, so the saving from
-skipped tiles is understated here. Reported: tokens/s (real tokens, padding excluded), ms per step,
-peak memory, and the ratio to the baseline.
+The frozen encoders are stood in for by one linear patch embedding per encoder (DINOv2-like tokens,
+a ConvNeXt-like map read through its strides): real encoders cost far more per view, so the saving
+from skipped tiles is understated here. Reported: tokens/s (real tokens, padding excluded), ms per
+step, peak memory, and the ratio to the baseline.
 """
 from __future__ import annotations
 
@@ -32,13 +34,17 @@ from dataclasses import dataclass
 import torch
 
 import sphinx_kernels
-from benchmarks.bench_moe import TOP_K, eager_moe_layer
-from benchmarks.harness import RESULTS_DIR, Row, run_family, time_ms
+from benchmarks import transformers_baselines
+from benchmarks.bench_moe import TOP_K
+from benchmarks.harness import RESULTS_DIR, run_family, time_ms
+from benchmarks.peers import peer_missing
+from benchmarks.rows import Row
 from sphinx_kernels import nn as sk_nn
-from sphinx_kernels.layout import ImageSpec, SampleSpec, layout_inputs, plan_layout
-from sphinx_kernels.projection import patch_projection_reference
+from sphinx_kernels.dtypes import dtype_name
+from sphinx_kernels.ops.patch_projection import patch_projection_reference
+from sphinx_kernels.ops.plan_layout import ImageSpec, SampleSpec, layout_inputs, plan_layout
 
-OURS, BASELINE = "sphinx_kernels layer", "padded eager"
+OURS, BASELINE = "sphinx_kernels layer", "padded transformers (eager)"
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,9 @@ def synthetic_samples(cfg: LayerConfig, seed: int) -> list[SampleSpec]:
 
 
 class StandInEncoders(torch.nn.Module):
-    """Frozen stand-ins for DINOv2 (a CLS token and a token grid) and CLIP-ConvNeXt (a channels-first
-    map): one patch embedding each. Input ``[V, grid * grid, patch]`` pixels of the views."""
+    """Frozen stand-ins for DINOv2 (a CLS token and a token grid) and CLIP-ConvNeXt (a
+    channels-first map): one patch embedding each. Input ``[V, grid * grid, patch]`` pixels of the
+    views."""
 
     def __init__(self, cfg: LayerConfig, device):
         super().__init__()
@@ -104,7 +111,8 @@ class StandInEncoders(torch.nn.Module):
         tokens = torch.cat([self.cls.expand(views, 1, -1), self.dino(pixels)], dim=1)
         # The map in channels-first layout as a strided view of channels-last storage (no copy):
         # how a ConvNeXt's output usually arrives.
-        feature_map = self.convnext(pixels).view(views, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        feature_map = self.convnext(pixels).view(views, self.grid, self.grid, -1)
+        feature_map = feature_map.permute(0, 3, 1, 2)
         return tokens, feature_map
 
 
@@ -133,7 +141,8 @@ class Step(torch.nn.Module):
         self.projector = sk_nn.PatchProjector(cfg.channels, cfg.hidden, (cfg.grid, cfg.grid),
                                               **factory)
         self.embed = torch.nn.Embedding(cfg.vocab, cfg.hidden, **factory)
-        self.special = torch.nn.Parameter(torch.randn(3, cfg.hidden, **factory) * 0.02)  # skip, begin, end
+        # The skip, begin and end vectors.
+        self.special = torch.nn.Parameter(torch.randn(3, cfg.hidden, **factory) * 0.02)
         self.layer = DecoderLayer(cfg, device)
 
 
@@ -156,29 +165,21 @@ def kernel_step(model: Step, batch: dict) -> torch.Tensor:
     return x + moe
 
 
-def eager_attention(attention, x, mask):
-    """Hugging Face's eager attention on ``[B, L, H]`` with an additive ``[B, 1, L, L]`` mask."""
-    batch, length, _ = x.shape
-    heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    q = attention.q_proj(x).view(batch, length, heads, dim).transpose(1, 2)
-    k = attention.k_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    v = attention.v_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    cos = attention.rotary_cos[:length].to(x.dtype)
-    sin = attention.rotary_sin[:length].to(x.dtype)
-
-    def rotate(t):
-        first, second = t.chunk(2, dim=-1)
-        return t * cos + torch.cat([-second, first], dim=-1) * sin
-    q, k = rotate(q), rotate(k)
-    k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-    scores = (q @ k.transpose(2, 3)) / math.sqrt(dim) + mask
-    probs = scores.float().softmax(-1).to(q.dtype)
-    out = (probs @ v).transpose(1, 2).reshape(batch, length, heads * dim)
-    return attention.o_proj(out)
+def transformers_layer(layer: DecoderLayer) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' own LlamaAttention on the layer's projections (the same parameters) and
+    MixtralSparseMoeBlock holding a copy of its experts and router: the padded baseline's layer."""
+    attention, mlp = layer.attention, layer.mlp
+    return (transformers_baselines.llama_attention(
+                attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                attention.num_heads, attention.num_kv_heads, attention.head_dim),
+            transformers_baselines.mixtral_moe_block(mlp.router.weight.detach(), mlp.w1.detach(),
+                                                     mlp.w3.detach(), mlp.w2.detach(), mlp.top_k))
 
 
-def padded_step(model: Step, batch: dict) -> torch.Tensor:
-    """The padded path: encode every tile, eager projection, pad to the longest sample, eager layer."""
+def padded_step(model: Step, batch: dict, hf_layer: tuple[torch.nn.Module, torch.nn.Module]
+                ) -> torch.Tensor:
+    """The padded path: encode every tile, eager projection, pad to the longest sample,
+    transformers' attention and MoE block (``transformers_layer(model.layer)``)."""
     with torch.no_grad():
         tokens, feature_map = model.encoders(batch["all_pixels"])
     projector = model.projector
@@ -191,10 +192,14 @@ def padded_step(model: Step, batch: dict) -> torch.Tensor:
     rows = torch.cat([torch.zeros(1, visual.shape[1], device=visual.device, dtype=visual.dtype)]
                      + [src[idx] for src, idx in zip(sources, batch["padded_indices"])])
     x = rows[batch["padded_gather"]]                                   # [B, L, H]
-    layer = model.layer
-    x = x + eager_attention(layer.attention, layer.input_norm(x), batch["padded_mask"])
-    mlp = layer.mlp
-    moe = eager_moe_layer(layer.post_norm(x).flatten(0, 1), mlp.router.weight, mlp.w1, mlp.w3, mlp.w2)
+    layer, (attention, moe_block) = model.layer, hf_layer
+    length = x.shape[1]
+    rotary = (t[:length].to(x.dtype).expand(x.shape[0], -1, -1)
+              for t in (layer.attention.rotary_cos, layer.attention.rotary_sin))
+    attended, _ = attention(layer.input_norm(x), position_embeddings=tuple(rotary),
+                            attention_mask=batch["padded_mask"])
+    x = x + attended
+    moe = transformers_baselines.moe_block_output(moe_block, layer.post_norm(x).flatten(0, 1))
     return x + moe.view_as(x)
 
 
@@ -260,9 +265,13 @@ def bench_layer(device: torch.device, quick: bool, ceiling_gbps: float | None) -
     real = batches[0]["real_tokens"]
     shape = (f"B={cfg.samples} tokens={real} (padded {batches[0]['padded_tokens']}) views="
              f"{batches[0]['kept_views']}/{batches[0]['all_views']} H={cfg.hidden} E={cfg.experts}")
+    steps = [(OURS, kernel_step)]
+    if peer_missing("transformers", device) is None:  # else listed with its reason
+        hf_layer = transformers_layer(model.layer)
+        steps.append((BASELINE, lambda m, b: padded_step(m, b, hf_layer)))
     grads = {}
     rows = []
-    for name, step in ((OURS, kernel_step), (BASELINE, padded_step)):
+    for name, step in steps:
         def train_step(batch, step=step, name=name):
             out = step(model, batch)
             key = (name, id(batch))
@@ -276,7 +285,7 @@ def bench_layer(device: torch.device, quick: bool, ceiling_gbps: float | None) -
         extra = {"tokens_per_s": tokens_per_s}
         if device.type == "cuda":
             extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(Row("layer fwd+bwd", shape, str(cfg.dtype).removeprefix("torch."), name, ms,
+        rows.append(Row("layer fwd+bwd", shape, dtype_name(cfg.dtype), name, ms,
                         extra=extra))
         model.zero_grad(set_to_none=True)
     for r in rows:
@@ -287,5 +296,5 @@ def bench_layer(device: torch.device, quick: bool, ceiling_gbps: float | None) -
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
-    return run_family("layer", device, quick, bench_layer, (OURS,), (BASELINE,),
+    return run_family("layer", device, quick, (bench_layer,), (OURS,), (BASELINE,),
                       results_dir=results_dir)

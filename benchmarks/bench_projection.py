@@ -10,19 +10,24 @@ On a GPU: SPHINX-X sizes in bfloat16: DINOv2 tokens ``[V, 1 + 16*16, 1536]`` and
 ``[V, 3072, 32, 32]`` pooled 2x2 to the 16x16 grid, D = 2048 and 4096, V = 5, 20, 80 (5, 20 with
 --quick), rows scattered into a shuffled packed sequence, LayerNorm on. The backward is the one of a
 SPHINX-X step: frozen encoders, so gradients for the projection and norm parameters only.
-On the CPU: the same at V = 2, D = 256, channels / 8, in float32 (the Triton interpreter is not timed).
+On the CPU: the same at V = 2, D = 256, channels / 8, in float32 (the Triton interpreter is not
+timed).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, compute_row, peak_memory_mb,
-                                run_family, time_ms)
-from sphinx_kernels.backends import Request
-from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, _resample_reference,
-                                       feature_layouts, patch_projection,
-                                       patch_projection_reference)
+from benchmarks.harness import RESULTS_DIR, backends_to_time, peak_memory_mb, run_family, time_ms
+from benchmarks.rows import Row, compute_row
+from sphinx_kernels.dtypes import dtype_name
+from sphinx_kernels.ops.patch_projection import (
+    PATCH_PROJECTION_BACKENDS,
+    feature_layouts,
+    patch_projection,
+    patch_projection_reference,
+    resample_reference,
+)
 
 INPUT_SETS = 2
 GRID = 16
@@ -31,7 +36,9 @@ EAGER, COMPILED, GEMM = "torch eager chain", "torch.compile chain", "bare GEMM (
 
 def projection_inputs(views, width, channels, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+
     features = [rand(views, 1 + GRID * GRID, channels[0]),
                 rand(views, channels[1], 2 * GRID, 2 * GRID)]
     rows = views * (1 + GRID * GRID)
@@ -44,7 +51,7 @@ def projection_inputs(views, width, channels, dtype, device, seed):
     out_rows = torch.randperm(packed.shape[0], generator=gen)[:rows].to(device)
     # The bare GEMM's input: the concatenation the fused op never materialises, made beforehand.
     layouts = feature_layouts(features, (GRID, GRID))
-    concat = torch.cat([_resample_reference(f, layout, (GRID, GRID))
+    concat = torch.cat([resample_reference(f, layout, (GRID, GRID))
                         for f, layout in zip(features, layouts)], dim=-1).flatten(0, 1)
     return {"features": features, "params": params, "packed": packed, "out_rows": out_rows,
             "concat": concat, "grad": rand(packed.shape[0], width), "grad_rows": rand(rows, width)}
@@ -75,14 +82,15 @@ def with_backward(forward, params, grad_key):
     return step
 
 
-def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+def bench_patch_projection(device: torch.device, quick: bool,
+                           ceiling_gbps: float | None) -> list[Row]:
     if device.type == "cuda":
         dtype, channels = torch.bfloat16, (1536, 3072)
         cases = [(v, d) for d in (2048, 4096) for v in ((5, 20) if quick else (5, 20, 80))]
     else:
         dtype, channels, cases = torch.float32, (192, 384), [(2, 256)]
     compiled_chain = torch.compile(chain, fullgraph=True)
-    kernel_backends = backends_to_time(PATCH_PROJECTION_BACKENDS, Request(device, dtype))
+    kernel_backends = backends_to_time(PATCH_PROJECTION_BACKENDS, device, dtype)
     rows = []
     for views, width in cases:
         sets = [projection_inputs(views, width, channels, dtype, device, seed)
@@ -109,12 +117,12 @@ def bench_projection(device: torch.device, quick: bool, ceiling_gbps: float | No
                 timed[name] = (ms, peak)
             gemm_tflops = flops / timed[GEMM][0] / 1e9
             for name, (ms, peak) in timed.items():
-                rows.append(compute_row(op, shape, str(dtype).removeprefix("torch."), name, ms,
+                rows.append(compute_row(op, shape, dtype_name(dtype), name, ms,
                                         flops, gemm_tflops, peak_mib=peak))
     return rows
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     subjects = [f"fused {b}" for b in PATCH_PROJECTION_BACKENDS.names if b != "reference"]
-    return run_family("projection", device, quick, bench_projection, subjects,
+    return run_family("projection", device, quick, (bench_patch_projection,), subjects,
                       (EAGER, COMPILED, GEMM), results_dir=results_dir)

@@ -4,25 +4,26 @@
 
 gather_rows against index_select on one table and the reference: on the CPU 10^5 rows x 257 float32
 from three sources; on a GPU 10^6 rows x 4096 in fp32, fp16 and bf16.
-find_padding_tiles against the reference: a batch of images of 3x3 tiles of 448 px (fewer on the CPU).
-varlen_attention, causal and prefix-LM (each sequence's first third bidirectional), forward, backward
-(through a graph built beforehand) and both, in TFLOP/s of the visible pairs only (see
+find_padding_tiles against the reference: a batch of images of 3x3 tiles of 448 px (fewer on the
+CPU). varlen_attention, causal and prefix-LM (each sequence's first third bidirectional), forward,
+backward (through a graph built beforehand) and both, in TFLOP/s of the visible pairs only (see
 ``benchmarks.counts.attention_flops``), against every backend that serves the mask (torch_flash and
 flash_attn: causal only), FlexAttention with a document BlockMask of either kind (the mask's build
-time in rows of its own), flash-attn's and xformers' own varlen calls when installed, SDPA on the batch
-padded to its longest sequence (causal), and the reference: on
-a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D = 128,
-bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded SDPA
-only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
+time in rows of its own), flash-attn's and xformers' own varlen calls when installed, SDPA on the
+batch padded to its longest sequence (causal), and the reference: on
+a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D =
+128, bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded
+SDPA only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
 plan_layout (CPU only), in GB/s of the outputs written, next to a bare fill of those outputs:
 cpp against the reference on 10^4 samples (2000 with --quick) of a heavy mix (0-3 images, tile grids
 1x1..4x4, 30% of tiles skipped, 257 tokens per view, 32..2048 text tokens: about 3100 packed rows a
-sample); without --quick also cpp alone on 10^5 samples in one call, of SPHINX-X's shape (one image as
-2x2 tiles plus the global view, 32..256 text tokens: about 1430 rows a sample) and of the heavy mix,
-and 10^5 one-image samples planned 16 at a time (the data loader's calls).
-pack_by_token_budget (CPU only): first-fit decreasing of 10^5 lengths in 32..2048 into 16384-token bins.
-apply_rotary against the Hugging Face formula in eager PyTorch: q [T, 32, 128] and k [T, 8, 128]
-(Llama GQA), T = 16384 on a GPU in fp32, fp16, bf16; T = 2048 float32 on the CPU.
+sample); without --quick also cpp alone on 10^5 samples in one call, of SPHINX-X's shape (one image
+as 2x2 tiles plus the global view, 32..256 text tokens: about 1430 rows a sample) and of the heavy
+mix, and 10^5 one-image samples planned 16 at a time (the data loader's calls).
+pack_by_token_budget (CPU only): first-fit decreasing of 10^5 lengths in 32..2048 into 16384-token
+bins. apply_rotary against transformers' own ``apply_rotary_pos_emb`` of Llama in eager PyTorch
+(when transformers is installed): q [T, 32, 128] and k [T, 8, 128] (Llama GQA), T = 16384 on a GPU
+in fp32, fp16, bf16; T = 2048 float32 on the CPU.
 """
 from __future__ import annotations
 
@@ -30,17 +31,23 @@ import random
 
 import torch
 
+from benchmarks import transformers_baselines
 from benchmarks.counts import attention_flops
-from benchmarks.harness import (RESULTS_DIR, Row, backends_to_time, bandwidth_row, compute_row,
-                                run_family, time_ms)
+from benchmarks.harness import RESULTS_DIR, backends_to_time, bandwidth_rows, run_family, time_ms
 from benchmarks.peers import peer_missing
-from sphinx_kernels.backends import CPP, Request
-from sphinx_kernels.layout import (PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS, LayoutInputs,
-                                   pack_by_token_budget, plan_layout)
-from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS, apply_rotary
-from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
-                                   VARLEN_ATTENTION_BACKENDS, find_padding_tiles, gather_rows,
-                                   varlen_attention)
+from benchmarks.rows import Row, bandwidth_row, compute_row
+from sphinx_kernels.dtypes import dtype_name
+from sphinx_kernels.nn import rotary_tables
+from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS, apply_rotary
+from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS, find_padding_tiles
+from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows
+from sphinx_kernels.ops.pack_by_token_budget import (
+    PACK_BY_TOKEN_BUDGET_BACKENDS,
+    pack_by_token_budget,
+)
+from sphinx_kernels.ops.plan_layout import PLAN_LAYOUT_BACKENDS, LayoutInputs, plan_layout
+from sphinx_kernels.ops.varlen_attention import VARLEN_ATTENTION_BACKENDS, varlen_attention
+from sphinx_kernels.platforms import CPP
 
 INPUT_SETS = 3
 
@@ -65,18 +72,18 @@ def bench_gather_rows(device: torch.device, quick: bool, ceiling_gbps: float | N
     for dtype in dtypes:
         sets = [gather_inputs(num_rows, width, dtype, device, source_rows, seed)
                 for seed in range(INPUT_SETS)]
-        moved = 2 * num_rows * width * sets[0][0][0].element_size()  # each row read once, written once
+        # Each row read once and written once.
+        moved = 2 * num_rows * width * sets[0][0][0].element_size()
         shape = f"T={num_rows} D={width} S=3"
-        dtype_name = str(dtype).removeprefix("torch.")
-        for backend in backends_to_time(GATHER_ROWS_BACKENDS, Request(device, dtype)):
-            ms = time_ms(lambda a, b=backend: gather_rows(*a, backend=b), sets, device)
-            rows.append(bandwidth_row("gather_rows", shape, dtype_name, backend, ms, moved,
-                                      ceiling_gbps))
-        # The peer: one index_select from a single table of the same rows (no source choice to make).
+        rows += bandwidth_rows("gather_rows", GATHER_ROWS_BACKENDS,
+                               lambda a, b: gather_rows(*a, backend=b), sets, device, dtype,
+                               shape, moved, ceiling_gbps)
+        # The peer: one index_select from a single table of the same rows (no source choice to
+        # make).
         single = [(torch.cat(s[0]), s[2].long()) for s in sets]
         ms = time_ms(lambda a: a[0].index_select(0, a[1]), single, device)
-        rows.append(bandwidth_row("gather_rows", shape, dtype_name, "torch.index_select", ms, moved,
-                                  ceiling_gbps))
+        rows.append(bandwidth_row("gather_rows", shape, dtype_name(dtype), "torch.index_select",
+                                  ms, moved, ceiling_gbps))
     return rows
 
 
@@ -86,15 +93,15 @@ def bench_find_padding_tiles(device: torch.device, quick: bool,
     tile, dtype = 448, torch.bfloat16 if device.type == "cuda" else torch.float32
     sets = []
     for seed in range(INPUT_SETS):
-        images = torch.randn(num, 3, 3 * tile, 3 * tile, generator=torch.Generator().manual_seed(seed))
+        images = torch.randn(num, 3, 3 * tile, 3 * tile,
+                             generator=torch.Generator().manual_seed(seed))
         images[:, :, tile:] = 0.0  # the lower two rows of tiles are padding: those are read whole
         sets.append(images.to(dtype).to(device))
     moved = sets[0].numel() * sets[0].element_size()
     shape = f"N={num} 3x{3 * tile}x{3 * tile} tile={tile}"
-    return [bandwidth_row("find_padding_tiles", shape, str(dtype).removeprefix("torch."), backend,
-                          time_ms(lambda x, b=backend: find_padding_tiles(x, tile, 0.0, backend=b),
-                                  sets, device), moved, ceiling_gbps)
-            for backend in backends_to_time(FIND_PADDING_TILES_BACKENDS, Request(device, dtype))]
+    return bandwidth_rows("find_padding_tiles", FIND_PADDING_TILES_BACKENDS,
+                          lambda x, b: find_padding_tiles(x, tile, 0.0, backend=b), sets, device,
+                          dtype, shape, moved, ceiling_gbps)
 
 
 def attention_lengths(total: int, longest: int, seed: int) -> list[int]:
@@ -111,14 +118,15 @@ def attention_inputs(lengths, heads, kv_heads, head_dim, dtype, device, seed):
     total = sum(lengths)
     q, grad = (torch.randn(total, heads, head_dim, generator=gen).to(dtype).to(device)
                for _ in "qg")
-    k, v = (torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype).to(device) for _ in "kv")
+    k, v = (torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype).to(device)
+            for _ in "kv")
     cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
     return {"q": q, "k": k, "v": v, "grad": grad, "cu": cu, "max": max(lengths)}
 
 
 def padded_sdpa(lengths, heads, kv_heads, device):
-    """Attention on the batch padded to its longest sequence: scatter to ``[B, H, L, D]``, one causal
-    SDPA call, gather back (the copies are part of the cost)."""
+    """Attention on the batch padded to its longest sequence: scatter to ``[B, H, L, D]``, one
+    causal SDPA call, gather back (the copies are part of the cost)."""
     longest, num = max(lengths), len(lengths)
     # Token t of sequence b goes to padded row b * longest + t.
     rows = torch.cat([b * longest + torch.arange(n) for b, n in enumerate(lengths)]).to(device)
@@ -220,7 +228,8 @@ def time_attention(forward, sets, device, direction: str) -> float:
                    device)
 
 
-def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
+def bench_varlen_attention(device: torch.device, quick: bool,
+                           ceiling_gbps: float | None = None) -> list[Row]:
     """Causal and prefix-LM (the first third of every sequence bidirectional, as an image block)
     attention: forward, backward and both, in TFLOP/s of the pairs the mask lets through."""
     if device.type == "cuda":
@@ -234,13 +243,10 @@ def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
     for a in sets:
         a["prefix"] = torch.tensor(prefix, dtype=torch.int32, device=device)
     shape = f"T={sum(lengths)} B={len(lengths)} H={heads}/{kv_heads} D={head_dim}"
-    dtype_name = str(dtype).removeprefix("torch.")
     rows, subjects = [], {"causal": {}, "prefix-LM": {}}
     for mask in subjects:
-        request = Request(device, dtype, {"head_dim": head_dim, "causal": True,
-                                          "prefix": mask == "prefix-LM", "max_seqlen": True,
-                                          "deterministic": False})
-        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, request):
+        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, device, dtype, head_dim=head_dim,
+                                     prefix=mask == "prefix-LM"):
             subjects[mask][name] = (
                 lambda a, b=name, p=(mask == "prefix-LM"): varlen_attention(
                     a["q"], a["k"], a["v"], a["cu"], max_seqlen_q=a["max"], backend=b,
@@ -278,8 +284,8 @@ def bench_varlen_attention(device: torch.device, quick: bool) -> list[Row]:
                         raise
                     print(f"{name} skipped for attention {direction} ({mask}): {error}")
                     continue
-                rows.append(compute_row(f"attention {direction} ({mask})", shape, dtype_name, name,
-                                        ms, count, size=sum(lengths)))
+                rows.append(compute_row(f"attention {direction} ({mask})", shape,
+                                        dtype_name(dtype), name, ms, count, size=sum(lengths)))
     return rows
 
 
@@ -296,8 +302,8 @@ def layout_batch(num_samples: int, seed: int) -> LayoutInputs:
 
 
 def one_image_batch(num_samples: int, seed: int) -> LayoutInputs:
-    """SPHINX-X's shape of a sample: one image as a 2x2 tile grid plus the global view (5 views, none
-    skipped), then 32..256 text tokens."""
+    """SPHINX-X's shape of a sample: one image as a 2x2 tile grid plus the global view (5 views,
+    none skipped), then 32..256 text tokens."""
     gen = torch.Generator().manual_seed(seed)
     text_lens = torch.randint(32, 257, (num_samples,), generator=gen)
     images = torch.ones(num_samples, dtype=torch.int64)
@@ -311,7 +317,7 @@ def _layout_inputs(text_lens, images, grids, skip_fraction, gen) -> LayoutInputs
                         torch.rand(num_tiles, generator=gen) < skip_fraction)
 
 
-def bench_plan_layout(batch: LayoutInputs, mix: str, backends: list[str]) -> list[Row]:
+def plan_layout_rows(batch: LayoutInputs, mix: str, backends: list[str]) -> list[Row]:
     """plan_layout of one call over ``batch``, in GB/s of the outputs it writes, next to the bare
     write of those bytes into memory already touched: the CPU's floor for any planner, and the
     ceiling its fractions are of (the device's copy bandwidth says nothing about CPU work)."""
@@ -335,39 +341,47 @@ def bench_plan_layout(batch: LayoutInputs, mix: str, backends: list[str]) -> lis
     return rows
 
 
-def bench_plan_layout_per_batch(num_samples: int, batch_size: int) -> Row:
-    """The data loader's way: ``num_samples`` one-image samples planned ``batch_size`` at a time. Small
-    calls are bound by the per-call overhead (validation, dispatch), not by the rows."""
+def plan_layout_per_batch_row(num_samples: int, batch_size: int) -> Row:
+    """The data loader's way: ``num_samples`` one-image samples planned ``batch_size`` at a time.
+    Small calls are bound by the per-call overhead (validation, dispatch), not by the rows."""
     batches = [one_image_batch(batch_size, seed) for seed in range(num_samples // batch_size)]
     # Counting the rows plans every batch once: that pass is the warm-up.
     packed_rows = sum(plan_layout(b, TOKENS_PER_VIEW).source_ids.shape[0] for b in batches)
     ms = time_ms(lambda group: [plan_layout(b, TOKENS_PER_VIEW) for b in group], [batches],
                  torch.device("cpu"), warmup=0, repeats=3)
-    row = Row("plan_layout", f"one 2x2 image B={len(batches) * batch_size} in calls of {batch_size}",
+    row = Row("plan_layout",
+              f"one 2x2 image B={len(batches) * batch_size} in calls of {batch_size}",
               "int32", "cpp", ms)
     row.extra = {"samples_per_s": len(batches) * batch_size / ms * 1e3,
                  "rows_per_s": packed_rows / ms * 1e3, "us_per_call": ms * 1e3 / len(batches)}
     return row
 
 
-def bench_layout(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+def bench_plan_layout(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
     """CPU data preparation: timed on the CPU whatever the device."""
-    cpu = Request(torch.device("cpu"), torch.int64)
-    backends = backends_to_time(PLAN_LAYOUT_BACKENDS, cpu)
-    rows = bench_plan_layout(layout_batch(2000 if quick else 10**4, 0), "heavy mix", backends)
+    backends = backends_to_time(PLAN_LAYOUT_BACKENDS, torch.device("cpu"), torch.int64)
+    rows = plan_layout_rows(layout_batch(2000 if quick else 10**4, 0), "heavy mix", backends)
     if not quick:  # 10^5 samples in one call, the planner's throughput (no reference: minutes)
         native = [b for b in backends if b == CPP.name]
-        rows += bench_plan_layout(one_image_batch(10**5, 0), "one 2x2 image", native)
-        rows += bench_plan_layout(layout_batch(10**5, 0), "heavy mix", native)
+        rows += plan_layout_rows(one_image_batch(10**5, 0), "one 2x2 image", native)
+        rows += plan_layout_rows(layout_batch(10**5, 0), "heavy mix", native)
         if native:
-            rows.append(bench_plan_layout_per_batch(10**5, 16))
+            rows.append(plan_layout_per_batch_row(10**5, 16))
+    return rows
+
+
+def bench_pack_by_token_budget(device: torch.device, quick: bool,
+                               ceiling_gbps: float | None) -> list[Row]:
+    """CPU data preparation: timed on the CPU whatever the device."""
+    cpu = torch.device("cpu")
     num_lengths, budget = 10**4 if quick else 10**5, 16384
     lengths = [torch.randint(32, 2049, (num_lengths,), generator=torch.Generator().manual_seed(s))
                for s in range(INPUT_SETS)]
     packing = pack_by_token_budget(lengths[0], budget)
-    for backend in backends_to_time(PACK_BY_TOKEN_BUDGET_BACKENDS, cpu):
-        ms = time_ms(lambda a, b=backend: pack_by_token_budget(a, budget, backend=b), lengths,
-                     torch.device("cpu"), warmup=1, repeats=5)
+    rows = []
+    for backend in backends_to_time(PACK_BY_TOKEN_BUDGET_BACKENDS, cpu, torch.int64):
+        ms = time_ms(lambda a, b=backend: pack_by_token_budget(a, budget, backend=b), lengths, cpu,
+                     warmup=1, repeats=5)
         row = Row("pack_by_token_budget", f"n={num_lengths} budget={budget}", "int64", backend, ms)
         row.extra = {"bins": packing.num_bins, "padding_tokens": packing.padding_tokens,
                      "baseline_padding_tokens": packing.baseline_padding_tokens,
@@ -380,30 +394,23 @@ def rotary_inputs(num_tokens, dtype, device, seed, q_heads=32, k_heads=8, dim=12
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(num_tokens, q_heads, dim, generator=gen).to(dtype).to(device)
     k = torch.randn(num_tokens, k_heads, dim, generator=gen).to(dtype).to(device)
-    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    angles = torch.outer(torch.arange(4096, dtype=torch.float32), inv_freq)
-    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = rotary_tables(4096, dim)
     # Packed samples of 1024 tokens: positions reset per sample.
     pos = (torch.arange(num_tokens) % 1024).to(device)
-    return (q, k), emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device), pos
+    return (q, k), cos.to(dtype).to(device), sin.to(dtype).to(device), pos
 
 
-def hf_eager_rotary(x, cos, sin, pos):
-    """transformers' apply_rotary_pos_emb on packed tokens, in the inputs' dtype."""
-    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
-    out = []
-    for t in x:
-        first, second = t.chunk(2, dim=-1)
-        out.append(t * c + torch.cat([-second, first], dim=-1) * s)
-    return tuple(out)
+HF_ROTARY = "transformers apply_rotary_pos_emb"
 
 
-def bench_rotary(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
+def bench_apply_rotary(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
     if device.type == "cuda":
         num_tokens = 4096 if quick else 16384
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
     else:
         num_tokens, dtypes = (512 if quick else 2048), (torch.float32,)
+    hf_rotary = (transformers_baselines.apply_rotary_pos_emb()
+                 if peer_missing("transformers", device) is None else None)
     rows = []
     for dtype in dtypes:
         sets = [rotary_inputs(num_tokens, dtype, device, seed) for seed in range(INPUT_SETS)]
@@ -411,26 +418,23 @@ def bench_rotary(device: torch.device, quick: bool, ceiling_gbps: float | None) 
         # q and k read and written once, and one cos and sin row per token.
         moved = (2 * (q.numel() + k.numel()) + 2 * num_tokens * q.shape[2]) * q.element_size()
         shape = f"T={num_tokens} Hq={q.shape[1]} Hk={k.shape[1]} D={q.shape[2]}"
-        name = str(dtype).removeprefix("torch.")
-        for backend in backends_to_time(APPLY_ROTARY_BACKENDS, Request(device, dtype)):
-            ms = time_ms(lambda a, b=backend: apply_rotary(*a, backend=b), sets, device)
-            rows.append(bandwidth_row("apply_rotary", shape, name, backend, ms, moved, ceiling_gbps))
-        ms = time_ms(lambda a: hf_eager_rotary(*a), sets, device)
-        rows.append(bandwidth_row("apply_rotary", shape, name, "torch eager (HF)", ms, moved,
-                                  ceiling_gbps))
+        rows += bandwidth_rows("apply_rotary", APPLY_ROTARY_BACKENDS,
+                               lambda a, b: apply_rotary(*a, backend=b), sets, device, dtype,
+                               shape, moved, ceiling_gbps)
+        if hf_rotary is not None:  # else listed with its reason among the skipped peers
+            ms = time_ms(lambda a: hf_rotary(*a[0], a[1][a[3]], a[2][a[3]], unsqueeze_dim=1), sets,
+                         device)
+            rows.append(bandwidth_row("apply_rotary", shape, dtype_name(dtype), HF_ROTARY, ms,
+                                      moved, ceiling_gbps))
     return rows
 
 
-def bench_family(device: torch.device, quick: bool, ceiling_gbps: float | None) -> list[Row]:
-    return (bench_gather_rows(device, quick, ceiling_gbps)
-            + bench_find_padding_tiles(device, quick, ceiling_gbps)
-            + bench_varlen_attention(device, quick)
-            + bench_layout(device, quick, ceiling_gbps)
-            + bench_rotary(device, quick, ceiling_gbps))
+BENCHMARKS = (bench_gather_rows, bench_find_padding_tiles, bench_varlen_attention,
+              bench_plan_layout, bench_pack_by_token_budget, bench_apply_rotary)
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
-    return run_family("varlen", device, quick, bench_family, ("cuda", "cpp", "triton"),
+    return run_family("varlen", device, quick, BENCHMARKS, ("cuda", "cpp", "triton"),
                       ("reference", "torch.index_select", "triton", "torch_flash", "flash_attn",
-                       "flash-attn", "xformers", "FlexAttention", "padded SDPA", "torch eager (HF)",
+                       "flash-attn", "xformers", "FlexAttention", "padded SDPA", HF_ROTARY,
                        "fill of the outputs (floor)"), results_dir=results_dir)

@@ -1,5 +1,6 @@
-"""FLOP and byte counts of the benchmarked ops: the useful work only (no padding, no masked-out score),
-so TFLOP/s and GB/s compare backends on the same footing whatever each one computes internally.
+"""FLOP and byte counts of the benchmarked ops: the useful work only (no padding, no masked-out
+score), so TFLOP/s and GB/s compare backends on the same footing whatever each one computes
+internally.
 
 Every function is a closed formula or a small loop over sequence lengths; ``tests/test_harness.py``
 checks each against hand-computed values.
@@ -15,8 +16,8 @@ def gemm_flops(m: int, n: int, k: int) -> int:
 
 
 def visible_keys(query: int, len_q: int, len_k: int, *, causal: bool, prefix_len: int = 0) -> int:
-    """How many keys query ``query`` of a ``len_q``-query, ``len_k``-key sequence attends to, under the
-    mask of ``sphinx_kernels.varlen_attention``: the query sits at key position
+    """How many keys query ``query`` of a ``len_q``-query, ``len_k``-key sequence attends to, under
+    the mask of ``sphinx_kernels.varlen_attention``: the query sits at key position
     ``p = query + len_k - len_q`` (bottom-right alignment) and sees key j iff ``p >= 0`` and
     (``j <= p`` or ``j < prefix_len``) when causal, every key otherwise."""
     if not causal:
@@ -45,18 +46,19 @@ def attention_pairs(lens_q: Sequence[int], lens_k: Sequence[int] | None = None, 
 def attention_flops(lens_q: Sequence[int], lens_k: Sequence[int] | None = None, *, num_heads: int,
                     head_dim: int, causal: bool = True, prefix_lens: Sequence[int] | None = None,
                     backward: bool = False) -> int:
-    """Useful FLOPs of attention over a packed batch: per visible pair and query head, two dot products
-    of length ``head_dim`` (``q.k`` and ``p * v``), 4 * head_dim FLOPs. ``backward=True`` counts the
-    backward alone: five such products per pair (``q.k`` recomputed, dV, dP, dQ, dK), 2.5x the
-    forward, the convention of flash-attention's benchmarks."""
+    """Useful FLOPs of attention over a packed batch: per visible pair and query head, two dot
+    products of length ``head_dim`` (``q.k`` and ``p * v``), 4 * head_dim FLOPs. ``backward=True``
+    counts the backward alone: five such products per pair (``q.k`` recomputed, dV, dP, dQ, dK),
+    2.5x the forward, the convention of flash-attention's benchmarks."""
     forward = 4 * head_dim * num_heads * attention_pairs(lens_q, lens_k, causal=causal,
                                                          prefix_lens=prefix_lens)
     return forward * 5 // 2 if backward else forward
 
 
 def swiglu_mlp_flops(rows: int, hidden: int, ffn: int, *, backward: bool = False) -> int:
-    """A SwiGLU MLP over ``rows`` rows: gate, up and down projections, three GEMMs of ``rows x hidden x
-    ffn``; the backward computes two GEMMs per forward GEMM (input and weight gradients)."""
+    """A SwiGLU MLP over ``rows`` rows: gate, up and down projections, three GEMMs of ``rows x
+    hidden x ffn``; the backward computes two GEMMs per forward GEMM (input and weight
+    gradients)."""
     forward = 3 * gemm_flops(rows, ffn, hidden)
     return 2 * forward if backward else forward
 
@@ -71,5 +73,6 @@ def projection_flops(views: int, grid: tuple[int, int], in_channels: int, out_fe
 
 
 def row_copy_bytes(rows: int, width: int, element_size: int) -> int:
-    """Moving ``rows`` rows of ``width`` elements: each read once and written once (gather, permute)."""
+    """Moving ``rows`` rows of ``width`` elements: each read once and written once (gather,
+    permute)."""
     return 2 * rows * width * element_size

@@ -1,15 +1,16 @@
 """The peers the benchmarks compare against, and why any of them is skipped on this machine.
 
-Each benchmark uses a peer only when :func:`peer_missing` returns None for the device; every run prints
-the skipped peers with their reasons and stores the whole table in its results file, so a missing
-baseline is never silent.
+Each benchmark uses a peer only when :func:`peer_missing` returns None for the device; every run
+prints the skipped peers with their reasons and stores the whole table in its results file, so a
+missing baseline is never silent.
 
 A peer that is not installed on the GPU machine can be carried there as a wheel: download it on a
-machine with network access for the GPU machine's Python (``pip download --no-deps --only-binary=:all:
---python-version 3.12 --platform manylinux_2_28_x86_64 -d wheels NAME==VERSION``), copy the folder
-along, and install it there with ``pip install --no-index --no-deps --target /tmp/site wheels/*.whl``
-and ``PYTHONPATH=/tmp/site``. flash-attn and megablocks publish no generic wheels (they compile CUDA
-at install): build their wheel once on a machine with the same torch and CUDA, then carry that.
+machine with network access for the GPU machine's Python (``pip download --no-deps
+--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d wheels
+NAME==VERSION``), copy the folder along, and install it there with ``pip install --no-index
+--no-deps --target /tmp/site wheels/*.whl`` and ``PYTHONPATH=/tmp/site``. flash-attn and megablocks
+publish no generic wheels (they compile CUDA at install): build their wheel once on a machine with
+the same torch and CUDA, then carry that.
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def _grouped_mm(device):
 
 PEERS: dict[str, Callable[[torch.device], str | None]] = {
     "torch.compile": lambda device: None,
+    # transformers' own Llama rotary, attention and Mixtral MoE block
+    # (benchmarks.transformers_baselines)
+    "transformers": lambda device: _module_missing("transformers"),
     "torch_flash_varlen": _torch_flash_varlen,
     "flex_attention": _flex_attention,
     "torch._grouped_mm": _grouped_mm,

@@ -10,7 +10,8 @@ from typing import Sequence
 
 
 def _x_axis(rows) -> tuple[list[float], list[str] | None]:
-    """The rows' sizes when every row has one, else positions of the distinct shapes in run order."""
+    """The rows' sizes when every row has one, else positions of the distinct shapes in run
+    order."""
     if all(r.size is not None for r in rows):
         return [r.size for r in rows], None
     shapes = list(dict.fromkeys(r.shape for r in rows))
@@ -18,7 +19,8 @@ def _x_axis(rows) -> tuple[list[float], list[str] | None]:
 
 
 def plot_family(family: str, rows: Sequence, path: str, title: str) -> str:
-    """Draws ``rows`` (harness ``Row`` objects) to ``path``; returns the path, or why no plot was made."""
+    """Draws ``rows`` (harness ``Row`` objects) to ``path``; returns the path, or why no plot was
+    made."""
     try:
         import matplotlib
         matplotlib.use("Agg")

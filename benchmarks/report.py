@@ -1,9 +1,9 @@
-"""``python -m benchmarks.report [--check]``: the README's performance tables, generated from the
-published results files (``benchmarks/results/*.json``, quick runs excluded).
+"""``python -m benchmarks.report [--check]``: the benchmark tables of ``docs/benchmarks.md``,
+generated from the published results files (``benchmarks/results/*.json``, quick runs excluded).
 
 The tables go between the ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` lines of
-README.md; ``--check`` exits with status 1 when the README is not what the results files give (a test
-runs it), so no number reaches the README by hand.
+that page; ``--check`` exits with status 1 when the page is not what the results files give (a test
+runs it), so no number reaches the docs by hand. A CPU run's table says it holds CPU smoke numbers.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 from benchmarks.harness import RESULTS_DIR
 
-README = os.path.join(os.path.dirname(RESULTS_DIR), os.pardir, "README.md")
+TABLES = os.path.join(os.path.dirname(RESULTS_DIR), os.pardir, "docs", "benchmarks.md")
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 # Our kernels (and layers named "sphinx ..."); every other backend in a case (the reference, peers,
 # eager chains) is a baseline.
@@ -50,7 +50,9 @@ def _ratios(row: dict, case_rows: list[dict]) -> str:
 
 def family_table(results: dict, png: str | None) -> list[str]:
     env, ceilings = results["environment"], results["ceilings"]
-    lines = [f"### {results.get('family', '?')}: {env['device']} ({env['date']})", "",
+    smoke = (" (CPU smoke numbers: the GPU kernels are not timed)"
+             if env["device"].startswith("CPU") else "")
+    lines = [f"### {results.get('family', '?')}: {env['device']} ({env['date']}){smoke}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit "
              f"`{env['commit']}`. Measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s"
              + (f", matmul {ceilings['matmul_tflops']:.3g} TFLOP/s ({ceilings['matmul']})"
@@ -60,7 +62,8 @@ def family_table(results: dict, png: str | None) -> list[str]:
     skipped = {n: w for n, w in results.get("peers", {}).items() if w != "available"}
     if skipped:
         lines[-1] += " Peers skipped: " + "; ".join(f"{n} ({w})" for n, w in skipped.items()) + "."
-    lines += ["", "| op | case | dtype | backend | ms | throughput | of ceiling | speed-up over | notes |",
+    lines += ["", "| op | case | dtype | backend | ms | throughput | of ceiling | speed-up over "
+                  "| notes |",
               "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
     rows = results["rows"]
     for row in rows:
@@ -72,7 +75,8 @@ def family_table(results: dict, png: str | None) -> list[str]:
                      f"{'' if frac is None else f'{frac:.0%}'} | {_ratios(row, case)} | "
                      f"{_notes(row)} |")
     if png:
-        lines += ["", f"![{results.get('family', '')}](benchmarks/results/{os.path.basename(png)})"]
+        family = results.get("family", "")
+        lines += ["", f"![{family}](../benchmarks/results/{os.path.basename(png)})"]
     return lines + [""]
 
 
@@ -89,32 +93,34 @@ def generate(results_dir: str = RESULTS_DIR) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
-def replace_section(readme: str, section: str) -> str:
-    head, begin, rest = readme.partition(BEGIN)
+def replace_section(page: str, section: str) -> str:
+    head, begin, rest = page.partition(BEGIN)
     _, end, tail = rest.partition(END)
     if not begin or not end:
-        raise ValueError(f"README.md needs the lines {BEGIN} and {END} around the generated tables")
+        raise ValueError(f"docs/benchmarks.md needs the lines {BEGIN} and {END} around the "
+                         "generated tables")
     return f"{head}{BEGIN}\n{section}\n{END}{tail}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if README.md is out of date")
+    parser.add_argument("--check", action="store_true",
+                        help="fail if docs/benchmarks.md is out of date")
     args = parser.parse_args(argv)
-    with open(README) as f:
+    with open(TABLES) as f:
         current = f.read()
     wanted = replace_section(current, generate())
     if args.check:
         if wanted != current:
-            print("README.md's benchmark tables are out of date: run python -m benchmarks.report")
+            print("docs/benchmarks.md is out of date: run python -m benchmarks.report")
             return 1
         return 0
     if wanted != current:
-        tmp = README + ".tmp"
+        tmp = TABLES + ".tmp"
         with open(tmp, "w") as f:
             f.write(wanted)
-        os.replace(tmp, README)
-    print("README.md benchmark tables: " + ("updated" if wanted != current else "up to date"))
+        os.replace(tmp, TABLES)
+    print("docs/benchmarks.md: " + ("updated" if wanted != current else "up to date"))
     return 0
 
 

@@ -179,20 +179,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 plan_layout_native(const at::Tensor& text_ids, const at::Tensor& text_lens,
                    const at::Tensor& answer_mask, const at::Tensor& images_per_sample,
                    const at::Tensor& tile_grids, const at::Tensor& skipped_tiles,
-                   int64_t tokens_per_view, int64_t total) {
+                   const at::Tensor& text_before_images, int64_t tokens_per_view, int64_t total) {
   constexpr const char* op = "plan_layout_native";
   LayoutBatch batch{long_data(text_ids, op, "text_ids", 1), long_data(text_lens, op, "text_lens", 1),
                     bool_data(answer_mask, op, "answer_mask"),
                     long_data(images_per_sample, op, "images_per_sample", 1),
                     long_data(tile_grids, op, "tile_grids", 2),
-                    bool_data(skipped_tiles, op, "skipped_tiles"), text_lens.size(0),
+                    bool_data(skipped_tiles, op, "skipped_tiles"),
+                    long_data(text_before_images, op, "text_before_images", 1), text_lens.size(0),
                     tile_grids.size(0), tokens_per_view};
-  TORCH_CHECK(images_per_sample.size(0) == batch.num_samples && tile_grids.size(1) == 2 &&
+  TORCH_CHECK(images_per_sample.size(0) == batch.num_samples &&
+                  text_before_images.size(0) == batch.num_samples && tile_grids.size(1) == 2 &&
                   answer_mask.size(0) == text_ids.size(0) && tokens_per_view >= 1,
               op, ": inconsistent shapes");
   // Counts are read before the offsets they build are checked: guard their signs here.
   for (int64_t b = 0; b < batch.num_samples; ++b)
-    TORCH_CHECK(batch.text_lens[b] >= 0 && batch.images_per_sample[b] >= 0, op, ": negative count");
+    TORCH_CHECK(batch.text_lens[b] >= 0 && batch.images_per_sample[b] >= 0 &&
+                    batch.text_before_images[b] >= 0 &&
+                    batch.text_before_images[b] <= batch.text_lens[b],
+                op, ": negative count, or text_before_images past the sample's text");
   for (int64_t k = 0; k < 2 * batch.num_images; ++k)
     TORCH_CHECK(batch.tile_grids[k] >= 1, op, ": tile grids must be >= 1");
   const int64_t num_samples = batch.num_samples;
@@ -373,8 +378,8 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   m.def("segment_sum_rows_native(Tensor rows, Tensor order, Tensor offsets) -> Tensor");
   m.def("find_padding_tiles_native(Tensor images, Tensor pad, int tile_h, int tile_w) -> Tensor");
   m.def("plan_layout_native(Tensor text_ids, Tensor text_lens, Tensor answer_mask, "
-        "Tensor images_per_sample, Tensor tile_grids, Tensor skipped_tiles, int tokens_per_view, "
-        "int total) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor images_per_sample, Tensor tile_grids, Tensor skipped_tiles, "
+        "Tensor text_before_images, int tokens_per_view, int total) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("pack_by_token_budget_native(Tensor lengths, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_routing_native(Tensor expert_ids, int num_experts, int block_size, int num_rows) -> "
         "(Tensor, Tensor, Tensor, Tensor)");

@@ -1,8 +1,8 @@
 """One SPHINX-X-style training step on a packed batch, with every kernel family of sphinx_kernels.
 
-Two samples: a wide image on a 2x2 tile canvas (its lower row of tiles is pure padding: found from the
-pixels, never encoded, one skip token each) with a question and answer, and a text-only sample. They
-are packed back to back with no padding row; the loss trains on answer tokens only and no label
+Two samples: a wide image on a 2x2 tile canvas (its lower row of tiles is pure padding: found from
+the pixels, never encoded, one skip token each) with a question and answer, and a text-only sample.
+They are packed back to back with no padding row; the loss trains on answer tokens only and no label
 crosses the boundary between the samples.
 """
 import torch
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import sphinx_kernels
 from sphinx_kernels import nn as sk_nn
 
-WIDTH, VOCAB, GRID, TILE = 64, 1000, 2, 28   # LLM width, vocabulary, token grid per view, tile pixels
-CHANNELS = (24, 40)                           # stand-in encoders' widths (DINOv2-like, ConvNeXt-like)
+WIDTH, VOCAB, GRID, TILE = 64, 1000, 2, 28  # LLM width, vocabulary, token grid per view, tile px
+CHANNELS = (24, 40)                          # stand-in encoders' widths (DINOv2-, ConvNeXt-like)
 torch.manual_seed(0)
 
 # 1. Which tiles are padding, from pixels: the image fills the upper row of its 2x2 canvas.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one go: the `gpu`-marked tests (real sizes, bf16), then every benchmark (results
-# files, plots, README tables). Set OUT to a folder to get the logs, results and README there (how the
-# lent GPU machines hand files back); otherwise they stay in the checkout. Each family's results are
-# written to OUT as soon as it finishes, so a run cut short by a time limit still returns them.
+# files, plots, the tables of docs/benchmarks.md). Set OUT to a folder to get the logs, results and
+# tables there (how the lent GPU machines hand files back); otherwise they stay in the checkout. Each
+# family's results are written to OUT as soon as it finishes, so a run cut short by a time limit
+# still returns them.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 set +e
@@ -17,5 +18,5 @@ results="benchmarks/results"
 python -m benchmarks --results-dir "$results" 2>&1 | log benchmarks.log
 [ -n "$out" ] && cp "$results"/*.json "$results"/*.png benchmarks/results/ 2>/dev/null
 python -m benchmarks.report
-[ -n "$out" ] && cp README.md "$out/"
+[ -n "$out" ] && cp docs/benchmarks.md "$out/"
 exit "$tests"

@@ -28,12 +28,14 @@ if ! python -c "$torch_ok" 2>/dev/null; then
     pip_install 'torch>=2.5'
 fi
 # Import name -> distribution name, installed only when the import fails (no network needed otherwise):
-# the kernels' build and run, the model extra, the demo data, the tests' peers, the benchmark plots.
+# the kernels' build and run, the model extra, the demo data, the tests' peers and linter, the
+# benchmark plots.
 missing=()
 for pair in triton:triton numpy:numpy ninja:ninja setuptools:'setuptools>=64' wheel:wheel \
             timm:'timm>=1.0.20' safetensors:safetensors tokenizers:tokenizers sentencepiece:sentencepiece \
             PIL:pillow tqdm:tqdm yaml:pyyaml skimage:scikit-image mistral_common:mistral-common \
-            pytest:pytest hypothesis:hypothesis transformers:'transformers>=4.56' matplotlib:matplotlib; do
+            pytest:pytest hypothesis:hypothesis transformers:'transformers>=4.56' ruff:ruff \
+            matplotlib:matplotlib; do
     python -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
 # torchvision (timm needs it) must be the build made for the installed torch: pin torch beside it.

@@ -27,28 +27,47 @@ Modules (``sphinx_kernels.nn``), drop-in layers over these ops:
     PatchProjector(in_channels, out_features, grid)  fused multi-encoder projection + LayerNorm
     MoEMLP(hidden, ffn, num_experts, top_k)       Mixtral-style dropless sparse MoE layer
 
-Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows which
-backends are available here. Importing the package touches neither CUDA nor the compiled extension.
+Every op takes ``backend=`` to force an implementation; ``python -m sphinx_kernels.info`` shows
+which backends are available here. Importing the package touches neither CUDA nor the compiled
+extension.
 """
 from sphinx_kernels import nn
 from sphinx_kernels.backends import BackendUnavailableError
-from sphinx_kernels.layout import (IGNORE_INDEX, SOURCE_IMAGE_BEGIN, SOURCE_IMAGE_END, SOURCE_PADDING,
-                                   SOURCE_SKIP, SOURCE_TEXT, SOURCE_VISUAL, ImageSpec, LayoutInputs,
-                                   PackedLayout, Packing, SampleSpec, layout_inputs,
-                                   pack_by_token_budget, plan_layout)
-from sphinx_kernels.moe import (Gating, RoutingPlan, moe_expert_mlp, moe_permute, moe_routing,
-                                moe_unpermute, topk_gating)
-from sphinx_kernels.projection import patch_projection
-from sphinx_kernels.rotary import apply_rotary
-from sphinx_kernels.varlen import find_padding_tiles, gather_rows, varlen_attention
+from sphinx_kernels.ops.apply_rotary import apply_rotary
+from sphinx_kernels.ops.find_padding_tiles import find_padding_tiles
+from sphinx_kernels.ops.gather_rows import gather_rows
+from sphinx_kernels.ops.moe_expert_mlp import moe_expert_mlp
+from sphinx_kernels.ops.moe_permute import moe_permute
+from sphinx_kernels.ops.moe_routing import RoutingPlan, moe_routing
+from sphinx_kernels.ops.moe_unpermute import moe_unpermute
+from sphinx_kernels.ops.pack_by_token_budget import Packing, pack_by_token_budget
+from sphinx_kernels.ops.patch_projection import patch_projection
+from sphinx_kernels.ops.plan_layout import (
+    IGNORE_INDEX,
+    SOURCE_IMAGE_BEGIN,
+    SOURCE_IMAGE_END,
+    SOURCE_PADDING,
+    SOURCE_SKIP,
+    SOURCE_TEXT,
+    SOURCE_VISUAL,
+    ImageSpec,
+    LayoutInputs,
+    PackedLayout,
+    SampleSpec,
+    layout_inputs,
+    plan_layout,
+)
+from sphinx_kernels.ops.topk_gating import Gating, topk_gating
+from sphinx_kernels.ops.varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
 __all__ = ["nn", "BackendUnavailableError",
            # family 1: packed sequences
            "gather_rows", "find_padding_tiles", "varlen_attention", "apply_rotary",
-           "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING", "SOURCE_SKIP",
-           "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs", "PackedLayout", "Packing",
-           "SampleSpec", "layout_inputs", "pack_by_token_budget", "plan_layout",
+           "IGNORE_INDEX", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END", "SOURCE_PADDING",
+           "SOURCE_SKIP", "SOURCE_TEXT", "SOURCE_VISUAL", "ImageSpec", "LayoutInputs",
+           "PackedLayout", "Packing", "SampleSpec", "layout_inputs", "pack_by_token_budget",
+           "plan_layout",
            # family 2: patch projection
            "patch_projection",
            # family 3: mixture of experts

@@ -1,36 +1,36 @@
 """Input checks shared by every op: they run before any launch and name the argument at fault.
 
-Metadata (types, dtypes, shapes, devices) is always checked. Index *values* (ranges, monotonic offsets)
-are checked when the tensors are on the CPU, where it is free; on a GPU reading them back would cost a
-host synchronisation per call, so there they are checked only with ``SPHINX_KERNELS_CHECK_INPUTS=1``
-(a debugging switch, like ``CUDA_LAUNCH_BLOCKING``), and the kernels stay in bounds regardless. Value
-checks are skipped while ``torch.compile`` traces (the values are not known then).
+Metadata (types, dtypes, shapes, devices) is always checked. Index *values* (ranges, monotonic
+offsets) are checked when the tensors are on the CPU, where it is free; on a GPU reading them back
+would cost a host synchronisation per call, so there they are checked only with
+``SPHINX_KERNELS_CHECK_INPUTS=1`` (a debugging switch, like ``CUDA_LAUNCH_BLOCKING``), and the
+kernels stay in bounds regardless. Value checks are skipped while ``torch.compile`` traces (the
+values are not known then).
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Collection
 
 import torch
 
+from sphinx_kernels.dtypes import INDEX_DTYPES, dtype_name
+
+__all__ = ["ENV_CHECK_INPUTS", "INDEX_DTYPES", "dtype_name", "require_tensor", "require_device",
+           "require_int", "require_unit_stride", "should_check_values", "require_index_range"]
+
 ENV_CHECK_INPUTS = "SPHINX_KERNELS_CHECK_INPUTS"
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def require_tensor(name: str, value, *, dims: int | None = None,
-                   dtypes: Iterable[torch.dtype] | None = None) -> torch.Tensor:
-    """``value`` as a tensor of ``dims`` dimensions and one of ``dtypes``, else TypeError/ValueError."""
+                   dtypes: Collection[torch.dtype] | None = None) -> torch.Tensor:
+    """``value`` as a tensor of ``dims`` dimensions and one of ``dtypes``, else TypeError /
+    ValueError."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        if value.dtype not in dtypes:
-            allowed = ", ".join(dtype_name(d) for d in dtypes)
-            raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = ", ".join(sorted(map(dtype_name, dtypes)))  # one message whatever the set's order
+        raise TypeError(f"{name} must have dtype {allowed}; got {dtype_name(value.dtype)}")
     if dims is not None and value.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     return value
@@ -40,6 +40,23 @@ def require_device(name: str, value: torch.Tensor, device: torch.device, other: 
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but {other} is on {device}; "
                          "all tensors of one call must be on one device")
+
+
+def require_int(name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int (not a bool) of at least ``minimum``, else TypeError/ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def require_unit_stride(name: str, value: torch.Tensor, axis: str = "its last dimension") -> None:
+    """The kernels read rows along the last dimension contiguously: a unit stride there (any other
+    strides) is required, and copying is left to the caller, who sees the cost."""
+    if value.shape[-1] > 1 and value.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along {axis} (strides "
+                         f"{tuple(value.stride())}); pass .contiguous() explicitly")
 
 
 def should_check_values(*tensors: torch.Tensor) -> bool:
@@ -54,12 +71,12 @@ def should_check_values(*tensors: torch.Tensor) -> bool:
 def require_index_range(name: str, values: torch.Tensor, bound: int, bound_name: str,
                         source: str | None = None) -> None:
     """Index ``values`` must lie in ``[0, bound)``; read back only where :func:`should_check_values`
-    allows (a host sync on a GPU). ``bound_name`` names the bound in the message, ``source`` where it
-    comes from."""
+    allows (a host sync on a GPU). ``bound_name`` names the bound in the message, ``source`` where
+    it comes from."""
     if not values.numel() or not should_check_values(values):
         return
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= bound:
         where = f" ({source})" if source else ""
-        raise ValueError(f"{name} must be in [0, {bound_name}) = [0, {bound}){where}, got values in "
-                         f"[{low}, {high}]")
+        raise ValueError(f"{name} must be in [0, {bound_name}) = [0, {bound}){where}, got values "
+                         f"in [{low}, {high}]")

@@ -1,4 +1,5 @@
-"""``python -m sphinx_kernels.info``: what is built and which backend serves what on this machine."""
+"""``python -m sphinx_kernels.info``: what is built, and which backend serves what on this
+machine."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,16 +8,23 @@ import platform
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import OpBackends, Request, native_extension, triton_interpreted
-from sphinx_kernels.layout import PACK_BY_TOKEN_BUDGET_BACKENDS, PLAN_LAYOUT_BACKENDS
-from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, MOE_PERMUTE_BACKENDS,
-                                MOE_ROUTING_BACKENDS, MOE_UNPERMUTE_BACKENDS, TOPK_GATING_BACKENDS)
-from sphinx_kernels.projection import PATCH_PROJECTION_BACKENDS
-from sphinx_kernels.rotary import APPLY_ROTARY_BACKENDS
-from sphinx_kernels.varlen import (FIND_PADDING_TILES_BACKENDS, GATHER_ROWS_BACKENDS,
-                                   VARLEN_ATTENTION_BACKENDS)
+from sphinx_kernels.backends import OpBackends
+from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS
+from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS
+from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS
+from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS
+from sphinx_kernels.ops.moe_permute import MOE_PERMUTE_BACKENDS
+from sphinx_kernels.ops.moe_routing import MOE_ROUTING_BACKENDS
+from sphinx_kernels.ops.moe_unpermute import MOE_UNPERMUTE_BACKENDS
+from sphinx_kernels.ops.pack_by_token_budget import PACK_BY_TOKEN_BUDGET_BACKENDS
+from sphinx_kernels.ops.patch_projection import PATCH_PROJECTION_BACKENDS
+from sphinx_kernels.ops.plan_layout import PLAN_LAYOUT_BACKENDS
+from sphinx_kernels.ops.topk_gating import TOPK_GATING_BACKENDS
+from sphinx_kernels.ops.varlen_attention import VARLEN_ATTENTION_BACKENDS
+from sphinx_kernels.platforms import native_extension, triton_interpreted
 
-# Every public op's backends, with the dtype each is probed with (its main input's).
+# Every public op's backends, with the dtype each is probed with (its main input's); the other
+# features of a request take their type's defaults (a typical training call).
 OPS: tuple[tuple[OpBackends, torch.dtype], ...] = (
     # family 1: packed sequences
     (GATHER_ROWS_BACKENDS, torch.float32),
@@ -70,7 +78,7 @@ def report() -> str:
     lines.append("op / device: backend status, in priority order")
     for op, dtype in OPS:
         for device in devices:
-            reasons = op.reasons(Request(device, dtype))
+            reasons = op.reasons(op.request(device, dtype))
             status = ", ".join(f"{name} {'ok' if not why else '(' + '; '.join(why) + ')'}"
                                for name, why in reasons.items())
             lines.append(f"  {op.op} / {device.type}: {status}")

@@ -1,13 +1,15 @@
 """Drop-in modules over the ops, for users' own models:
 
     VarlenSelfAttention   q/k/v projections, rotary, varlen flash attention, output projection (GQA)
-    PatchProjector        several encoders' features -> one fused projection (+ LayerNorm) -> LLM width
-    MoEMLP                a dropless sparse Mixture-of-Experts SwiGLU MLP (Mixtral's block_sparse_moe),
-                          with conversion from and to the Hugging Face Mixtral layout
+    PatchProjector        several encoders' features -> one fused projection (+ LayerNorm)
+                          -> LLM width
+    MoEMLP                a dropless sparse Mixture-of-Experts SwiGLU MLP (Mixtral's
+                          block_sparse_moe), with conversion from and to the Hugging Face
+                          Mixtral layout
 
-Parameter names follow the Hugging Face models they replace, so checkpoints load unchanged. Each class
-is self-contained, and knows nothing of parallelism (FSDP, activation checkpointing and compile are
-applied from outside).
+Parameter names follow the Hugging Face models they replace, so checkpoints load unchanged. Each
+class is self-contained, and knows nothing of parallelism (FSDP, activation checkpointing and
+compile are applied from outside).
 """
 from __future__ import annotations
 
@@ -17,14 +19,17 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from sphinx_kernels.moe import (moe_expert_mlp, moe_permute, moe_routing, moe_unpermute,
-                                topk_gating)
-from sphinx_kernels.projection import patch_projection
-from sphinx_kernels.rotary import apply_rotary
-from sphinx_kernels.varlen import varlen_attention
+from sphinx_kernels.ops.apply_rotary import apply_rotary
+from sphinx_kernels.ops.moe_expert_mlp import moe_expert_mlp
+from sphinx_kernels.ops.moe_permute import moe_permute
+from sphinx_kernels.ops.moe_routing import moe_routing
+from sphinx_kernels.ops.moe_unpermute import moe_unpermute
+from sphinx_kernels.ops.patch_projection import patch_projection
+from sphinx_kernels.ops.topk_gating import topk_gating
+from sphinx_kernels.ops.varlen_attention import varlen_attention
 
-__all__ = ["VarlenSelfAttention", "rotary_tables", "PatchProjector", "MoEAux", "MoEMLP", "moe_mlp_from_mixtral",
-           "moe_mlp_to_mixtral"]
+__all__ = ["VarlenSelfAttention", "rotary_tables", "PatchProjector", "MoEAux", "MoEMLP",
+           "moe_mlp_from_mixtral", "moe_mlp_to_mixtral"]
 
 
 class VarlenSelfAttention(torch.nn.Module):
@@ -38,18 +43,21 @@ class VarlenSelfAttention(torch.nn.Module):
         num_heads: query heads ``Hq``.
         num_kv_heads: key/value heads ``Hkv`` (a divisor of ``Hq``; GQA, MQA); default ``Hq``.
         head_dim: per-head width ``D`` (even); default ``H // Hq``.
-        bias: biases on q/k/v projections (Qwen-style); the output projection never has one, like Llama.
+        bias: biases on q/k/v projections (Qwen-style); the output projection never has one, like
+            Llama.
         rope_theta: rotary base; ``max_position_embeddings``: rows of the rotary tables.
 
     Parameters (names as Llama's, so its checkpoints load unchanged): ``q_proj.weight [Hq*D, H]``,
-    ``k_proj.weight [Hkv*D, H]``, ``v_proj.weight [Hkv*D, H]``, ``o_proj.weight [H, Hq*D]``. The rotary
-    tables ``rotary_cos``, ``rotary_sin`` (``[P, D]`` float32) are buffers that are not saved; after
-    building the module on the meta device, call :meth:`reset_rotary` once it is materialised.
+    ``k_proj.weight [Hkv*D, H]``, ``v_proj.weight [Hkv*D, H]``, ``o_proj.weight [H, Hq*D]``. The
+    rotary tables ``rotary_cos``, ``rotary_sin`` (``[P, D]`` float32) are buffers that are not
+    saved; after building the module on the meta device, call :meth:`reset_rotary` once it is
+    materialised.
 
     ``forward(x, cu_seqlens, position_ids, *, max_seqlen=None, prefix_lens=None)``: ``x`` ``[T, H]``
     packed tokens, ``cu_seqlens`` int32 ``[B + 1]``, ``position_ids`` ``[T]`` (e.g. from
     ``PackedLayout``), ``prefix_lens`` optional int32 ``[B]``; returns ``[T, H]`` in ``x``'s dtype.
-    Rows past ``cu_seqlens[-1]`` come out as the output projection of zero (``0``, there is no bias).
+    Rows past ``cu_seqlens[-1]`` come out as the output projection of zero (``0``, there is no
+    bias).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
@@ -77,7 +85,8 @@ class VarlenSelfAttention(torch.nn.Module):
 
     @torch.no_grad()
     def reset_rotary(self) -> None:
-        """Fills the rotary tables (float32, Hugging Face layout: each half of a row holds the angles)."""
+        """Fills the rotary tables (float32, Hugging Face layout: each half of a row holds the
+        angles)."""
         if self.rotary_cos.is_meta:
             return
         cos, sin = rotary_tables(self.rotary_cos.shape[0], self.head_dim, self.rope_theta,
@@ -93,8 +102,8 @@ class VarlenSelfAttention(torch.nn.Module):
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary((q, k), self.rotary_cos, self.rotary_sin, position_ids)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
-                               causal=True, prefix_lens=prefix_lens)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen,
+                               max_seqlen_k=max_seqlen, causal=True, prefix_lens=prefix_lens)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
@@ -102,7 +111,8 @@ def rotary_tables(positions: int, head_dim: int, theta: float = 10000.0,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama's rotary tables: ``cos``, ``sin`` ``[positions, head_dim]`` float32, angle
     ``p * theta ** (-2i / head_dim)`` in column ``i`` and again in column ``i + head_dim / 2``."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+    inv_freq = theta ** -exponents
     angles = torch.arange(positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None]
     angles = torch.cat([angles, angles], dim=1)
     return angles.cos().float(), angles.sin().float()
@@ -111,7 +121,8 @@ def rotary_tables(positions: int, head_dim: int, theta: float = 10000.0,
 class PatchProjector(nn.Module):
     """Projects several encoders' features into the LLM width with one fused op (see
     :func:`sphinx_kernels.patch_projection`): ``proj`` (an ``nn.Linear`` over the channel
-    concatenation, columns in encoder order) then ``norm`` (an ``nn.LayerNorm``, unless ``norm=False``).
+    concatenation, columns in encoder order) then ``norm`` (an ``nn.LayerNorm``, unless
+    ``norm=False``).
 
     Args:
         in_channels: channels of each encoder, e.g. ``(1536, 3072)`` for DINOv2-g and ConvNeXt-XXL.
@@ -134,15 +145,16 @@ class PatchProjector(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], out: torch.Tensor | None = None,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``features``: one tensor per encoder (see ``patch_projection``); with ``out`` / ``out_rows``
-        the rows are written into a copy of the packed sequence ``out``."""
+        """``features``: one tensor per encoder (see ``patch_projection``); with ``out`` /
+        ``out_rows`` the rows are written into a copy of the packed sequence ``out``."""
         if len(features) != len(self.in_channels):
             raise ValueError(f"expected {len(self.in_channels)} feature tensors (in_channels), got "
                              f"{len(features)}")
         for i, (feature, channels) in enumerate(zip(features, self.in_channels)):
             have = feature.shape[-1] if feature.dim() == 3 else feature.shape[1]
             if have != channels:
-                raise ValueError(f"features[{i}] has {have} channels, in_channels[{i}] is {channels}")
+                raise ValueError(f"features[{i}] has {have} channels, in_channels[{i}] is "
+                                 f"{channels}")
         norm = self.norm
         return patch_projection(features, self.proj.weight, self.proj.bias, grid=self.grid,
                                 norm_weight=None if norm is None else norm.weight,
@@ -241,9 +253,9 @@ def moe_mlp_from_mixtral(state_dict: Mapping[str, torch.Tensor],
     """``MoEMLP`` parameters from the Hugging Face Mixtral layout.
 
     Reads ``{prefix}block_sparse_moe.gate.weight`` ``[E, H]`` and
-    ``{prefix}block_sparse_moe.experts.{e}.w1/w2/w3.weight`` (``[F, H]``, ``[H, F]``, ``[F, H]``) for
-    ``e < E``; returns ``{"router.weight", "w1", "w3", "w2"}`` for ``MoEMLP.load_state_dict``. The
-    prefix is the decoder layer's, e.g. ``"model.layers.3."``.
+    ``{prefix}block_sparse_moe.experts.{e}.w1/w2/w3.weight`` (``[F, H]``, ``[H, F]``, ``[F, H]``)
+    for ``e < E``; returns ``{"router.weight", "w1", "w3", "w2"}`` for ``MoEMLP.load_state_dict``.
+    The prefix is the decoder layer's, e.g. ``"model.layers.3."``.
     """
     gate_key = prefix + _MIXTRAL_GATE
     if gate_key not in state_dict:

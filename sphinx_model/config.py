@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["VisionConfig", "ProjectorConfig", "LLMConfig", "SphinxConfig", "PRESETS", "preset",
-           "config_from_dict", "LLM_ARCHS"]
+           "config_from_dict", "check_value", "validate_llm", "LLM_ARCHS"]
 
 LLM_ARCHS = ("llama", "mixtral", "internlm2")  # the decoder families (and checkpoint layouts) we load
 
@@ -143,12 +143,13 @@ def config_from_dict(cls: type, data: Mapping[str, Any], path: str = ""):
         if dataclasses.is_dataclass(hint):
             values[name] = config_from_dict(hint, value, f"{path}{name}.")
         else:
-            values[name] = _checked(value, hint, f"{path}{name}")
+            values[name] = check_value(value, hint, f"{path}{name}")
     return cls(**values)
 
 
-def _checked(value: Any, hint: Any, path: str) -> Any:
-    """``value`` if it matches the simple type ``hint`` (int accepted for float), else TypeError."""
+def check_value(value: Any, hint: Any, path: str) -> Any:
+    """``value`` if it matches the simple type ``hint`` (int accepted for float), else a TypeError
+    naming the key ``path``."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         base = typing.get_origin(option) or option
@@ -158,43 +159,52 @@ def _checked(value: Any, hint: Any, path: str) -> Any:
             return float(value)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if base in (str, bool, dict) and isinstance(value, base):
-            return dict(value) if base is dict else value
+        if base in (str, bool, dict, list) and isinstance(value, base):
+            return base(value) if base in (dict, list) else value
     raise TypeError(f"config key {path} must be {hint}, got {value!r}")
 
 
 def validate(cfg: SphinxConfig) -> None:
     """Consistency checks of a whole config; ``ValueError`` naming the field."""
-    llm, vision = cfg.llm, cfg.vision
-    if llm.arch not in LLM_ARCHS:
-        raise ValueError(f"llm.arch must be one of {LLM_ARCHS}, got {llm.arch!r}")
-    positive = {"llm.vocab_size": llm.vocab_size, "llm.hidden_size": llm.hidden_size,
-                "llm.num_layers": llm.num_layers, "llm.num_heads": llm.num_heads,
-                "llm.num_kv_heads": llm.num_kv_heads, "llm.intermediate_size": llm.intermediate_size,
-                "llm.moe_block_size": llm.moe_block_size,
-                "llm.max_position_embeddings": llm.max_position_embeddings,
-                "vision.grid": vision.grid, "vision.tiles": vision.tiles,
+    validate_llm(cfg.llm)
+    vision = cfg.vision
+    positive = {"vision.grid": vision.grid, "vision.tiles": vision.tiles,
                 "vision.dinov2_image_size": vision.dinov2_image_size,
                 "vision.convnext_image_size": vision.convnext_image_size,
                 "vision.dinov2_channels": vision.dinov2_channels,
                 "vision.convnext_channels": vision.convnext_channels}
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    _require_positive(positive)
+
+
+def validate_llm(llm: LLMConfig, name: str = "llm") -> None:
+    """Consistency checks of a decoder config alone (``sphinx_model.LLM`` runs them too);
+    ``ValueError`` naming the field as ``{name}.field``."""
+    if llm.arch not in LLM_ARCHS:
+        raise ValueError(f"{name}.arch must be one of {LLM_ARCHS}, got {llm.arch!r}")
+    _require_positive({f"{name}.{field}": getattr(llm, field) for field in (
+        "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+        "moe_block_size", "max_position_embeddings")})
     if llm.num_heads % llm.num_kv_heads:
-        raise ValueError(f"llm.num_heads ({llm.num_heads}) must be a multiple of llm.num_kv_heads "
-                         f"({llm.num_kv_heads})")
+        raise ValueError(f"{name}.num_heads ({llm.num_heads}) must be a multiple of "
+                         f"{name}.num_kv_heads ({llm.num_kv_heads})")
     if llm.head_dim is None and llm.hidden_size % llm.num_heads:
-        raise ValueError(f"llm.hidden_size ({llm.hidden_size}) is not a multiple of llm.num_heads "
-                         f"({llm.num_heads}); set llm.head_dim")
-    if llm.dim_per_head % 2:
+        raise ValueError(f"{name}.hidden_size ({llm.hidden_size}) is not a multiple of "
+                         f"{name}.num_heads ({llm.num_heads}); set {name}.head_dim")
+    if llm.dim_per_head < 1 or llm.dim_per_head % 2:
         raise ValueError(f"the head dim must be even for rotary, got {llm.dim_per_head}")
     if llm.num_experts < 0 or (llm.num_experts and not 1 <= llm.top_k <= llm.num_experts):
-        raise ValueError(f"llm.top_k must be in [1, llm.num_experts = {llm.num_experts}], got "
-                         f"{llm.top_k}")
+        raise ValueError(f"{name}.top_k must be in [1, {name}.num_experts = {llm.num_experts}], "
+                         f"got {llm.top_k}")
     if (llm.arch == "mixtral") != (llm.num_experts > 0):
-        raise ValueError(f"llm.arch {llm.arch!r} with llm.num_experts = {llm.num_experts}: mixtral "
-                         "is the sparse-MoE family and needs num_experts > 0, the others need 0")
+        raise ValueError(f"{name}.arch {llm.arch!r} with {name}.num_experts = {llm.num_experts}: "
+                         "mixtral is the sparse-MoE family and needs num_experts > 0, the others "
+                         "need 0")
+
+
+def _require_positive(values: Mapping[str, int]) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------

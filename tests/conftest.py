@@ -1,6 +1,16 @@
-"""Test set-up: without a GPU, Triton kernels run under the interpreter on CPU tensors. The variable must
-be set before any @triton.jit function is defined, so before sphinx_kernels is imported."""
+"""Test set-up.
+
+Without a GPU, Triton kernels run under the interpreter on CPU tensors. The variable must be set
+before any ``@triton.jit`` function is defined, so before sphinx_kernels is imported.
+
+Every test runs with torch's and Python's global random generators seeded from its id, and the
+``seed`` fixture gives that seed for explicit generators: a run is reproducible by default. Set
+``SPHINX_KERNELS_TEST_SEED=random`` for fresh seeds (fuzzing), or to a number to rerun with that
+seed; a failing test reports the seed it ran with.
+"""
 import os
+import random
+import zlib
 
 import pytest
 import torch
@@ -8,6 +18,8 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ENV_TEST_SEED = "SPHINX_KERNELS_TEST_SEED"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,8 +31,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def seed_of(node_id: str) -> int:
+    """The seed of the test ``node_id``: from its id, or as ``SPHINX_KERNELS_TEST_SEED`` says."""
+    chosen = os.environ.get(ENV_TEST_SEED, "").strip()
+    if chosen == "random":
+        return random.SystemRandom().randrange(2**31)
+    if chosen:
+        return int(chosen)
+    return zlib.crc32(node_id.encode())
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """This test's seed; torch's and Python's global generators are seeded with it too."""
+    value = seed_of(request.node.nodeid)
+    request.node.user_properties.append(("seed", value))
+    torch.manual_seed(value)
+    random.seed(value)
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [value for name, value in item.user_properties if name == "seed"]
+        if seeds:
+            report.sections.append(("seed", f"{ENV_TEST_SEED}={seeds[0]} reruns this test as it "
+                                            "ran"))
+
+
 @pytest.fixture
 def value_checks_on(monkeypatch):
-    """Index-value checks on every device: on a GPU they are off by default (each costs a host sync),
-    and bad-input tests must see the ValueError there too."""
+    """Index-value checks on every device: on a GPU they are off by default (each costs a host
+    sync), and bad-input tests must see the ValueError there too."""
     monkeypatch.setenv("SPHINX_KERNELS_CHECK_INPUTS", "1")

@@ -1,5 +1,5 @@
-"""Every benchmark family runs end to end on this machine in --quick mode, as the main job runs it (a
-fresh process without TRITON_INTERPRET, so the Triton interpreter is not timed), and a broken
+"""Every benchmark family runs end to end on this machine in --quick mode, as the main job runs it
+(a fresh process without TRITON_INTERPRET, so the Triton interpreter is not timed), and a broken
 benchmark fails CI rather than the next GPU session: the run succeeds and writes its rows where
 asked."""
 import json

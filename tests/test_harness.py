@@ -1,5 +1,5 @@
-"""The benchmark harness: FLOP and byte counts against hand-computed values, ceilings, results files,
-plots and the README tables generated from the results."""
+"""The benchmark harness: FLOP and byte counts against hand-computed values, ceilings, results
+files, plots and the tables of docs/benchmarks.md generated from the results."""
 import json
 import random
 
@@ -8,6 +8,7 @@ import torch
 
 from benchmarks import counts, harness, plots, report
 from benchmarks.peers import PEERS, peer_status
+from benchmarks.rows import bandwidth_row, compute_row, fill_fractions
 
 
 def test_gemm_and_mlp_counts_by_hand():
@@ -53,11 +54,11 @@ def test_time_ms_is_the_median_and_rotates_inputs():
 
 
 def test_rows_and_fractions():
-    row = harness.compute_row("mm", "s", "float32", "cpp", ms=2.0, flops=4 * 10**9)
+    row = compute_row("mm", "s", "float32", "cpp", ms=2.0, flops=4 * 10**9)
     assert row.tflops == pytest.approx(2.0)     # 4e9 FLOPs in 2 ms
-    band = harness.bandwidth_row("copy", "s", "float32", "cpp", 1.0, 3 * 10**6, None)
+    band = bandwidth_row("copy", "s", "float32", "cpp", 1.0, 3 * 10**6, None)
     assert band.gbps == pytest.approx(3.0)      # 3 MB in 1 ms
-    harness.fill_fractions([row, band], {"matmul_tflops": 4.0, "copy_gbps": 6.0})
+    fill_fractions([row, band], {"matmul_tflops": 4.0, "copy_gbps": 6.0})
     assert row.fraction_of_ceiling == pytest.approx(0.5)
     assert band.fraction_of_ceiling == pytest.approx(0.5)
 
@@ -89,16 +90,16 @@ def _tiny_bench(device, quick, copy_gbps):
     for size in (64, 128):
         a = [torch.randn(size, size) for _ in range(2)]
         ms = harness.time_ms(lambda m: m @ m, a, device, warmup=1, repeats=3)
-        rows.append(harness.compute_row("matmul", f"n={size}", "float32", "cpp", ms,
-                                        counts.gemm_flops(size, size, size), size=size, note="tiny"))
+        rows.append(compute_row("matmul", f"n={size}", "float32", "cpp", ms,
+                                counts.gemm_flops(size, size, size), size=size, note="tiny"))
         ms = harness.time_ms(lambda m: (m.double() @ m.double()), a, device, warmup=1, repeats=3)
-        rows.append(harness.compute_row("matmul", f"n={size}", "float32", "reference", ms,
-                                        counts.gemm_flops(size, size, size), size=size))
+        rows.append(compute_row("matmul", f"n={size}", "float32", "reference", ms,
+                                counts.gemm_flops(size, size, size), size=size))
     return rows
 
 
 def test_run_family_writes_results_plot_and_readme_tables(tmp_path, capsys):
-    rows = harness.run_family("tiny", torch.device("cpu"), False, _tiny_bench, ("cpp",),
+    rows = harness.run_family("tiny", torch.device("cpu"), False, (_tiny_bench,), ("cpp",),
                               ("reference",), results_dir=str(tmp_path))
     assert all(r.fraction_of_ceiling is not None for r in rows)
     [path] = tmp_path.glob("tiny-*.json")
@@ -109,10 +110,12 @@ def test_run_family_writes_results_plot_and_readme_tables(tmp_path, capsys):
     assert "cpp is" in capsys.readouterr().out
     tables = report.generate(str(tmp_path))
     assert "### tiny:" in tables and "| `matmul` | n=64 | float32 | `cpp` |" in tables
+    assert "(CPU smoke numbers: the GPU kernels are not timed)" in tables  # a CPU run says so
     assert "note=tiny" in tables  # extra columns reach the notes
     assert "x reference" in tables  # the speed-up column of our backend
     section = report.replace_section(f"a\n{report.BEGIN}\nold\n{report.END}\nb\n", tables)
-    assert section.startswith(f"a\n{report.BEGIN}\n### tiny") and section.endswith(f"{report.END}\nb\n")
+    assert section.startswith(f"a\n{report.BEGIN}\n### tiny")
+    assert section.endswith(f"{report.END}\nb\n")
 
 
 def test_plot_has_a_line_per_backend(tmp_path):
@@ -122,5 +125,5 @@ def test_plot_has_a_line_per_backend(tmp_path):
     assert path.endswith("tiny.png") and (tmp_path / "tiny.png").stat().st_size > 1000
 
 
-def test_readme_tables_are_generated_from_the_results_files():
+def test_docs_tables_are_generated_from_the_results_files():
     assert report.main(["--check"]) == 0

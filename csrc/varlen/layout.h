@@ -22,6 +22,7 @@ struct LayoutBatch {
   const int64_t* images_per_sample;  // [B], >= 0
   const int64_t* tile_grids;         // [I, 2]: rows, cols >= 1
   const bool* skipped_tiles;         // [S], raster order per image
+  const int64_t* text_before_images;  // [B]: leading text tokens placed before the images, <= text_lens
   int64_t num_samples, num_images, tokens_per_view;
 };
 

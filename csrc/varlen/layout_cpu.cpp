@@ -87,6 +87,24 @@ void plan_layout_fill_cpu(const LayoutBatch& batch, const LayoutOffsets& off, in
         put_run(kSourceVisual, tpv, view * tpv, 1);
         ++view;
       };
+      // A run of `count` text tokens from the sample's token `k0`. The row before the run predicts
+      // its first token when that is an answer token and the row is this sample's (row > first:
+      // nothing crosses into the previous sample); the run's last row predicts nothing (a later
+      // text run, if any, sets it as the row before that run).
+      const int64_t g0 = off.sample_text[b];
+      auto put_text = [&](int64_t k0, int64_t count) {
+        const int64_t* ids = batch.text_ids + g0 + k0;
+        const bool* answer = batch.answer_mask + g0 + k0;
+        if (count > 0 && row > first && answer[0]) out.labels[row - 1] = ids[0];
+        put_positions_and_source(kSourceText, count);
+        for (int64_t k = 0; k < count; ++k) out.row_ids[row + k] = static_cast<int32_t>(ids[k]);
+        for (int64_t k = 0; k + 1 < count; ++k)
+          out.labels[row + k] = answer[k + 1] ? ids[k + 1] : kIgnoreIndex;
+        if (count > 0) out.labels[row + count - 1] = kIgnoreIndex;
+        row += count;
+      };
+      const int64_t head = batch.text_before_images[b];
+      put_text(0, head);
       for (int64_t i = off.sample_images[b]; i < off.sample_images[b + 1]; ++i) {
         put_run(kSourceImageBegin, 1, 0, 0);
         put_view();  // the global view
@@ -99,17 +117,7 @@ void plan_layout_fill_cpu(const LayoutBatch& batch, const LayoutOffsets& off, in
         }
         put_run(kSourceImageEnd, 1, 0, 0);
       }
-      const int64_t g0 = off.sample_text[b], count = batch.text_lens[b];
-      const int64_t* ids = batch.text_ids + g0;
-      const bool* answer = batch.answer_mask + g0;
-      // The row before an answer token of this sample predicts it; the sample's last row predicts
-      // nothing (row > first: nothing crosses into the previous sample).
-      if (count > 0 && row > first && answer[0]) out.labels[row - 1] = ids[0];
-      put_positions_and_source(kSourceText, count);
-      for (int64_t k = 0; k < count; ++k) out.row_ids[row + k] = static_cast<int32_t>(ids[k]);
-      for (int64_t k = 0; k + 1 < count; ++k)
-        out.labels[row + k] = answer[k + 1] ? ids[k + 1] : kIgnoreIndex;
-      if (count > 0) out.labels[row + count - 1] = kIgnoreIndex;
+      put_text(head, batch.text_lens[b] - head);
     }
   });
   const int64_t used = off.sample_rows[batch.num_samples];

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
-from sphinx_kernels.varlen import FIND_PADDING_TILES_BACKENDS, _find_padding_tiles_op
+from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b.name for b in FIND_PADDING_TILES_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+BACKENDS = FIND_PADDING_TILES_BACKENDS.available(
+    FIND_PADDING_TILES_BACKENDS.request(DEVICE, torch.float32))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -59,8 +58,8 @@ def loop_flags(images, tile, pad):
     (1, 4, (2, 2), (59, 33), 0.1),                       # 0.1 is rounded to the dtype first
     (0, 3, (2, 2), (4, 4), 0.0),
 ])
-def test_matches_tile_loop(backend, dtype, num, channels, tiles, tile, pad):
-    images = padded_images(num, channels, tiles, tile, dtype, pad, seed=torch.seed() % 2**31)
+def test_matches_tile_loop(backend, dtype, num, channels, tiles, tile, pad, seed):
+    images = padded_images(num, channels, tiles, tile, dtype, pad, seed)
     flags = sphinx_kernels.find_padding_tiles(images, tile, pad, backend=backend)
     assert flags.dtype == torch.bool and flags.shape == (num,) + tiles
     assert torch.equal(flags, loop_flags(images, tile, pad))
@@ -112,7 +111,8 @@ def test_bad_input_raises_naming_the_argument(change, error, message):
 def test_opcheck(backend):
     images = padded_images(2, 3, (2, 2), (4, 6), torch.float32, 0.0, seed=1)
     pad = torch.zeros(3, device=DEVICE)
-    torch.library.opcheck(_find_padding_tiles_op, (images, pad, 4, 6, backend),
+    torch.library.opcheck(torch.ops.sphinx_kernels.find_padding_tiles.default,
+                          (images, pad, 4, 6, backend),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

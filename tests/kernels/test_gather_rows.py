@@ -8,33 +8,31 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request, triton_interpreted
-from sphinx_kernels.varlen import GATHER_ROWS_BACKENDS, _gather_rows_op, gather_rows_reference
-from tests.numerics import GRADIENT_FACTOR, assert_within_torch_error
+from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
+from tests.numerics import (
+    GRADIENT_FACTOR,
+    assert_all_within_torch_error,
+    interpreter_rounds_bf16,
+    skip_if_interpreter_rounds_bf16,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def runnable_backends(device=DEVICE):
-    request = Request(device, torch.float32)
-    return [b.name for b in GATHER_ROWS_BACKENDS.backends if not b.not_supported_reasons(request)]
+    return GATHER_ROWS_BACKENDS.available(GATHER_ROWS_BACKENDS.request(device, torch.float32))
 
 
 BACKENDS = runnable_backends()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 
 
-def interpreter_rounds_wrong(backend, dtype):
-    """The Triton interpreter truncates float32 -> bfloat16 where GPUs round to nearest even: its bf16
-    arithmetic results are checked on a GPU (ENVIRONMENT.md). Data movement is exact regardless."""
-    return backend == "triton" and dtype == torch.bfloat16 and triton_interpreted()
-
-
 def make_case(num_rows, width, dtype, index_dtype=torch.int32, source_rows=(13, 0, 1, 40),
-              device=DEVICE, seed=None, requires_grad=False):
-    """Random sources (one of them empty) and random (source, row) pairs, about 1 in 8 of them padding."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+              device=DEVICE, seed=0, requires_grad=False):
+    """Random sources (one of them empty) and random (source, row) pairs, about 1 in 8 of them
+    padding."""
+    gen = torch.Generator().manual_seed(seed)
     sources = [torch.randn(n, width, generator=gen, dtype=torch.float64).to(dtype).to(device)
                .requires_grad_(requires_grad) for n in source_rows]
     readable = [s for s, n in enumerate(source_rows) if n > 0]
@@ -58,8 +56,8 @@ def loop_gather(sources, source_ids, row_ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_rows,width", [(0, 7), (1, 1), (7, 257), (59, 7), (97, 64), (1025, 3)])
-def test_forward_is_exact(backend, dtype, num_rows, width):
-    sources, source_ids, row_ids = make_case(num_rows, width, dtype)
+def test_forward_is_exact(backend, dtype, num_rows, width, seed):
+    sources, source_ids, row_ids = make_case(num_rows, width, dtype, seed=seed)
     out = sphinx_kernels.gather_rows(sources, source_ids, row_ids, backend=backend)
     assert out.dtype == dtype and out.shape == (num_rows, width)
     assert torch.equal(out, loop_gather(sources, source_ids, row_ids))
@@ -86,61 +84,82 @@ def gradients(backend, sources, source_ids, row_ids, grad_out):
     return [None if s.grad is None else s.grad.clone() for s in sources]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gradients_within_tolerance_of_float64(backend, dtype):
-    if interpreter_rounds_wrong(backend, dtype):
-        pytest.skip("bf16 rounding of the Triton interpreter; checked on a GPU")
-    # Few source rows read by many output rows: every gradient row sums many terms.
-    sources, source_ids, row_ids = make_case(300, 33, dtype, source_rows=(5, 0, 1, 9),
-                                             requires_grad=True)
-    grad_out = torch.randn(300, 33, device=DEVICE, dtype=torch.float64).to(dtype)
-    grads = gradients(backend, sources, source_ids, row_ids, grad_out)
-    for s, (src, grad) in enumerate(zip(sources, grads)):
+def summed_gradients(source_shapes, source_ids, row_ids, grad_out, dtype):
+    """(same dtype, float64) pairs of each source's gradient, summed by PyTorch's index_add."""
+    pairs = []
+    for s, shape in enumerate(source_shapes):
         hit = source_ids == s
         rows = row_ids[hit].long()
-        expected = torch.zeros(src.shape, dtype=torch.float64, device=DEVICE).index_add_(
+        same = torch.zeros(shape, dtype=dtype, device=DEVICE).index_add_(0, rows, grad_out[hit])
+        exact = torch.zeros(shape, dtype=torch.float64, device=DEVICE).index_add_(
             0, rows, grad_out[hit].double())
-        same_dtype = torch.zeros_like(src).index_add_(0, rows, grad_out[hit])
-        assert_within_torch_error(grad, expected, same_dtype, GRADIENT_FACTOR,
-                                  f"{backend} grad of sources[{s}]")
+        pairs.append((same, exact))
+    return pairs
+
+
+def assert_gradients_within_torch_error(backend, grads, sources, source_ids, row_ids, grad_out,
+                                        seed):
+    """The gradients against float64 sums, judged by PyTorch's error on sums of fresh gradients."""
+    shapes = [s.shape for s in sources]
+    dtype = sources[0].dtype
+
+    def draw(gen):
+        fresh = torch.randn(grad_out.shape, generator=gen, dtype=torch.float64).to(dtype)
+        return summed_gradients(shapes, source_ids, row_ids, fresh.to(DEVICE), dtype)
+
+    first = summed_gradients(shapes, source_ids, row_ids, grad_out, dtype)
+    assert_all_within_torch_error(
+        grads, [exact for _, exact in first], draw, torch.Generator().manual_seed(seed),
+        [GRADIENT_FACTOR] * len(grads), [f"grad of sources[{s}]" for s in range(len(grads))],
+        backend, first=first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_within_tolerance_of_float64(backend, dtype, seed):
+    skip_if_interpreter_rounds_bf16(backend, dtype)
+    # Few source rows read by many output rows: every gradient row sums many terms.
+    sources, source_ids, row_ids = make_case(300, 33, dtype, source_rows=(5, 0, 1, 9),
+                                             requires_grad=True, seed=seed)
+    grad_out = torch.randn(300, 33, device=DEVICE, dtype=torch.float64).to(dtype)
+    grads = gradients(backend, sources, source_ids, row_ids, grad_out)
+    assert_gradients_within_torch_error(backend, grads, sources, source_ids, row_ids, grad_out,
+                                        seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gradients_are_deterministic_and_equal_across_kernel_backends(dtype):
+def test_gradients_are_deterministic_and_equal_across_kernel_backends(dtype, seed):
     sources, source_ids, row_ids = make_case(500, 40, dtype, source_rows=(7, 3),
-                                             requires_grad=True)
+                                             requires_grad=True, seed=seed)
     grad_out = torch.randn(500, 40, device=DEVICE).to(dtype)
     results = {}
     for backend in KERNEL_BACKENDS:
         first, again = (gradients(backend, sources, source_ids, row_ids, grad_out) for _ in "12")
         assert all(torch.equal(a, b) for a, b in zip(first, again)), f"{backend} not deterministic"
         results[backend] = first
-    comparable = {b: g for b, g in results.items() if not interpreter_rounds_wrong(b, dtype)}
+    comparable = {b: g for b, g in results.items() if not interpreter_rounds_bf16(b, dtype)}
     baseline = next(iter(comparable.values()))
     for backend, grads in comparable.items():
         assert all(torch.equal(a, b) for a, b in zip(grads, baseline)), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_only_sources_that_require_grad_get_one(backend):
-    sources, source_ids, row_ids = make_case(50, 8, torch.float32, source_rows=(6, 4, 2))
+def test_only_sources_that_require_grad_get_one(backend, seed):
+    sources, source_ids, row_ids = make_case(50, 8, torch.float32, source_rows=(6, 4, 2), seed=seed)
     sources[1].requires_grad_(True)
     grad_out = torch.randn(50, 8, device=DEVICE)
     grads = gradients(backend, sources, source_ids, row_ids, grad_out)
     assert grads[0] is None and grads[2] is None
-    hit = source_ids == 1
-    rows = row_ids[hit].long()
-    expected = torch.zeros(4, 8, dtype=torch.float64, device=DEVICE).index_add_(
-        0, rows, grad_out[hit].double())
-    same_dtype = torch.zeros(4, 8, device=DEVICE).index_add_(0, rows, grad_out[hit])
-    assert_within_torch_error(grads[1], expected, same_dtype, GRADIENT_FACTOR, backend)
+    # Source 1 alone: its rows numbered 0 in a one-source call.
+    assert_gradients_within_torch_error(backend, grads[1:2], sources[1:2],
+                                        torch.where(source_ids == 1, 0, -1), row_ids, grad_out,
+                                        seed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_padding_rows_pass_no_gradient(backend):
+def test_padding_rows_pass_no_gradient(backend, seed):
     sources, source_ids, row_ids = make_case(40, 5, torch.float32, source_rows=(4,),
-                                             requires_grad=True)
+                                             requires_grad=True, seed=seed)
     grad_out = torch.zeros(40, 5, device=DEVICE)
     grad_out[source_ids < 0] = 1e6  # gradient flowing into padding rows must vanish
     (grad,) = gradients(backend, sources, source_ids, row_ids, grad_out)
@@ -153,7 +172,7 @@ def test_out_of_range_index_past_validation_gives_nan_rows(backend):
     sources = [torch.randn(3, 6, device=DEVICE)]
     source_ids = torch.tensor([0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
     row_ids = torch.tensor([2, 3, 0, -1], dtype=torch.int32, device=DEVICE)
-    out = _gather_rows_op(sources, source_ids, row_ids, backend)
+    out = torch.ops.sphinx_kernels.gather_rows(sources, source_ids, row_ids, backend)
     assert torch.equal(out[0], sources[0][2])
     assert torch.isnan(out[1:]).all()
 
@@ -191,7 +210,8 @@ def test_bad_input_raises_naming_the_argument(make_bad, error, message):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     sources, source_ids, row_ids = make_case(37, 9, torch.float32, seed=3, requires_grad=True)
-    torch.library.opcheck(_gather_rows_op, (sources, source_ids, row_ids, backend))
+    torch.library.opcheck(torch.ops.sphinx_kernels.gather_rows.default,
+                          (sources, source_ids, row_ids, backend))
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
@@ -216,7 +236,7 @@ def test_reference_backend_matches_loop_with_empty_input():
     assert gather_rows_reference(sources, empty, empty).shape == (0, 3)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: the CUDA and Triton kernels at real sizes (skipped without a GPU).
 
 
@@ -245,13 +265,9 @@ def test_gpu_backward_deterministic_and_within_tolerance(dtype):
     sources, source_ids, row_ids = make_case(200_000, 1024, dtype, source_rows=(32000, 5000, 3),
                                              requires_grad=True, device="cuda")
     grad_out = torch.randn(200_000, 1024, device="cuda").to(dtype)
-    results = [gradients(b, sources, source_ids, row_ids, grad_out) for b in ("cuda", "triton", "cuda")]
+    results = [gradients(b, sources, source_ids, row_ids, grad_out)
+               for b in ("cuda", "triton", "cuda")]
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-    for s, (src, grad) in enumerate(zip(sources, results[0])):
-        hit = source_ids == s
-        rows = row_ids[hit].long()
-        expected = torch.zeros(src.shape, dtype=torch.float64, device="cuda").index_add_(
-            0, rows, grad_out[hit].double())
-        same_dtype = torch.zeros_like(src).index_add_(0, rows, grad_out[hit])
-        assert_within_torch_error(grad, expected, same_dtype, GRADIENT_FACTOR, f"sources[{s}]")
+    assert_gradients_within_torch_error("cuda", results[0], sources, source_ids, row_ids, grad_out,
+                                        seed=0)

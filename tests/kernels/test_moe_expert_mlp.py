@@ -1,7 +1,8 @@
 """moe_expert_mlp on every backend this machine can run: output and the four gradients against a
-float64 loop over experts differentiated by autograd, within DESIGN.md's tolerance; padding rows
-never read and zero; determinism; recompute; bad inputs; opcheck. Under the Triton interpreter the
-acceptance grid is sampled (a fixed draw of configurations, fresh random data per run)."""
+float64 loop over experts differentiated by autograd, within the tolerance rule (docs/numerics.md);
+padding rows never read and zero; determinism; recompute; bad inputs; opcheck. Under the Triton
+interpreter the acceptance grid is sampled (a fixed draw of configurations, data from the test's
+seed)."""
 from __future__ import annotations
 
 import re
@@ -10,22 +11,17 @@ import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
-from sphinx_kernels.moe import (MOE_EXPERT_MLP_BACKENDS, _moe_expert_mlp_backward_op,
-                                _moe_expert_mlp_op)
-from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
+from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS
+from tests.kernels.moe_cases import DEVICE, random_expert_ids
+from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b.name for b in MOE_EXPERT_MLP_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
-# The interpreter's bf16 arithmetic is wrong (ENVIRONMENT.md): bf16 is checked by the GPU tests.
-DTYPES = [torch.float32, torch.float16]
+BACKENDS = MOE_EXPERT_MLP_BACKENDS.available(MOE_EXPERT_MLP_BACKENDS.request(DEVICE, torch.float32))
 WIDTHS = [(48, 100), (96, 200)]  # (H, F): odd widths, not multiples of any tile
 
 
 # A sample of the acceptance grid (T in {1, 7, 97, 300}, E in {1, 2, 8}, k in {1, 2, 4} <= E, both
 # widths, both dtypes, block sizes 16/32, activations stored or recomputed) covering every value of
-# each axis; the data is drawn fresh per run. float16 stays below ~200 pairs: the interpreter's
+# each axis; the data comes from the test's seed. float16 stays below ~200 pairs: the interpreter's
 # float16 dot products have no BLAS behind them (slow).
 CONFIGS = [  # (T, E, k, H, F, block_size, dtype, recompute)
     (1, 1, 1, 48, 100, 16, torch.float16, False),
@@ -36,18 +32,6 @@ CONFIGS = [  # (T, E, k, H, F, block_size, dtype, recompute)
     (300, 1, 1, 48, 100, 32, torch.float32, False),
     (300, 8, 2, 96, 200, 32, torch.float32, True),
 ]
-
-
-def generator():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
-def random_expert_ids(num_tokens, num_experts, k, gen, skew=False):
-    """Distinct experts per token, like top-k; ``skew`` leaves the upper half of experts idle."""
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
-    if skew:
-        scores[:, num_experts // 2:] -= 2
-    return scores.topk(k, dim=1).indices.int()
 
 
 def make_case(num_tokens, num_experts, k, hidden, ffn, block_size, dtype, gen, expert_ids=None):
@@ -96,55 +80,50 @@ def clean(x_grouped, plan):
 
 
 NAMES = ("y", "grad x", "grad w1", "grad w3", "grad w2")
-CALIBRATION_ROWS = 32
 
 
-def torch_errors_on_calibration_rows(weights, dtype):
-    """PyTorch's own same-dtype error of each output, on ``CALIBRATION_ROWS`` fresh rows per expert
-    with these weights: the floor of the baseline when a case has too few rows to measure it."""
-    num_experts, hidden = weights[0].shape[0], weights[0].shape[2]
-    gen = generator()
-    expert_ids = torch.arange(num_experts).repeat_interleave(CALIBRATION_ROWS)[:, None].int()
-    plan = sphinx_kernels.moe_routing(expert_ids.to(DEVICE), num_experts,
-                                      block_size=CALIBRATION_ROWS)
-    x = torch.randn(plan.num_padded_rows, hidden, generator=gen, dtype=torch.float64)
-    grad_y = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-    x = x.to(dtype).to(DEVICE)
-    expected = run(loop_over_experts, x, weights, grad_y, plan, torch.float64)
-    same_dtype = run(loop_over_experts, x, weights, grad_y, plan)
-    return [max_error(a, b) for a, b in zip(same_dtype, expected)]
+def loop_pairs(plan, x_grouped, weights, grad_y):
+    """(same dtype, float64) pairs of the loop's output and gradients: PyTorch's own error."""
+    x = clean(x_grouped, plan)
+    return list(zip(run(loop_over_experts, x, weights, grad_y, plan),
+                    run(loop_over_experts, x, weights, grad_y, plan, torch.float64)))
 
 
-def check_against_float64(backend, plan, x_grouped, weights, grad_y, recompute, what):
+def check_against_float64(backend, plan, x_grouped, weights, grad_y, recompute, gen, what):
     got = run(lambda *a: sphinx_kernels.moe_expert_mlp(*a, recompute=recompute, backend=backend),
               x_grouped, weights, grad_y, plan)
-    expected = run(loop_over_experts, clean(x_grouped, plan), weights, grad_y, plan, torch.float64)
-    same_dtype = run(loop_over_experts, clean(x_grouped, plan), weights, grad_y, plan)
-    floors = torch_errors_on_calibration_rows(weights, x_grouped.dtype)
     padding = plan.row_to_pair < 0
     assert got[0].dtype == x_grouped.dtype
     assert (got[0][padding] == 0).all() and (got[1][padding] == 0).all(), "padding rows not zero"
-    for name, a, b, c, floor in zip(NAMES, got, expected, same_dtype, floors):
-        factor = FORWARD_FACTOR if name == "y" else GRADIENT_FACTOR
-        assert_within_torch_error(a, b, c, factor, f"{what} {name}", baseline_floor=floor)
+    first = loop_pairs(plan, x_grouped, weights, grad_y)
+
+    def draw(g):
+        fresh = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype).to(DEVICE)
+                 for t in (x_grouped, grad_y)]
+        return loop_pairs(plan, fresh[0], weights, fresh[1])
+
+    assert_all_within_torch_error(got, [exact for _, exact in first], draw, gen,
+                                  [FORWARD_FACTOR] + [GRADIENT_FACTOR] * 4, NAMES, what,
+                                  first=first)
     return got
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "T{}-E{}-k{}-H{}-F{}-b{}-{}-{}".format(
     *c[:6], str(c[6]).removeprefix("torch."), "recompute" if c[7] else "store"))
-def test_expert_mlp_and_gradients_within_tolerance_of_float64(backend, config):
+def test_expert_mlp_and_gradients_within_tolerance_of_float64(backend, config, seed):
     *shape, block_size, dtype, recompute = config
-    case = make_case(*shape, block_size, dtype, generator())
-    check_against_float64(backend, *case, recompute, backend)
+    gen = torch.Generator().manual_seed(seed)
+    check_against_float64(backend, *make_case(*shape, block_size, dtype, gen), recompute, gen,
+                          backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_tokens_to_one_expert_and_no_tokens(backend):
-    gen = generator()
+def test_all_tokens_to_one_expert_and_no_tokens(backend, seed):
+    gen = torch.Generator().manual_seed(seed)
     expert_ids = torch.full((97, 1), 2, dtype=torch.int32)  # experts 0, 1 and 3 receive nothing
     case = make_case(97, 4, 1, 48, 100, 32, torch.float32, gen, expert_ids=expert_ids)
-    got = check_against_float64(backend, *case, False, backend)
+    got = check_against_float64(backend, *case, False, gen, backend)
     for grad_w in got[2:]:
         assert (grad_w[[0, 1, 3]] == 0).all()
     empty = make_case(0, 8, 2, 48, 100, 16, torch.float16, gen)
@@ -154,8 +133,9 @@ def test_all_tokens_to_one_expert_and_no_tokens(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_and_recompute_gives_the_same_bits(backend):
-    plan, x_grouped, weights, grad_y = make_case(97, 8, 2, 48, 100, 16, torch.float32, generator())
+def test_deterministic_and_recompute_gives_the_same_bits(backend, seed):
+    plan, x_grouped, weights, grad_y = make_case(97, 8, 2, 48, 100, 16, torch.float32,
+                                                 torch.Generator().manual_seed(seed))
     results = [run(lambda *a: sphinx_kernels.moe_expert_mlp(*a, recompute=recompute,
                                                             backend=backend),
                    x_grouped, weights, grad_y, plan) for recompute in (False, False, True)]
@@ -163,7 +143,7 @@ def test_deterministic_and_recompute_gives_the_same_bits(backend):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -183,7 +163,8 @@ BAD_INPUTS = [
     ({"x": lambda a: a["x"][1:]}, ValueError, "x_grouped has 11 rows but plan.row_to_pair has 12"),
     ({"x": lambda a: a["x"].int()}, TypeError, "x_grouped must have dtype"),
     ({"x": lambda a: a["x"][None]}, ValueError, "x_grouped must be 2-D"),
-    ({"w1": lambda a: a["w1"].double()}, TypeError, "w1 has dtype float64 but x_grouped has float32"),
+    ({"w1": lambda a: a["w1"].double()}, TypeError,
+     "w1 has dtype float64 but x_grouped has float32"),
     ({"w2": lambda a: a["w2"].to("meta")}, ValueError, "w2 is on meta"),
     ({"w3": lambda a: a["w3"][:, :6]}, ValueError, "w3 has shape (3, 6, 5), expected (3, 7, 5)"),
     ({"w2": lambda a: a["w2"].transpose(1, 2)}, ValueError,
@@ -208,26 +189,27 @@ def test_bad_input_raises_naming_the_argument(changes, error, message):
         bad_call(**changes)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # opcheck
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("recompute", [False, True])
 def test_opcheck(backend, recompute):
-    plan, x_grouped, weights, grad_y = make_case(13, 2, 2, 24, 40, 16, torch.float32, generator())
+    plan, x_grouped, weights, grad_y = make_case(13, 2, 2, 24, 40, 16, torch.float32,
+                                                 torch.Generator().manual_seed(3))
     x_grouped = clean(x_grouped, plan).requires_grad_(True)
     weights = [w.requires_grad_(True) for w in weights]
     args = (x_grouped, *weights, plan.tokens_per_expert, plan.padded_offsets, recompute, backend)
-    torch.library.opcheck(_moe_expert_mlp_op, args)
-    _, h1, h3 = _moe_expert_mlp_op(*(a.detach() if isinstance(a, torch.Tensor) else a
-                                     for a in args))
-    torch.library.opcheck(_moe_expert_mlp_backward_op,
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_expert_mlp.default, args)
+    _, h1, h3 = torch.ops.sphinx_kernels.moe_expert_mlp(
+        *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_expert_mlp_backward.default,
                           (grad_y, x_grouped.detach(), *(w.detach() for w in weights),
                            plan.tokens_per_expert, plan.padded_offsets, h1, h3, backend))
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: Mixtral-8x7B sizes in bfloat16 against a float32 reference (skipped without a GPU).
 
 
@@ -235,14 +217,8 @@ def test_opcheck(backend, recompute):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_gpu_bf16_at_mixtral_size(recompute):
     """H = 4096, F = 14336, E = 8, k = 2, 4096 tokens; the Triton kernels in bf16 against the
-    loop over experts in float32 (no TF32), judged by the same loop's own bf16 error."""
+    loop over experts in float64, judged by the same loop's own bf16 error."""
     gen = torch.Generator().manual_seed(0)
     plan, x_grouped, weights, grad_y = make_case(4096, 8, 2, 4096, 14336, 128, torch.bfloat16, gen)
     assert torch.backends.cuda.matmul.allow_tf32 is False
-    got = run(lambda *a: sphinx_kernels.moe_expert_mlp(*a, recompute=recompute, backend="triton"),
-              x_grouped, weights, grad_y, plan)
-    expected = run(loop_over_experts, clean(x_grouped, plan), weights, grad_y, plan, torch.float32)
-    same_dtype = run(loop_over_experts, clean(x_grouped, plan), weights, grad_y, plan)
-    for name, a, b, c in zip(NAMES, got, expected, same_dtype):
-        factor = FORWARD_FACTOR if name == "y" else GRADIENT_FACTOR
-        assert_within_torch_error(a, b, c, factor, name)
+    check_against_float64("triton", plan, x_grouped, weights, grad_y, recompute, gen, "bf16")

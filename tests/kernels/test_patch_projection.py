@@ -1,7 +1,8 @@
-"""patch_projection on every backend this machine can run: output and every gradient within DESIGN.md's
-tolerance of a float64 reference over a sample of the acceptance grid (pooled and repeated maps, token
-layouts with and without a CLS token, bias, LayerNorm, rows scattered into a packed sequence), strided
-inputs read in place, bad inputs, opcheck, torch.compile, and the nn module."""
+"""patch_projection on every backend this machine can run: output and every gradient within the
+tolerance of a float64 reference over a sample of the acceptance grid (pooled and repeated maps,
+token layouts with and without a CLS token, bias, LayerNorm, rows scattered into a packed sequence),
+strided inputs read in place, bad inputs, opcheck and torch.compile. The nn module:
+test_patch_projector.py."""
 from __future__ import annotations
 
 import random
@@ -10,25 +11,26 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sphinx_kernels
-from sphinx_kernels.backends import Request
-from sphinx_kernels.nn import PatchProjector
-from sphinx_kernels.projection import (PATCH_PROJECTION_BACKENDS, FeatureLayout,
-                                       _patch_projection_op, feature_layouts,
-                                       patch_projection_reference)
-from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error
+from sphinx_kernels.ops.patch_projection import (
+    PATCH_PROJECTION_BACKENDS,
+    FeatureLayout,
+    feature_layouts,
+    patch_projection_reference,
+)
+from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b.name for b in PATCH_PROJECTION_BACKENDS.backends
-            if not b.not_supported_reasons(Request(DEVICE, torch.float32))]
+BACKENDS = PATCH_PROJECTION_BACKENDS.available(
+    PATCH_PROJECTION_BACKENDS.request(DEVICE, torch.float32))
 
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a test case: a token layout (with ``cls`` or not) or a map, its source grid."""
+    """One encoder of a test case: a token layout (with ``cls`` or not) or a map, its source
+    grid."""
 
     tokens: bool
     cls: bool
@@ -60,9 +62,10 @@ class Case:
 
 def sample_cases(count: int, seed: int) -> list[Case]:
     """``count`` cases from the acceptance grid: V in {1, 3, 8}, C_i in {1, 48, 100, 192}, 4x4 grids
-    pooled to 2x2 or 2x2 grids repeated to 4x4 (or equal to it), each encoder a map or tokens with or
-    without a CLS token, with and without bias, norm and out_rows. The grid is too large to run whole
-    under the interpreter; a fixed seed keeps the test ids stable (the data is drawn fresh)."""
+    pooled to 2x2 or 2x2 grids repeated to 4x4 (or equal to it), each encoder a map or tokens with
+    or without a CLS token, with and without bias, norm and out_rows. The grid is too large to run
+    whole under the interpreter; a fixed seed keeps the test ids stable (the data comes from each
+    test's seed)."""
     rng = random.Random(seed)
     cases = []
     for _ in range(count):
@@ -73,12 +76,7 @@ def sample_cases(count: int, seed: int) -> list[Case]:
                     side=other if kind == "map" else rng.choice([grid, other]),
                     channels=rng.choice([1, 48, 100, 192]))
             for kind in (rng.choice(["tokens", "tokens+cls"]), rng.choice(["map", "tokens+cls"])))
-        # No LayerNorm over a projection of only 2 input channels: its rows span a plane, so the
-        # normalisation's scale invariance makes their gradients a cancelling dot product whose
-        # fp32 error depends on the summation order (the interpreter's numpy matmul even differs
-        # between identical rows), and PyTorch's order is sometimes lucky. C_i = 1 is tested with a
-        # LayerNorm beside a wider encoder, and (1, 1) without one.
-        norm = rng.random() < 0.5 and sum(e.channels for e in encoders) > 2
+        norm = rng.random() < 0.5
         cases.append(Case(rng.choice([1, 3, 8]), grid, encoders, rng.choice([16, 37, 64]),
                           rng.random() < 0.5, norm, rng.random() < 0.5))
     return cases
@@ -124,7 +122,8 @@ def run(fn, features, weight, kwargs, tensors, grad_out):
 
 
 def as_float64(features, weight, kwargs):
-    convert = lambda t: t.detach().double().requires_grad_(t.requires_grad)
+    def convert(t):
+        return t.detach().double().requires_grad_(t.requires_grad)
     kwargs64 = {k: convert(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                 for k, v in kwargs.items()}
     features64 = [convert(f) for f in features]
@@ -134,47 +133,53 @@ def as_float64(features, weight, kwargs):
     return features64, weight64, kwargs64, tensors64
 
 
-DRAWS = 3
+def reference_pairs(draw, gen, case, dtype, inputs=None):
+    """(same dtype, float64) pairs of the reference's output and every gradient, on ``inputs`` (one
+    ``draw(gen)``) and a fresh output gradient: PyTorch's own error."""
+    features, weight, kwargs, tensors = inputs or draw(gen)
+    grad_out = torch.randn(output_rows(case, kwargs), case.width, generator=gen,
+                           dtype=torch.float64).to(DEVICE)
+    same = run(patch_projection_reference, features, weight, kwargs, tensors, grad_out.to(dtype))
+    exact = run(patch_projection_reference, *as_float64(features, weight, kwargs), grad_out)
+    return list(zip([same[0], *same[1]], [exact[0], *exact[1]])), grad_out
 
 
-def check_against_float64(backend, case, dtype, draw, draws=DRAWS):
+def output_rows(case, kwargs):
+    return kwargs["out"].shape[0] if case.out else case.views * (1 + case.grid ** 2)
+
+
+def check_against_float64(backend, case, dtype, draw, seed):
     """The output and every gradient against the float64 reference, judged by PyTorch's own error in
-    ``dtype``. Each tensor's errors are pooled over ``draws`` independent draws of inputs
-    (``draw(generator)``) on both sides: with few elements (V = 1, C = 1 gives 5 gradient values, each
-    a dot product of D terms) one draw's max error is one or two roundings, and PyTorch's is then
-    sometimes exact by luck, which would fail a kernel that is as accurate as PyTorch."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    op = lambda f, w, **kw: sphinx_kernels.patch_projection(f, w, backend=backend, **kw)
-    pooled = {}
-    for _ in range(draws):
-        features, weight, kwargs, tensors = draw(gen)
-        rows = kwargs["out"].shape[0] if case.out else case.views * (1 + case.grid ** 2)
-        grad_out = torch.randn(rows, case.width, generator=gen, dtype=torch.float64).to(DEVICE)
-        actual, grads = run(op, features, weight, kwargs, tensors, grad_out.to(dtype))
-        expected, grads64 = run(patch_projection_reference, *as_float64(features, weight, kwargs),
-                                grad_out)
-        same, grads_same = run(patch_projection_reference, features, weight, kwargs, tensors,
-                               grad_out.to(dtype))
-        names = ["output"] + [f"grad of features[{i}]" for i in range(len(features))] + [
-            "grad of weight"] + [f"grad of {k}" for k in ("bias", "norm_weight", "norm_bias", "out")
-                                 if k in kwargs]
-        for name, *results in zip(names, [actual, *grads], [expected, *grads64], [same, *grads_same]):
-            assert results[0].shape == results[1].shape and results[0].dtype == dtype, name
-            for i, result in enumerate(results):
-                pooled.setdefault(name, ([], [], []))[i].append(result.flatten())
-        if case.out:  # rows not written keep out exactly; their gradient passes through exactly
-            kept = torch.ones(rows, dtype=torch.bool, device=DEVICE)
-            kept[kwargs["out_rows"]] = False
-            assert torch.equal(actual[kept], kwargs["out"].detach()[kept])
-            assert torch.equal(grads[-1][kept], grad_out.to(dtype)[kept])
-            assert not grads[-1][~kept].any()
-    for name, (actual, expected, same) in pooled.items():
-        factor = FORWARD_FACTOR if name == "output" else GRADIENT_FACTOR
-        assert_within_torch_error(torch.cat(actual), torch.cat(expected), torch.cat(same), factor,
-                                  f"{backend} {name}")
+    ``dtype`` (tests/numerics.py: over fresh draws of inputs, ``draw(generator)``, where a case has
+    few values: V = 1, C = 1 gives 5 gradient values)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = draw(gen)
+    features, weight, kwargs, tensors = inputs
+    first, grad_out = reference_pairs(draw, gen, case, dtype, inputs)
+    actual, grads = run(lambda f, w, **kw: sphinx_kernels.patch_projection(f, w, backend=backend,
+                                                                           **kw),
+                        features, weight, kwargs, tensors, grad_out.to(dtype))
+    names = ["output"] + [f"grad of features[{i}]" for i in range(len(features))] + [
+        "grad of weight"] + [f"grad of {k}" for k in ("bias", "norm_weight", "norm_bias", "out")
+                             if k in kwargs]
+    for name, result in zip(names, [actual, *grads]):
+        assert result.dtype == dtype, name
+    assert_all_within_torch_error(
+        [actual, *grads], [exact for _, exact in first],
+        lambda g: reference_pairs(draw, g, case, dtype)[0], gen,
+        [FORWARD_FACTOR] + [GRADIENT_FACTOR] * len(grads), names, backend, first=first)
+    if case.out:  # rows not written keep out exactly; their gradient passes through exactly
+        kept = torch.ones(output_rows(case, kwargs), dtype=torch.bool, device=DEVICE)
+        kept[kwargs["out_rows"]] = False
+        assert torch.equal(actual[kept], kwargs["out"].detach()[kept])
+        assert torch.equal(grads[-1][kept], grad_out.to(dtype)[kept])
+        assert not grads[-1][~kept].any()
 
 
-CASES = sample_cases(12, seed=5)
+# The sample, and a LayerNorm over 2 input channels: its rows span a plane, so the normalisation's
+# scale invariance makes their gradients a cancelling dot product, the hardest case for its error.
+CASES = sample_cases(12, seed=5) + [
+    Case(1, 2, (Encoder(True, True, 2, 1), Encoder(False, False, 4, 1)), 16, True, True, False)]
 
 
 def features_of(cases: list[Case]) -> set[tuple]:
@@ -201,12 +206,12 @@ def test_the_sample_covers_the_acceptance_grid():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_output_and_gradients_within_tolerance_of_float64(backend, dtype, case):
-    check_against_float64(backend, case, dtype, lambda gen: make_inputs(case, dtype, gen))
+def test_output_and_gradients_within_tolerance_of_float64(backend, dtype, case, seed):
+    check_against_float64(backend, case, dtype, lambda gen: make_inputs(case, dtype, gen), seed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_features_are_read_in_place(backend):
+def test_strided_features_are_read_in_place(backend, seed):
     """A channels-last map, tokens sliced out of a wider buffer and an expanded (stride-0) map."""
     case = Case(3, 2, (Encoder(True, True, 4, 7), Encoder(False, False, 4, 5),
                        Encoder(False, False, 1, 3)), 19, True, True, False)
@@ -222,10 +227,21 @@ def test_strided_features_are_read_in_place(backend):
         return features, weight, kwargs, [*features, weight, *(kwargs[k] for k in (
             "bias", "norm_weight", "norm_bias"))]
 
-    check_against_float64(backend, case, torch.float32, draw)
+    check_against_float64(backend, case, torch.float32, draw, seed)
 
 
-class _RecordAllocations(TorchDispatchMode):
+def tensors(tree) -> list[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in tensors(item)]
+    return []
+
+
+class RecordAllocations(TorchDispatchMode):
     """Records (op, elements of its largest output that does not share storage with its inputs, i.e.
     that is not a view) for every op run inside it."""
 
@@ -235,7 +251,6 @@ class _RecordAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        tensors = lambda tree: [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
         inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
         self.ops.append((str(func), max((t.numel() for t in tensors(result)
                                          if t.untyped_storage().data_ptr() not in inputs),
@@ -245,21 +260,22 @@ class _RecordAllocations(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_kernel_backend_makes_no_concatenated_or_resampled_copy(backend):
-    """The forward creates nothing larger than its ``[M, D]`` rows (D is smaller than every encoder's
-    channels here, so a concatenated, resampled or transposed copy of the features would show); the
-    backward creates the inputs' gradients and ``[M, D]`` rows, never an ``[M, C]`` operand."""
+    """The forward creates nothing larger than its ``[M, D]`` rows (D is smaller than every
+    encoder's channels here, so a concatenated, resampled or transposed copy of the features would
+    show); the backward creates the inputs' gradients and ``[M, D]`` rows, never an ``[M, C]``
+    operand."""
     case = Case(3, 2, (Encoder(True, True, 4, 100), Encoder(False, False, 4, 48)), 16, True, True,
                 False)
     features, weight, kwargs, _ = make_inputs(case, torch.float32, torch.Generator(), False)
-    forward, backward = PATCH_PROJECTION_BACKENDS[backend].impl
+    impl = PATCH_PROJECTION_BACKENDS[backend].impl
     args = (kwargs["bias"], kwargs["norm_weight"], kwargs["norm_bias"])
     rows = case.views * 5
-    with _RecordAllocations() as record:
-        _, pre_norm, mean, rstd = forward(features, weight, *args, None, None, 2, 2, 1e-5)
+    with RecordAllocations() as record:
+        _, pre_norm, mean, rstd = impl.forward(features, weight, *args, None, None, 2, 2, 1e-5)
     assert all(numel <= rows * case.width for _, numel in record.ops), record.ops
-    with _RecordAllocations() as record:
-        backward(torch.ones(rows, case.width), features, weight, *args, None, pre_norm, mean, rstd,
-                 2, 2, 1e-5, [True] * 6)
+    with RecordAllocations() as record:
+        impl.backward(torch.ones(rows, case.width), features, weight, *args, None, pre_norm, mean,
+                      rstd, 2, 2, 1e-5, [True] * 6)
     operands = {rows * 100, rows * 48, rows * 148, 3 * 100 * 4, 3 * 48 * 4}
     assert not any(numel in operands or "cat" in op for op, numel in record.ops), record.ops
 
@@ -348,7 +364,7 @@ def test_bad_input_raises_naming_the_argument(index):
 def test_opcheck(backend, norm, out):
     case = Case(2, 2, (Encoder(True, True, 4, 5), Encoder(False, False, 1, 3)), 16, True, norm, out)
     features, weight, kwargs, _ = make_inputs(case, torch.float32, torch.Generator().manual_seed(0))
-    torch.library.opcheck(_patch_projection_op, (
+    torch.library.opcheck(torch.ops.sphinx_kernels.patch_projection.default, (
         features, weight, kwargs["bias"], kwargs.get("norm_weight"), kwargs.get("norm_bias"),
         kwargs.get("out"), kwargs.get("out_rows"), 2, 2, 1e-5, backend))
 
@@ -371,34 +387,17 @@ def test_compiles_with_fullgraph_forward_and_backward():
     assert all(torch.equal(a, t.grad) for a, t in zip(from_compiled, tensors))
 
 
-def test_patch_projector_module():
-    module = PatchProjector(in_channels=(6, 4), out_features=16, grid=(2, 2)).to(DEVICE)
-    assert sorted(module.state_dict()) == ["norm.bias", "norm.weight", "proj.bias", "proj.weight"]
-    # nn.Linear / nn.LayerNorm checkpoints load unchanged.
-    linear, norm = torch.nn.Linear(10, 16), torch.nn.LayerNorm(16)
-    module.load_state_dict({**{f"proj.{k}": v for k, v in linear.state_dict().items()},
-                            **{f"norm.{k}": v for k, v in norm.state_dict().items()}})
-    features = [torch.randn(3, 17, 6, device=DEVICE), torch.randn(3, 4, 4, 4, device=DEVICE)]
-    expected = patch_projection_reference(features, linear.weight.to(DEVICE),
-                                          linear.bias.to(DEVICE), grid=2,
-                                          norm_weight=norm.weight.to(DEVICE),
-                                          norm_bias=norm.bias.to(DEVICE))
-    torch.testing.assert_close(module(features), expected)
-    plain = PatchProjector(in_channels=(6, 4), out_features=16, grid=2, norm=False)
-    assert plain.norm is None
-    with pytest.raises(ValueError, match=re.escape("features[1] has 5 channels, in_channels[1] is 4")):
-        module([features[0], torch.randn(3, 5, 4, 4, device=DEVICE)])
-
-
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # GPU: bf16 at SPHINX-X sizes (skipped without a GPU).
 
 
 def sphinx_inputs(views, width, gen, requires_grad=True):
     """DINOv2 tokens (CLS + 16x16 patches, 1536 channels) and a ConvNeXt map pooled 2x2 to 16x16
-    (3072 channels) in bf16, projected to ``width`` with LayerNorm, into a shuffled packed sequence."""
-    rand = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen).to("cuda") * scale).to(
-        torch.bfloat16)
+    (3072 channels) in bf16, projected to ``width`` with LayerNorm, into a shuffled packed
+    sequence."""
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen).to("cuda") * scale).to(
+            torch.bfloat16)
     features = [rand(views, 257, 1536), rand(views, 3072, 32, 32)]
     rows = views * 257
     kwargs = {"grid": 16, "bias": rand(width), "norm_weight": 1 + rand(width, scale=0.1),
@@ -418,7 +417,7 @@ def test_gpu_bf16_sphinx_sizes_within_tolerance(views, width):
     case = Case(views, 16, (Encoder(True, True, 16, 1536), Encoder(False, False, 32, 3072)), width,
                 True, True, True)
     check_against_float64("triton", case, torch.bfloat16,
-                          lambda gen: sphinx_inputs(views, width, gen), draws=1)
+                          lambda gen: sphinx_inputs(views, width, gen), seed=0)
 
 
 @pytest.mark.gpu

@@ -22,15 +22,22 @@ from sphinx_kernels.aot.record import TARGETS, Launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Every Triton kernel of the project that the public ops launch (device helpers excluded).
+# Every Triton kernel of the project that the public ops launch (device helpers excluded), as
+# ``<op>.<kernel>`` (its module in sphinx_kernels/triton/ and its function).
 KERNELS = (
-    "_rotary_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
-    "_attn_bwd_dq_kernel", "_gather_rows_kernel", "_segment_sum_rows_kernel",
-    "_find_padding_tiles_kernel", "_patch_projection_kernel", "_layer_norm_kernel",
-    "_layer_norm_backward_kernel", "_grad_features_kernel", "_grad_weight_kernel",
-    "_topk_gating_kernel", "_topk_gating_backward_kernel", "_block_histogram_kernel",
-    "_scatter_positions_kernel", "_permute_rows_kernel", "_unpermute_rows_kernel",
-    "_gate_up_kernel", "_grouped_gemm_kernel", "_expert_weight_grad_kernel", "_pair_dots_kernel",
+    "apply_rotary._rotary_kernel",
+    *(f"varlen_attention._attn_{k}_kernel" for k in ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")),
+    "gather_rows._gather_rows_kernel", "gather_rows._segment_sum_rows_kernel",
+    "find_padding_tiles._find_padding_tiles_kernel",
+    *(f"patch_projection._{k}_kernel" for k in ("patch_projection", "layer_norm",
+                                                "layer_norm_backward", "grad_features",
+                                                "grad_weight")),
+    "topk_gating._topk_gating_kernel", "topk_gating._topk_gating_backward_kernel",
+    "moe_routing._block_histogram_kernel", "moe_routing._scatter_positions_kernel",
+    "moe_permute._permute_rows_kernel",
+    "moe_unpermute._unpermute_rows_kernel", "moe_unpermute._pair_dots_kernel",
+    *(f"moe_expert_mlp._{k}_kernel" for k in ("gate_up", "down_proj", "swiglu_backward",
+                                              "input_grad", "weight_grad_pair", "weight_grad")),
 )
 
 _HALF = ("bfloat16", "float16")
@@ -141,12 +148,13 @@ def test_every_jit_function_is_launched_or_called_by_a_kernel():
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         module = importlib.import_module(info.name)
         for name, value in vars(module).items():
-            if hasattr(value, "fn") and type(value).__module__.startswith("triton"):
-                functions[name] = inspect.getsource(value.fn)
+            if (hasattr(value, "fn") and type(value).__module__.startswith("triton")
+                    and value.fn.__module__ == info.name):  # defined there, not imported
+                functions[f"{info.name.rsplit('.', 1)[-1]}.{name}"] = inspect.getsource(value.fn)
     assert set(KERNELS) <= set(functions)
     helpers = set(functions) - set(KERNELS)
     sources = "\n".join(functions.values())
-    uncalled = [h for h in helpers if not re.search(rf"\b{h}\(", sources)]
+    uncalled = [h for h in helpers if not re.search(rf"\b{h.split('.')[-1]}\(", sources)]
     assert not uncalled, f"jit functions neither launched by a workload nor called: {uncalled}"
 
 
@@ -243,8 +251,8 @@ def test_dots_are_classified_by_their_lowering():
 
 
 def _launch(dtypes, grid=(1, 1, 1)) -> Launch:
-    return Launch("m", "_k", {"x": "*bf16", "B": "constexpr"}, {(1,): 64}, {}, {"num_warps": 4,
-                  "num_stages": 3}, grid, ["case"], list(dtypes))
+    return Launch("sphinx_kernels.triton.op", "_k", {"x": "*bf16", "B": "constexpr"}, {(1,): 64},
+                  {}, {"num_warps": 4, "num_stages": 3}, grid, ["case"], list(dtypes))
 
 
 def test_rules_judge_shared_memory_spills_tensor_cores_and_grid():
@@ -267,16 +275,20 @@ def test_rules_judge_shared_memory_spills_tensor_cores_and_grid():
     assert [v.rule for v in policy.violations(too_wide, fine, sm90)] == ["grid"]
 
 
-def test_an_exemption_covers_its_kernel_rule_dtype_and_target_only(monkeypatch):
+def test_an_exemption_covers_its_kernel_rule_dtype_target_and_constants_only(monkeypatch):
     sm90, sm80 = TARGETS
-    exemption = policy.Exemption("_k", "spills", "a reason", dtype="float16", target="sm_90")
+    exemption = policy.Exemption("op._k", "spills", "a reason", dtype="float16", target="sm_90",
+                                 where=(("B", 64),))
     monkeypatch.setattr(policy, "EXEMPTIONS", (exemption,))
     spilling = Measurement("sm_90", registers=255, spill_stores=8)
     [excused] = policy.violations(_launch(["float16"]), spilling, sm90)
     assert excused.excused_by is exemption
     [other_dtype] = policy.violations(_launch(["bfloat16"]), spilling, sm90)
     [other_target] = policy.violations(_launch(["float16"]), spilling, sm80)
-    assert other_dtype.excused_by is None and other_target.excused_by is None
+    other_block = _launch(["float16"])
+    other_block.constexprs = {(1,): 128}
+    [other_constant] = policy.violations(other_block, spilling, sm90)
+    assert all(v.excused_by is None for v in (other_dtype, other_target, other_constant))
 
 
 _SCATTER, _OFFSETS = ("_ZN14sphinx_kernels12_GLOBAL__N_122routing_scatter_kernelIiEEvPKT_",

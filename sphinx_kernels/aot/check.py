@@ -105,8 +105,10 @@ def _nvcc_version() -> str:
     return f"{release.group(1)} ({release.group(2)})" if release else ""
 
 
-def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True) -> Results:
-    """Records, compiles and judges everything; ``jobs`` worker processes compile."""
+def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True,
+        only: str | None = None) -> Results:
+    """Records, compiles and judges everything; ``jobs`` worker processes compile. ``only``: just
+    the kernels whose name (``<op>.<kernel>``) contains it."""
     start = time.perf_counter()
     timings = {}
     sources = cuda_sources.sources(ROOT) if cuda and cuda_sources.nvcc() else []
@@ -116,7 +118,9 @@ def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True)
                               initargs=(cache,)) as pool):
         # The CUDA sources first: their nvcc runs start the workers while this process records.
         cuda_jobs = [pool.submit(_compile_cuda, source) for source in sources]
-        launches = {target.name: record(workloads(), target) for target in targets}
+        launches = {target.name: [launch for launch in record(workloads(), target)
+                                  if only is None or only in launch.name]
+                    for target in targets}
         timings["record"] = time.perf_counter() - start
         ordered = [(launch, target) for target in targets for launch in launches[target.name]]
         futures = {(launch.key, target.name): pool.submit(compile_launch, launch, target)

@@ -2,8 +2,9 @@
 
 Each file is compiled alone, for every architecture in one nvcc run, with the flags ``setup.py``
 gives nvcc (``-O3 -lineinfo -std=c++17``) plus ``-Xptxas -v``; every kernel instantiation's
-registers, spill stores and loads, and static shared memory are read from the log. The sources include only CUDA
-headers, so a file takes seconds. The toolkit is the ``nvcc`` on the PATH (or in ``CUDA_HOME``).
+registers, spill stores and loads, and static shared memory are read from the log. The sources
+include only CUDA headers, so a file takes seconds. The toolkit is the ``nvcc`` on the PATH (or in
+``CUDA_HOME``).
 """
 from __future__ import annotations
 

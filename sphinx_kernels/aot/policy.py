@@ -12,8 +12,8 @@ Rules, per specialisation and target:
   ``mma.sync`` on sm_80 (sm_90 runs ``mma.sync`` too, at a fraction of ``wgmma``'s rate).
 
 A justified exemption is an :class:`Exemption` in ``EXEMPTIONS`` below, naming the kernel (and
-optionally the dtype and target) and the rule it is excused from, with the reason. Nothing else
-excuses a violation.
+optionally the dtype, the target and constexpr values) and the rule it is excused from, with the
+measured reason. Nothing else excuses a violation.
 """
 from __future__ import annotations
 
@@ -29,19 +29,22 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 @dataclass(frozen=True)
 class Exemption:
-    """A violation accepted for a reason: ``rule`` of ``kernel`` (a kernel's function name), in
-    ``dtype`` and on ``target`` when given (else every dtype / target)."""
+    """A violation accepted for a reason: ``rule`` of ``kernel`` (``<op>.<kernel function>``, as
+    ``Launch.name``), in ``dtype``, on ``target`` and at the constexpr values ``where`` (``(name,
+    value)`` pairs) when given (else every dtype / target / specialisation)."""
 
     kernel: str
     rule: str
     reason: str
     dtype: str | None = None
     target: str | None = None
+    where: tuple[tuple[str, object], ...] = ()
 
-    def covers(self, kernel: str, rule: str, dtypes: list[str], target: str) -> bool:
-        return (kernel == self.kernel and rule == self.rule
-                and (self.dtype is None or self.dtype in dtypes)
-                and (self.target is None or self.target == target))
+    def covers(self, launch: Launch, rule: str, target: str) -> bool:
+        return (launch.name == self.kernel and rule == self.rule
+                and (self.dtype is None or self.dtype in launch.dtypes)
+                and (self.target is None or self.target == target)
+                and all(launch.constant(name) == value for name, value in self.where))
 
 
 # The one place exemptions are listed.
@@ -81,8 +84,7 @@ def violations(launch: Launch, measurement: Measurement, target: Target) -> list
 
 
 def _exemption(launch: Launch, rule: str, target: Target) -> Exemption | None:
-    return next((e for e in EXEMPTIONS
-                 if e.covers(launch.qualname, rule, launch.dtypes, target.name)), None)
+    return next((e for e in EXEMPTIONS if e.covers(launch, rule, target.name)), None)
 
 
 def _dots(counts: dict[str, int]) -> str:

@@ -82,6 +82,12 @@ class Launch:
     dtypes: list[str] = field(default_factory=list)  # and their data dtypes
 
     @property
+    def name(self) -> str:
+        """``<op>.<kernel>``: the kernel's function name after its module's in
+        ``sphinx_kernels.triton`` (``patch_projection._grad_weight_kernel``)."""
+        return f"{self.module.rsplit('.', 1)[-1]}.{self.qualname}"
+
+    @property
     def key(self) -> str:
         """Identifies the compiled binary: equal keys compile to the same code."""
         return repr((self.module, self.qualname, sorted(self.signature.items()),
@@ -200,8 +206,8 @@ def fake_gpu(target: Target) -> Iterator[_Recorder]:
     into the yielded recorder (set its ``workload`` to label them)."""
     from triton.runtime.jit import JITFunction
 
-    from sphinx_kernels import backends
-    if backends.triton_interpreted():
+    from sphinx_kernels import backends, platforms
+    if platforms.triton_interpreted():
         raise RuntimeError("recording launches needs compiled Triton kernels: unset "
                            "TRITON_INTERPRET before sphinx_kernels is imported")
     recorder = _Recorder(target)
@@ -220,7 +226,7 @@ def fake_gpu(target: Target) -> Iterator[_Recorder]:
                                               lambda device=None: target.capability))
         stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties",
                                               lambda device=None: properties))
-        stack.enter_context(mock.patch.dict(backends._CAPABILITIES, clear=True))
+        stack.enter_context(mock.patch.dict(platforms._CAPABILITIES, clear=True))
         stack.enter_context(mock.patch.object(JITFunction, "run", run))
         stack.enter_context(FakeTensorMode())
         stack.enter_context(_RunImplementations())

@@ -50,18 +50,28 @@ def _verdict(row: Row) -> str:
                      for v in row.violations)
 
 
+def summary_line(row: Row) -> str:
+    """One specialisation on one line (``--only``): target, kernel, dtypes, numbers, config."""
+    m = row.measurement
+    registers = "-" if m.stopped or m.error else m.registers
+    return (f"{row.target.name} {row.launch.name} {'/'.join(row.launch.dtypes)}: smem {m.shared}"
+            f" regs {registers} spills {_spills(row)} dots {_dots(m.dots)} {m.seconds:.1f} s"
+            f" [{config(row.launch)}] {_verdict(row)}"
+            f"{' ' + (m.error or m.stopped) if m.error or m.stopped else ''}")
+
+
 def _kernel(launch: Launch) -> str:
-    return f"`{launch.qualname}`"
+    return f"`{launch.name}`"
 
 
 def _by_kernel(results: Results) -> list[str]:
     """Per kernel and dtype: the largest shared memory, registers and spills over its
     specialisations, on each target (registers and spills of those that reached ptxas)."""
     groups: dict[tuple[str, str], dict[str, list[Row]]] = {}
-    kernels = list(dict.fromkeys(row.launch.qualname for row in results.rows))
-    rows = sorted(results.rows, key=lambda r: (kernels.index(r.launch.qualname), r.launch.dtypes))
+    kernels = list(dict.fromkeys(row.launch.name for row in results.rows))
+    rows = sorted(results.rows, key=lambda r: (kernels.index(r.launch.name), r.launch.dtypes))
     for row in rows:
-        key = (row.launch.qualname, "/".join(row.launch.dtypes))
+        key = (row.launch.name, "/".join(row.launch.dtypes))
         groups.setdefault(key, {}).setdefault(row.target.name, []).append(row)
     head = "| kernel | dtype | specs |"
     rule = "| --- | --- | ---: |"
@@ -147,14 +157,16 @@ def _exemptions() -> list[str]:
     if not policy.EXEMPTIONS:
         return ["None."]
     return [f"- `{e.kernel}`{' ' + e.dtype if e.dtype else ''}"
-            f"{' on ' + e.target if e.target else ''}, {e.rule}: {e.reason}"
+            f"{' on ' + e.target if e.target else ''}"
+            f"{''.join(f' at {name}={_value(value)}' for name, value in e.where)}, "
+            f"{e.rule}: {e.reason}"
             for e in policy.EXEMPTIONS]
 
 
 def markdown(results: Results) -> str:
     """The generated section (between the markers)."""
     env = results.environment
-    kernels = {row.launch.qualname for row in results.rows}
+    kernels = {row.launch.name for row in results.rows}
     failures = results.failures
     targets = ", ".join(f"{t.name} ({t.gpu}, {t.shared_per_block} B shared memory per block)"
                         for t in TARGETS)
@@ -182,7 +194,7 @@ def replace_section(text: str, section: str) -> str:
 
 
 def to_json(results: Results) -> dict:
-    rows = [{"kernel": r.launch.qualname, "module": r.launch.module, "target": r.target.name,
+    rows = [{"kernel": r.launch.name, "module": r.launch.module, "target": r.target.name,
              "dtypes": r.launch.dtypes, "cases": r.launch.cases, "config": config(r.launch),
              "grid": r.launch.grid, "measurement": r.measurement.to_dict(),
              "violations": [{"rule": v.rule, "detail": v.detail, "exempt": v.excused_by is not None}

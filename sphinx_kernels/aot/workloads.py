@@ -3,12 +3,13 @@ the sizes of a SPHINX-X training step, forward and backward, in every dtype the 
 
 Sizes (the real presets of ``sphinx_model.config``): 16k packed tokens in 8 samples; 32 query and 8
 key/value heads of 64 (TinyLlama-like) and 128 (InternLM2 / Mixtral) dims, causal, and prefix-LM at
-128 in bfloat16, rotary with float32 tables; ``gather_rows`` at width 4096; ``find_padding_tiles`` on 1344-px
-images cut into 3x3 and 2x2 tiles; the projection of DINOv2-g (1536 channels) and ConvNeXt-XXL
-(3072) to 4096 on the 16x16 grid, the encoders in every layout the kernels read differently
-(tokens with and without a CLS token, NCHW and channels-last maps), at the grid's size, pooled 2x2
-from 32x32 and repeated 2x2 from 8x8, with LayerNorm into a packed sequence, and once without;
-Mixtral's MoE layer (E = 8, k = 2, H = 4096, F = 14336, block 128), with and without recomputation.
+128 in bfloat16, rotary with float32 tables; ``gather_rows`` at width 4096; ``find_padding_tiles``
+on 1344-px images cut into 3x3 and 2x2 tiles; the projection of DINOv2-g (1536 channels) and
+ConvNeXt-XXL (3072) to 4096 on the 16x16 grid, the encoders in every layout the kernels read
+differently (tokens with and without a CLS token, NCHW and channels-last maps), at the grid's size,
+pooled 2x2 from 32x32 and repeated 2x2 from 8x8, with LayerNorm into a packed sequence, and once
+without; Mixtral's MoE layer (E = 8, k = 2, H = 4096, F = 14336, block 128), with and without
+recomputation.
 
 Each workload is a function run inside :func:`sphinx_kernels.aot.record.fake_gpu`: tensors are fake
 ``cuda`` tensors, and every input that requires grad gets the op's backward launches recorded too.

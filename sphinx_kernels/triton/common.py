@@ -25,6 +25,12 @@ def rows_per_program(width_block: int) -> int:
     return max(1, TILE_ELEMENTS // width_block)
 
 
+def gpu_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device``, ``(0, 0)`` off the GPU: launchers whose best tiles
+    differ between GPU generations (shared memory, registers, wgmma's tile shapes) choose by it."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for operands of ``dtype``: float32 operands get IEEE products,
     as torch's matmul gives by default (TF32 would be ten times its error); 16-bit operands are

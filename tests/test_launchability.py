@@ -3,9 +3,9 @@ of ``sphinx_kernels.aot`` (record every launch at SPHINX-X sizes, compile each s
 both targets, judge shared memory, spills, tensor cores), run once in a subprocess with Triton's
 compiler (this process runs Triton's interpreter), plus fast tests of its parsers and rules.
 
-The violations measured before the launchers' configurations are fixed (issue 12, phase 2) are
-listed in ``KNOWN_VIOLATIONS`` with their numbers: a kernel that has one is an expected failure, a
-violation not in the list fails, and a listed one that is gone fails too (take it off the list).
+A violation fails its kernel's test unless ``sphinx_kernels.aot.policy.EXEMPTIONS`` (the one list of
+justified exceptions, each with its measured reason) covers it; an exemption that covers nothing
+fails too (take it off the list).
 """
 import json
 import os
@@ -40,58 +40,6 @@ KERNELS = (
                                               "input_grad", "weight_grad_pair", "weight_grad")),
 )
 
-_HALF = ("bfloat16", "float16")
-_ALL = "bfloat16/float16/float32"  # a specialisation every dtype shares (integer data)
-# (kernel, target, dtype, rule): the worst measured case, with its configuration. Measured with
-# triton 3.8.0 (ptxas 12.9) at commit d2b1708; see docs/launchability.md for every specialisation.
-KNOWN_VIOLATIONS = {
-    **{("_attn_bwd_dkdv_kernel", "sm_90", d, "spills"):
-       "D=128: 56 B spill stores + 56 B loads at 255 registers (64x64 blocks, 8 warps, 3 stages)"
-       for d in _HALF},
-    **{("_attn_bwd_dkdv_kernel", "sm_80", d, "spills"):
-       "D=128: 232 + 232 B at 255 registers (64x64, 8 warps, 3 stages); D=64: 64 + 64 B (4 warps)"
-       for d in _HALF},
-    ("_attn_bwd_dkdv_kernel", "sm_80", "float32", "shared"):
-        "D=128: 214016 B > 166912 B (64x64 blocks, 3 stages)",
-    ("_attn_fwd_kernel", "sm_80", "float32", "shared"):
-        "D=128: 229888 B > 166912 B (128x64 blocks, 3 stages)",
-    ("_attn_bwd_dq_kernel", "sm_80", "float32", "shared"):
-        "D=128: 212992 B > 166912 B (64x64 blocks, 3 stages)",
-    ("_gather_rows_kernel", "sm_80", "bfloat16/float16", "spills"):
-        "8 B spill stores + 8 B loads at 55 registers (BLOCK_T=8, BLOCK_D=512, 4 warps)",
-    **{("_patch_projection_kernel", target, d, "shared"): numbers for d in _HALF
-       for target, numbers in (("sm_90", "pooled 2x2: 245760 B > 232448 B"),
-                               ("sm_80", "pooled 2x2: 212992 B > 166912 B"))},
-    ("_patch_projection_kernel", "sm_90", "float32", "shared"):
-        "pooled 2x2: 425984 B > 232448 B (128x128x64, 3 stages)",
-    ("_patch_projection_kernel", "sm_80", "float32", "shared"):
-        "every layout: 229376 B (pooled 2x2: 425984 B) > 166912 B (128x128x64, 3 stages)",
-    **{("_grad_weight_kernel", "sm_90", d, "spills"):
-       "pooled NCHW map: 156 + 156 B at 255 registers (128x128x64, 8 warps, 3 stages)"
-       for d in _HALF},
-    **{("_grad_weight_kernel", "sm_80", d, "spills"):
-       "NCHW maps: 28 + 28 B at 255 registers (128x128x64, 8 warps, 3 stages)" for d in _HALF},
-    **{("_grad_weight_kernel", "sm_80", d, "shared"): "pooled tokens: 212992 B > 166912 B"
-       for d in _HALF},
-    ("_grad_weight_kernel", "sm_90", "float32", "shared"): "pooled: 425984 B > 232448 B",
-    ("_grad_weight_kernel", "sm_80", "float32", "shared"):
-        "every layout: 229376 B (pooled: 425984 B) > 166912 B",
-    **{("_grad_features_kernel", target, "float32", "shared"):
-       f"repeated 2x2: 360448 B > {limit} B" for target, limit in (("sm_90", 232448),
-                                                                   ("sm_80", 166912))},
-    **{("_topk_gating_kernel", target, d, "spills"): numbers for d in _HALF
-       for target, numbers in (("sm_90", ("952-980 B spill stores + 948-972 B loads at 255 "
-                                          "registers (float64 softmax, BLOCK_T=512, 4 warps)")),
-                               ("sm_80", "1076 + 992 B at 255 registers (float64 softmax)"))},
-    **{("_topk_gating_backward_kernel", target, d, "spills"): numbers for d in _HALF
-       for target, numbers in (("sm_90", "376 + 360 B at 255 registers (float64 softmax)"),
-                               ("sm_80", "360 + 352 B at 255 registers (float64 softmax)"))},
-    **{("_scatter_positions_kernel", target, _ALL, "spills"): numbers
-       for target, numbers in (("sm_90", "196 + 212 B at 255 registers (BLOCK_N=2048, 4 warps)"),
-                               ("sm_80", "128 + 136 B at 255 registers (BLOCK_N=2048, 4 warps)"))},
-}
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """The check's results (``--check``: the document is compared, not written)."""
@@ -106,30 +54,23 @@ def results(tmp_path_factory):
     return data
 
 
-def _found(rows) -> dict[tuple, list[str]]:
-    found: dict[tuple, list[str]] = {}
-    for row in rows:
-        for v in row["violations"]:
-            if not v["exempt"]:
-                key = (row["kernel"], row["target"], "/".join(row["dtypes"]), v["rule"])
-                found.setdefault(key, []).append(f"{v['detail']} [{row['config']}]")
-    return found
-
-
 @pytest.mark.parametrize("target", [t.name for t in TARGETS])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_launches_on_target(results, kernel, target):
     rows = [r for r in results["rows"] if r["kernel"] == kernel and r["target"] == target]
     assert rows, f"no launch of {kernel} was recorded for {target}"
-    found = _found(rows)
-    known = {k: v for k, v in KNOWN_VIOLATIONS.items() if k[:2] == (kernel, target)}
-    new = [f"{k[2]} {k[3]}: {detail}" for k, details in found.items() if k not in known
-           for detail in details]
-    assert not new, "violations:\n" + "\n".join(new)
-    fixed = [k for k in known if k not in found]
-    assert not fixed, f"fixed, take them off KNOWN_VIOLATIONS: {fixed}"
-    if known:
-        pytest.xfail("; ".join(f"{k[2]} {k[3]}: {v}" for k, v in known.items()))
+    found = [f"{'/'.join(row['dtypes'])} {v['rule']}: {v['detail']} [{row['config']}]"
+             for row in rows for v in row["violations"] if not v["exempt"]]
+    assert not found, "violations:\n" + "\n".join(found)
+
+
+def test_every_exemption_covers_a_violation(results):
+    used = {(row["kernel"], row["target"], v["rule"]) for row in results["rows"]
+            for v in row["violations"] if v["exempt"]}
+    stale = [e for e in policy.EXEMPTIONS
+             if not any(k == e.kernel and r == e.rule and (e.target is None or t == e.target)
+                        for k, t, r in used)]
+    assert not stale, f"exemptions that cover nothing, take them off policy.EXEMPTIONS: {stale}"
 
 
 def test_every_launched_kernel_is_listed(results):
@@ -312,6 +253,26 @@ def test_nvcc_log_gives_each_kernel_demangled():
     if cuda_sources.shutil.which("c++filt"):
         assert [k.name for k in kernels] == ["routing_scatter_kernel<int>",
                                              "routing_offsets_kernel"]
+
+
+def _compile_or_die(launch, target):
+    """Stands in for ``compile_launch`` in a worker: the process dies on a launch of grid (2,)."""
+    if launch.grid == (2,):
+        os.abort()
+    return Measurement(target.name, registers=launch.grid[0])
+
+
+def test_a_compile_that_kills_its_worker_is_a_compile_error_of_that_launch_alone(tmp_path):
+    from sphinx_kernels.aot.check import in_turn
+    jobs = [(_launch(["bfloat16"], grid=(g,)), TARGETS[0]) for g in (1, 2, 3)]
+    for (launch, _), g in zip(jobs, (1, 2, 3)):
+        launch.constexprs = {(1,): g}  # distinct keys
+    results = in_turn(_compile_or_die, jobs, str(tmp_path))
+    first, dead, last = (results[launch.key, target.name] for launch, target in jobs)
+    assert (first.registers, last.registers) == (1, 3) and first.error is last.error is None
+    assert "died" in dead.error
+    [violation] = policy.violations(jobs[1][0], dead, TARGETS[0])
+    assert violation.rule == "compile"
 
 
 def test_generated_section_replaces_only_the_marked_part():

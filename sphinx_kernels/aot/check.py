@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from sphinx_kernels.aot import cuda_sources, policy
@@ -105,6 +106,28 @@ def _nvcc_version() -> str:
     return f"{release.group(1)} ({release.group(2)})" if release else ""
 
 
+def in_turn(compile_one, jobs: list[tuple[Launch, Target]], cache: str) -> dict:
+    """``compile_one(launch, target)`` for each job, one at a time in a worker process that is
+    replaced when a compile kills it (LLVM aborts the process on some invalid kernels): the dead
+    one's measurement is a compile error, the others go on. Keyed as ``run`` keys its futures."""
+    results = {}
+    context = multiprocessing.get_context("spawn")
+    pool = None
+    for launch, target in jobs:
+        pool = pool or ProcessPoolExecutor(max_workers=1, mp_context=context,
+                                           initializer=_use_cache, initargs=(cache,))
+        try:
+            results[launch.key, target.name] = pool.submit(compile_one, launch, target).result()
+        except BrokenProcessPool:
+            results[launch.key, target.name] = Measurement(target.name, error=(
+                "the compiler process died (an LLVM abort: its message is on stderr)"))
+            pool.shutdown()
+            pool = None
+    if pool is not None:
+        pool.shutdown()
+    return results
+
+
 def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True,
         only: str | None = None) -> Results:
     """Records, compiles and judges everything; ``jobs`` worker processes compile. ``only``: just
@@ -125,14 +148,23 @@ def run(jobs: int = 2, targets: tuple[Target, ...] = TARGETS, cuda: bool = True,
         ordered = [(launch, target) for target in targets for launch in launches[target.name]]
         futures = {(launch.key, target.name): pool.submit(compile_launch, launch, target)
                    for launch, target in sorted(ordered, key=_expected_cost, reverse=True)}
+        measurements = {}
+        for key, future in futures.items():
+            try:
+                measurements[key] = future.result()
+            except BrokenProcessPool:  # a compile killed its worker, and the pool with it
+                pass
+        missed = [(launch, target) for launch, target in ordered
+                  if (launch.key, target.name) not in measurements]
+        measurements.update(in_turn(compile_launch, missed, cache))
         rows = []
         for launch, target in ordered:  # the table keeps the recording order
-            measurement = futures[launch.key, target.name].result()
+            measurement = measurements[launch.key, target.name]
             rows.append(Row(launch, target, measurement,
                             policy.violations(launch, measurement, target)))
         cuda_kernels, cuda_errors = [], []
-        for job in cuda_jobs:
-            kernels, error = job.result()
+        for source, job in zip(sources, cuda_jobs):
+            kernels, error = job.result() if not job.exception() else _compile_cuda(source)
             cuda_kernels += kernels
             if error:
                 cuda_errors.append(error)

@@ -172,8 +172,11 @@ def markdown(results: Results) -> str:
                         for t in TARGETS)
     toolchain = (f"Toolchain: torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; "
                  f"nvcc {env['nvcc'] or 'not found'}. Targets: {targets}.")
-    summary = (f"{len({r.launch.key for r in results.rows})} specialisations of {len(kernels)} "
-               f"Triton kernels; {len(failures)} violations without an exemption"
+    per_target = ", ".join(f"{sum(r.target == t for r in results.rows)} on {t.name}"
+                           for t in TARGETS)
+    exempt = sum(v.excused_by is not None for r in results.rows for v in r.violations)
+    summary = (f"Specialisations of {len(kernels)} Triton kernels: {per_target}; "
+               f"{len(failures)} violations without an exemption, {exempt} exempt"
                + (f", {len(results.cuda_spills)} CUDA kernels that spill" if results.cuda else "")
                + ".")
     lines = [toolchain, "", summary, "",

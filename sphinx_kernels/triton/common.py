@@ -25,12 +25,6 @@ def rows_per_program(width_block: int) -> int:
     return max(1, TILE_ELEMENTS // width_block)
 
 
-def gpu_capability(device: torch.device) -> tuple[int, int]:
-    """The compute capability of ``device``, ``(0, 0)`` off the GPU: launchers whose best tiles
-    differ between GPU generations (shared memory, registers, wgmma's tile shapes) choose by it."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for operands of ``dtype``: float32 operands get IEEE products,
     as torch's matmul gives by default (TF32 would be ten times its error); 16-bit operands are
@@ -42,6 +36,12 @@ def accumulate_type(dtype: torch.dtype):
     """The Triton type sums over ``dtype`` values are carried in (``sphinx_kernels.dtypes.
     accumulate_dtype``): float64 for float64, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def gpu_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device``, ``(0, 0)`` off the GPU: launchers whose best tiles
+    differ between GPU generations (shared memory, registers, wgmma's tile shapes) choose by it."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------

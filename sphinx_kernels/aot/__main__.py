@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         for row in results.rows:
             print(report.summary_line(row))
-        return _print_failures(results)
+        return _print_totals(results)
     section = report.markdown(results)
     current = ""
     if os.path.exists(report.DOC):
@@ -65,6 +65,11 @@ def _print_failures(results) -> int:
         print(f"{kernel.target} {kernel.source} {kernel.name}: spills {kernel.spills} B")
     for error in results.cuda_errors:
         print(error)
+    return _print_totals(results)
+
+
+def _print_totals(results) -> int:
+    """The counts and times; the exit status of the rules (1: a violation without exemption)."""
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results.timings.items())
     print(f"{len(results.rows)} compiles, {len(results.failures)} violations, "
           f"{results.seconds:.0f} s ({timings})")

@@ -85,7 +85,10 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if num_tokens == 0 or half == 0 or q_heads + k_heads == 0:
         return q_out, k_out
     block_half = block_of(half)
-    block_h = min(block_of(max(q_heads, k_heads)), max(1, TILE_ELEMENTS // block_half))
+    # One head block for both tensors, sized to the one with fewer heads: with GQA's 32 query and
+    # 8 key heads, blocks of 8 fill every lane of both (blocks of 32 left 3/4 of k's masked).
+    fewest = min(h for h in (q_heads, k_heads) if h > 0)
+    block_h = min(block_of(fewest), max(1, TILE_ELEMENTS // block_half))
     block_t = max(1, TILE_ELEMENTS // (block_half * block_h))
     grid = (triton.cdiv(num_tokens, block_t),
             triton.cdiv(q_heads, block_h) + triton.cdiv(k_heads, block_h))

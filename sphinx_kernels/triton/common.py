@@ -38,6 +38,12 @@ def accumulate_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def gpu_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device``, ``(0, 0)`` off the GPU: launchers whose best tiles
+    differ between GPU generations (shared memory, registers, wgmma's tile shapes) choose by it."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Row kernels (gathers, permutations): a tile of whole rows per program, rows of at most
 # MAX_ROW_BLOCK elements per step.

@@ -17,6 +17,11 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
          torch.float64: torch.int64}
 
 
+# 8 warps: a 4096-element tile is 16 elements a thread (at 4 warps, ptxas spills 8 B of the
+# 16-bit gather on sm_80; python -m sphinx_kernels.aot).
+_GATHER_WARPS = 8
+
+
 @triton.jit
 def _gather_rows_kernel(sources, row_strides, source_rows, source_ids_ptr, row_ids_ptr, out_ptr,
                         num_rows, width, nan_bits, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -74,7 +79,7 @@ def gather_rows(sources: Sequence[torch.Tensor], source_ids: torch.Tensor,
             row_strides=tuple(s.stride(0) for s in sources),
             source_rows=tuple(s.shape[0] for s in sources), source_ids_ptr=source_ids.contiguous(),
             row_ids_ptr=row_ids.contiguous(), out_ptr=out, num_rows=num_rows, width=width,
-            nan_bits=nan_bits, BLOCK_T=block_t, BLOCK_D=block_d)
+            nan_bits=nan_bits, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_GATHER_WARPS)
     return out.view(dtype)
 
 

@@ -26,6 +26,11 @@ from sphinx_kernels.triton.common import block_of, dot_precision, swizzled_tile
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row-tiled kernels by element size
 # (float32: IEEE dots); kernels that hold two tiles of accumulators take half of BLOCK_N on a GPU.
 _GPU_TILES = {2: (128, 128, 64, 8, 3), 4: (64, 64, 32, 4, 3)}
+# 16-bit on sm_80 (A100): K blocks of 32 and 4 stages. At 64 the gate/up kernel holds 255
+# registers there, and with an accumulator per expert (the non-finite isolation of the hardening
+# branch) it spills 168 B and the down projection 44 B; at 32 neither does
+# (python -m sphinx_kernels.aot).
+_SM80_16BIT_TILES = (128, 128, 32, 8, 4)
 # The interpreter's cost is per program: few, large tiles.
 _INTERPRETER_TILES = (64, 128, 128, 1, 1)
 _GROUP_M = 8
@@ -278,7 +283,10 @@ def _tiles(dtype: torch.dtype, device: torch.device, accumulators: int = 1):
     output tiles."""
     if device.type == "cpu":
         return _INTERPRETER_TILES
-    block_m, block_n, block_k, warps, stages = _GPU_TILES[dtype.itemsize]
+    tiles = _GPU_TILES[dtype.itemsize]
+    if dtype.itemsize == 2 and torch.cuda.get_device_capability(device) < (9, 0):
+        tiles = _SM80_16BIT_TILES
+    block_m, block_n, block_k, warps, stages = tiles
     return block_m, block_n // accumulators, block_k, warps, stages
 
 

@@ -44,14 +44,25 @@ from sphinx_kernels.triton.common import block_of, dot_precision, rows_per_progr
 GROUP_M = 8
 
 
-def _gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The interpreter's cost is per program, so
-    there blocks only shrink to the problem (at least 16 for ``tl.dot``)."""
+def _gemm_blocks(m: int, n: int, k: int, dtype: torch.dtype,
+                 max_block_k: int = 64) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a GEMM over an ``[m, n]`` output with
+    depth ``k`` in ``dtype``, each block shrunk to its size (at least 16 for ``tl.dot``).
+
+    The interpreter's cost is per program: the largest blocks, 1 stage. On a GPU (checked by
+    ``python -m sphinx_kernels.aot``, docs/launchability.md, for sm_90 and sm_80): 16-bit operands
+    take 128x128 tiles, K blocks of at most ``max_block_k``, 8 warps and 3 stages; the callers
+    halve the K block where the resampled operand costs more (every load of a pooling window is
+    buffered per stage). float32 (IEEE products on the FMA units, operands in registers) takes
+    64x64x32 tiles and 2 stages: its 128x128x64 tiles needed 229376 B of shared memory (425984 B
+    pooled), over an A100's and, pooled, an H100's."""
     def fit(size: int, cap: int) -> int:
         return max(16, min(cap, block_of(size)))
     if triton_interpreted():
         return fit(m, 128), fit(n, 128), fit(k, 64), 4, 1
-    return fit(m, 128), fit(n, 128), fit(k, 64), 8, 3
+    if dtype == torch.float32:
+        return fit(m, 64), fit(n, 64), fit(k, 32), 8, 2
+    return fit(m, 128), fit(n, 128), fit(k, max_block_k), 8, 3
 
 
 @triton.jit
@@ -302,8 +313,11 @@ def _project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
     width = weight.shape[0]
     if num_rows == 0 or width == 0:
         return
-    block_m, block_n, block_k, warps, stages = _gemm_blocks(num_rows, width, max(
-        m.shape[1] for m in maps))
+    # A pooled encoder's 2x2 window is four loads per step, each buffered per stage: K blocks of
+    # 32 keep the 16-bit tiles within sm_90's and sm_80's shared memory (64 needed 245760 B).
+    pooled = any(f[0] * f[1] > 1 for f in factors)
+    block_m, block_n, block_k, warps, stages = _gemm_blocks(
+        num_rows, width, max(m.shape[1] for m in maps), weight.dtype, 32 if pooled else 64)
     _patch_projection_kernel[(triton.cdiv(num_rows, block_m) * triton.cdiv(width, block_n),)](
         maps=tuple(maps), globs=tuple(globs), map_strides=tuple(tuple(m.stride()) for m in maps),
         glob_strides=tuple(tuple(g.stride()) for g in globs),
@@ -376,7 +390,10 @@ def _grad_weight(dy: torch.Tensor, map_: torch.Tensor, glob: torch.Tensor,
     """Writes ``dy^T @ resampled(map_, glob)`` into ``dw[:, k_base:k_base + C]``."""
     num_rows, width = dy.shape
     channels = map_.shape[1]
-    block_d, block_c, block_m, warps, stages = _gemm_blocks(width, channels, num_rows)
+    # The K loop runs over rows, the resampled features being its B operand: blocks of 32 rows (at
+    # 64, 16-bit NCHW maps spill on sm_80, and pooled ones exceed its shared memory).
+    block_d, block_c, block_m, warps, stages = _gemm_blocks(width, channels, num_rows, dy.dtype,
+                                                            32)
     if num_rows == 0:
         dw[:, k_base:k_base + channels] = 0
         return
@@ -411,9 +428,13 @@ def _grad_features(dy: torch.Tensor, weight: torch.Tensor, k_base: int, grad_map
     pixels = num_views * height * src_w
     if pixels == 0:
         return
-    block_r, block_c, block_d, warps, stages = _gemm_blocks(pixels, channels, width)
-    gs_v, gs_c, gs_h, gs_w = grad_map.stride()
     pool_h, pool_w, repeat_h, repeat_w = factors
+    # A repeated encoder's pixel sums a REPEAT_H x REPEAT_W window of grad_y rows per step, each
+    # load buffered per stage: K blocks of 32 (at 64, 163840 B of shared memory, 3 KB under
+    # sm_80's).
+    block_r, block_c, block_d, warps, stages = _gemm_blocks(
+        pixels, channels, width, dy.dtype, 32 if repeat_h * repeat_w > 1 else 64)
+    gs_v, gs_c, gs_h, gs_w = grad_map.stride()
     _grad_features_kernel[(triton.cdiv(pixels, block_r), triton.cdiv(channels, block_c))](
         dy_ptr=dy, weight_ptr=weight, w_sn=weight.stride(0), w_sk=weight.stride(1),
         k_base=k_base, gmap_ptr=grad_map, gs_v=gs_v, gs_c=gs_c, gs_h=gs_h, gs_w=gs_w,

@@ -12,11 +12,13 @@ that sees its first key.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.triton.common import LN2, LOG2E, dot_precision
+from sphinx_kernels.triton.common import LN2, LOG2E, dot_precision, gpu_capability
 
 
 @triton.jit
@@ -251,14 +253,54 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_pt
              + d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
-def _attention_config(head_dim: int, device: torch.device) -> dict:
-    """Block sizes: forward (M, N), backward (M, N), warps and stages; one config, no autotuning (a
-    sync-free op launches without benchmarking, and the interpreter cannot autotune)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+class _Tiles(NamedTuple):
+    """One attention kernel's launch configuration."""
+
+    block_m: int   # query rows per block
+    block_n: int   # key rows per block
+    warps: int
+    stages: int    # software-pipelining stages of the inner loop's loads
+
+    def launch_options(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.warps,
+                    num_stages=self.stages)
+
+
+def _block_d(head_dim: int) -> int:
+    """The head-dim block: the power of two at or above it, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The tiles of the forward (``fwd``) and of the backward's dK/dV (``dkdv``) and dQ (``dq``)
+    kernels, by head dim, dtype and GPU generation; one config, no autotuning (a sync-free op
+    launches without benchmarking, and the interpreter cannot autotune).
+
+    Checked by ``python -m sphinx_kernels.aot`` (docs/launchability.md): every tile fits shared
+    memory on sm_90 and sm_80, no 16-bit one spills registers, and every 16-bit dot runs on the
+    tensor cores (wgmma on sm_90 wherever a spill-free wgmma tiling exists). 16-bit up to head dim
+    128 on sm_90: wgmma takes 64 query rows per warp group, so dK/dV keeps 64 and pipelines 2
+    stages (3 spill). On sm_80: dK/dV takes 32 query rows and 8 warps (64 rows spill at every
+    stage count), the forward 8 warps (4 spill) and 64 rows above head dim 64. Head dim 256: both
+    GPUs take the tiles below (every 64-row tiling of the backward spills on sm_90, so it runs on
+    mma.sync there). float32 (IEEE products on the FMA units, operands in registers): 32x32 tiles
+    and 8 warps, 1 stage above head dim 64 (the 16-bit tiles need up to 229888 B of shared memory
+    in float32, over an A100's, and spill tens of KB)."""
     if device.type == "cpu":  # the interpreter: cost is per program, so few large blocks
-        return dict(fwd=(64, 64), bwd=(64, 64), block_d=block_d, warps=4, fwd_warps=4, stages=1)
-    return dict(fwd=(128, 64), bwd=(64, 64), block_d=block_d, warps=4 if block_d <= 64 else 8,
-                fwd_warps=4 if block_d <= 64 else 8, stages=3 if block_d <= 128 else 2)
+        tiles = _Tiles(64, 64, 4, 1)
+        return dict(fwd=tiles, dkdv=tiles, dq=tiles)
+    if dtype == torch.float32:
+        tiles = _Tiles(32, 32, 8, 1 if head_dim > 64 else 2)
+        return dict(fwd=tiles, dkdv=tiles, dq=tiles)
+    if head_dim > 128:
+        return dict(fwd=_Tiles(64, 32, 8, 2), dkdv=_Tiles(32, 64, 8, 1), dq=_Tiles(32, 64, 8, 1))
+    wide = head_dim > 64
+    warps = 8 if wide else 4
+    if gpu_capability(device) >= (9, 0):
+        return dict(fwd=_Tiles(128, 64, warps, 3), dkdv=_Tiles(64, 64, warps, 2),
+                    dq=_Tiles(64, 64, warps, 3))
+    return dict(fwd=_Tiles(64 if wide else 128, 64, 8, 3), dkdv=_Tiles(32, 64, 8, 2),
+                dq=_Tiles(64, 64, warps, 3))
 
 
 def tile_table(cu_seqlens: torch.Tensor, total: int, block: int, max_len: int,
@@ -299,9 +341,8 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, m
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_seqs == 0 or total_q == 0 or heads == 0 or head_dim == 0:
         return out, lse
-    cfg = _attention_config(head_dim, q.device)
-    block_m, block_n = cfg["fwd"]
-    tiles = tile_table(cu_seqlens_q, total_q, block_m, max_seqlen_q, last_block_first=True)
+    cfg = _attention_config(head_dim, q.dtype, q.device)["fwd"]
+    tiles = tile_table(cu_seqlens_q, total_q, cfg.block_m, max_seqlen_q, last_block_first=True)
     if tiles.shape[0] == 0:
         return out, lse
     _attn_fwd_kernel[(tiles.shape[0], heads)](
@@ -310,8 +351,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, m
         tiles_ptr=tiles, **_strides(q=q, k=k, v=v), total_q=total_q, total_k=total_k,
         num_seqs=num_seqs, head_dim=head_dim, scale=softmax_scale, GROUP=heads // kv_heads,
         CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, PRECISION=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg["block_d"], num_warps=cfg["fwd_warps"],
-        num_stages=cfg["stages"])
+        BLOCK_D=_block_d(head_dim), **cfg.launch_options())
     return out, lse
 
 
@@ -335,27 +375,28 @@ def varlen_attention_backward(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         return dq, dk, dv
     if grad.stride(2) != 1:  # e.g. the expanded gradient of a .sum()
         grad = grad.contiguous()
-    cfg = _attention_config(head_dim, q.device)
-    block_m, block_n = cfg["bwd"]
-    block_d = cfg["block_d"]
+    cfg = _attention_config(head_dim, q.dtype, q.device)
+    block_d = _block_d(head_dim)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(total_q, block_m), heads)](
+    delta_rows = cfg["dq"].block_m
+    _attn_bwd_delta_kernel[(triton.cdiv(total_q, delta_rows), heads)](
         out_ptr=out, grad_ptr=grad, delta_ptr=delta, **_strides(o=out, g=grad), total_q=total_q,
-        head_dim=head_dim, BLOCK_M=block_m, BLOCK_D=block_d)
+        head_dim=head_dim, BLOCK_M=delta_rows, BLOCK_D=block_d)
     common = dict(q_ptr=q, k_ptr=k, v_ptr=v, grad_ptr=grad, lse_ptr=lse, delta_ptr=delta,
                   cu_q_ptr=cu_seqlens_q, cu_k_ptr=cu_seqlens_k,
                   prefix_ptr=cu_seqlens_q if prefix_lens is None else prefix_lens,
                   **_strides(q=q, k=k, v=v, g=grad), total_q=total_q, total_k=total_k,
                   num_seqs=num_seqs, head_dim=head_dim, scale=softmax_scale,
                   GROUP=heads // kv_heads, CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
-                  PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=block_d, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    key_tiles = tile_table(cu_seqlens_k, total_k, block_n, max_seqlen_k, last_block_first=False)
+                  PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
+    key_tiles = tile_table(cu_seqlens_k, total_k, cfg["dkdv"].block_n, max_seqlen_k,
+                           last_block_first=False)
     if key_tiles.shape[0] > 0:
-        _attn_bwd_dkdv_kernel[(key_tiles.shape[0], kv_heads)](dk_ptr=dk, dv_ptr=dv,
-                                                              tiles_ptr=key_tiles, **common)
-    query_tiles = tile_table(cu_seqlens_q, total_q, block_m, max_seqlen_q, last_block_first=True)
+        _attn_bwd_dkdv_kernel[(key_tiles.shape[0], kv_heads)](
+            dk_ptr=dk, dv_ptr=dv, tiles_ptr=key_tiles, **common, **cfg["dkdv"].launch_options())
+    query_tiles = tile_table(cu_seqlens_q, total_q, cfg["dq"].block_m, max_seqlen_q,
+                             last_block_first=True)
     if query_tiles.shape[0] > 0:
-        _attn_bwd_dq_kernel[(query_tiles.shape[0], heads)](dq_ptr=dq, tiles_ptr=query_tiles,
-                                                           **common)
+        _attn_bwd_dq_kernel[(query_tiles.shape[0], heads)](
+            dq_ptr=dq, tiles_ptr=query_tiles, **common, **cfg["dq"].launch_options())
     return dq, dk, dv

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.triton.common import block_of, dot_precision, swizzled_tile
+from sphinx_kernels.triton.common import block_of, contiguous, dot_precision, swizzled_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row-tiled kernels by element size
 # (float32: IEEE dots); kernels that hold two tiles of accumulators take half of BLOCK_N on a GPU.
@@ -308,7 +308,8 @@ def _launch_weight_grad(kernel, rows_p: int, cols_q: int, num_experts: int, *, d
 
 def moe_expert_mlp_forward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, store_pre):
     """``(y [R, H], h1 [R, F], h3 [R, F])``, h1 and h3 empty unless ``store_pre``."""
-    x, w1, w3, w2 = (t.contiguous() for t in (x_grouped, w1, w3, w2))
+    x, w1, w3, w2, tokens_per_expert, padded_offsets = contiguous(x_grouped, w1, w3, w2,
+                                                                  tokens_per_expert, padded_offsets)
     (num_rows, hidden), ffn, num_experts = x.shape, w1.shape[1], w1.shape[0]
     act = torch.empty((num_rows, ffn), dtype=x.dtype, device=x.device)
     y = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
@@ -327,7 +328,8 @@ def moe_expert_mlp_forward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offs
 def moe_expert_mlp_backward(grad_y, x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1,
                             h3):
     """``(dx, dw1, dw3, dw2)`` from the pre-activations h1, h3 ``[R, F]`` of the forward."""
-    grad_y, x, w1, w3, w2 = (t.contiguous() for t in (grad_y, x_grouped, w1, w3, w2))
+    grad_y, x, w1, w3, w2, tokens_per_expert, padded_offsets = contiguous(
+        grad_y, x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets)
     (num_rows, hidden), ffn, num_experts = x.shape, w1.shape[1], w1.shape[0]
     dh1, dh3, act = (torch.empty((num_rows, ffn), dtype=x.dtype, device=x.device) for _ in "123")
     grad_x = torch.empty_like(x)

@@ -38,7 +38,13 @@ import triton.language as tl
 
 from sphinx_kernels.ops.patch_projection import FeatureLayout, feature_layouts
 from sphinx_kernels.platforms import triton_interpreted
-from sphinx_kernels.triton.common import block_of, dot_precision, rows_per_program, swizzled_tile
+from sphinx_kernels.triton.common import (
+    block_of,
+    contiguous,
+    dot_precision,
+    rows_per_program,
+    swizzled_tile,
+)
 
 # Row tiles of the projection GEMM that share each weight column tile while it is in L2.
 GROUP_M = 8
@@ -441,6 +447,7 @@ def _global_rows(features: Sequence[torch.Tensor],
 def patch_projection_forward(features, weight, bias, norm_weight, norm_bias, out, out_rows, grid_h,
                              grid_w, eps):
     """``(result, pre-norm rows [M, D] or [0, D], float32 mean and rstd [M] or [0])``."""
+    bias, norm_weight, norm_bias, out_rows = contiguous(bias, norm_weight, norm_bias, out_rows)
     layouts = feature_layouts(features, (grid_h, grid_w))
     tokens_per_view = 1 + grid_h * grid_w
     num_rows, width = features[0].shape[0] * tokens_per_view, weight.shape[0]
@@ -465,6 +472,7 @@ def patch_projection_backward(grad, features, weight, bias, norm_weight, norm_bi
                               pre_norm, mean, rstd, grid_h, grid_w, eps, needs):
     """The gradients of the inputs flagged in ``needs`` (per feature, then weight, bias, norm
     weight, norm bias), in that order."""
+    norm_weight, out_rows = contiguous(norm_weight, out_rows)
     layouts = feature_layouts(features, (grid_h, grid_w))
     tokens_per_view = 1 + grid_h * grid_w
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()

@@ -153,7 +153,7 @@ def topk_gating_backward(logits, expert_ids, weights, tokens_per_expert, grad_we
     if num_blocks > 0:
         _topk_gating_backward_kernel[(num_blocks,)](
             logits_ptr=logits, ids_ptr=expert_ids.contiguous(), weights_ptr=weights.contiguous(),
-            counts_ptr=tokens_per_expert, grad_weights_ptr=grad_weights.contiguous(),
+            counts_ptr=tokens_per_expert.contiguous(), grad_weights_ptr=grad_weights.contiguous(),
             grad_lb_ptr=grad_lb, grad_z_ptr=grad_z, grad_logits_ptr=grad_logits,
             num_tokens=num_tokens, num_experts=num_experts, K=expert_ids.shape[1],
             RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)

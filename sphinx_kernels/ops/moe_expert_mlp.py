@@ -198,7 +198,10 @@ def _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute) -> None:
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     offsets = plan.padded_offsets
-    if should_check_values(offsets):
+    if should_check_values(offsets, plan.tokens_per_expert):
+        if num_experts and int(plan.tokens_per_expert.min()) < 0:
+            raise ValueError(f"plan.tokens_per_expert must be >= 0, got "
+                             f"{int(plan.tokens_per_expert.min())}")
         bad = ((offsets[1:] - offsets[:-1] < plan.tokens_per_expert).any() or int(offsets[0]) != 0
                or int(offsets[-1]) > x_grouped.shape[0])
         if bad:

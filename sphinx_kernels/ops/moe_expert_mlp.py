@@ -50,6 +50,10 @@ def moe_expert_mlp(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, 
 
     Autograd: ``x_grouped`` (zero on padding rows), ``w1``, ``w3``, ``w2``; each expert's weight
     gradient sums over that expert's rows only, in row order (deterministic, no atomics).
+
+    Non-finite values: an expert's NaN / inf weights or rows reach that expert's rows and weight
+    gradients only, on every backend; other experts' rows and the padding rows (zero) keep their
+    values.
     """
     _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute)
     request = MOE_EXPERT_MLP_BACKENDS.request(x_grouped.device, x_grouped.dtype)

@@ -108,6 +108,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     Index values (cu_seqlens, prefix_lens, the bounds) are validated on the CPU; on a GPU only with
     ``SPHINX_KERNELS_CHECK_INPUTS=1`` (a host sync).
+
+    Non-finite values: a NaN or inf in a sequence's q, k or v may turn any output row (and
+    gradient row) of that sequence NaN, on every backend (a masked-out key has probability 0, and
+    0 times a NaN value is NaN, as in PyTorch's attention); it never reaches another sequence, and
+    padding rows stay 0.
     """
     same_keys = cu_seqlens_k is None
     cu_k = cu_seqlens_q if same_keys else cu_seqlens_k

@@ -109,7 +109,11 @@ def _require_in_budget(low: int, high: int, at_high: int, budget: int) -> None:
 def _lengths_tensor(values, budget: int) -> torch.Tensor:
     """A sequence of int lengths as an int64 tensor, its types and range checked first (an int
     beyond int64 does not fit a tensor)."""
-    values = list(values)
+    try:
+        values = list(values)
+    except TypeError as error:
+        raise TypeError(f"lengths must be a tensor or a sequence of ints, got "
+                        f"{type(values).__name__}") from error
     for i, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"lengths[{i}] must be an int, got {type(value).__name__}")

@@ -366,11 +366,13 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
                             out_rows) -> tuple[tuple[int, int], float]:
     """Validates the call before any launch; returns the grid as ``(gh, gw)`` and eps as a
     float."""
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid, grid)
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
-        raise ValueError(f"grid must be a positive int or a pair (gh, gw) of them, got {grid!r}")
+    message = f"grid must be a positive int or a pair (gh, gw) of them, got {grid!r}"
+    grid = (grid, grid) if isinstance(grid, int) else grid
+    if not isinstance(grid, (tuple, list)) or not all(
+            isinstance(g, int) and not isinstance(g, bool) for g in grid):
+        raise TypeError(message)
+    if len(grid) != 2 or not all(g > 0 for g in grid):
+        raise ValueError(message)
     grid = tuple(grid)
     # Output rows are int32 indices in the kernels (and sizes of the op's schema).
     tokens_per_view = 1 + grid[0] * grid[1]

@@ -106,11 +106,13 @@ def should_check_values(*tensors: torch.Tensor) -> bool:
 
 
 def require_index_range(name: str, values: torch.Tensor, bound: int, bound_name: str,
-                        source: str | None = None, *, lowest: int = 0) -> None:
+                        source: str | None = None, *, lowest: int = 0,
+                        checked: bool = False) -> None:
     """Index ``values`` must lie in ``[lowest, bound)`` (``lowest`` -1 where -1 marks "none");
-    read back only where :func:`should_check_values` allows (a host sync on a GPU). ``bound_name``
-    names the bound in the message, ``source`` where it comes from."""
-    if not values.numel() or not should_check_values(values):
+    read back only where :func:`should_check_values` allows (a host sync on a GPU; ``checked``:
+    the caller has asked it). ``bound_name`` names the bound in the message, ``source`` where it
+    comes from."""
+    if not values.numel() or not (checked or should_check_values(values)):
         return
     low, high = (int(v) for v in torch.aminmax(values))
     if low < lowest or high >= bound:

@@ -27,6 +27,7 @@ from sphinx_kernels._validation import (
     require_index_range,
     require_int,
     require_tensor,
+    should_check_values,
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES
@@ -198,7 +199,8 @@ def require_plan_rows(name: str, rows, plan, *, rows_of: str) -> None:
     if rows.shape[0] != expected:
         raise ValueError(f"{name} has {rows.shape[0]} rows but plan.{rows_of} has {expected}; "
                          "the plan must come from this batch")
-    require_index_range("plan.position", plan.position, plan.row_to_pair.shape[0], "R",
-                        "R = plan.row_to_pair rows")
-    require_index_range("plan.row_to_pair", plan.row_to_pair, plan.position.numel(), "T * k",
-                        "-1: a padding row", lowest=-1)
+    if should_check_values(plan.position, plan.row_to_pair):
+        require_index_range("plan.position", plan.position, plan.row_to_pair.shape[0], "R",
+                            "R = plan.row_to_pair rows", checked=True)
+        require_index_range("plan.row_to_pair", plan.row_to_pair, plan.position.numel(), "T * k",
+                            "-1: a padding row", lowest=-1, checked=True)

@@ -66,7 +66,7 @@ def plan_layouts():
 # topk_gating
 
 GATING_BACKENDS = available(TOPK_GATING_BACKENDS)
-GATING_EXAMPLES = {"triton": 25, "reference": 60}
+GATING_EXAMPLES = {"triton": 30, "reference": 60}
 NEAR_TIE = 64 * torch.finfo(torch.float32).eps
 
 
@@ -401,7 +401,7 @@ def test_moe_unpermute_invalid():
 # moe_expert_mlp
 
 MLP_BACKENDS = available(MOE_EXPERT_MLP_BACKENDS)
-MLP_EXAMPLES = {"triton": 6, "reference": 40}
+MLP_EXAMPLES = {"triton": 9, "reference": 40}
 
 
 @st.composite

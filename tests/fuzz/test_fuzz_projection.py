@@ -35,7 +35,7 @@ from tests.fuzz.harness import (
 
 BACKENDS = PATCH_PROJECTION_BACKENDS.available(
     PATCH_PROJECTION_BACKENDS.request(DEVICE, torch.float32))
-EXAMPLES = {"triton": 14, "reference": 40}
+EXAMPLES = {"triton": 20, "reference": 40}
 PARAMETERS = ("bias", "norm_weight", "norm_bias")
 META = torch.device("meta")
 

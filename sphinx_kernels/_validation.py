@@ -9,6 +9,7 @@ values are not known then).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Collection
 
@@ -16,10 +17,13 @@ import torch
 
 from sphinx_kernels.dtypes import INDEX_DTYPES, dtype_name
 
-__all__ = ["ENV_CHECK_INPUTS", "INDEX_DTYPES", "dtype_name", "require_tensor", "require_device",
-           "require_int", "require_unit_stride", "should_check_values", "require_index_range"]
+__all__ = ["ENV_CHECK_INPUTS", "INDEX_DTYPES", "INT32_MAX", "dtype_name", "require_tensor",
+           "require_device", "require_int", "require_bool", "require_float",
+           "require_unit_stride", "should_check_values", "require_index_range"]
 
 ENV_CHECK_INPUTS = "SPHINX_KERNELS_CHECK_INPUTS"
+# The largest size an int32 row index or offset holds: the bound of every size that becomes one.
+INT32_MAX = 2**31 - 1
 
 
 def require_tensor(name: str, value, *, dims: int | None = None,
@@ -42,13 +46,46 @@ def require_device(name: str, value: torch.Tensor, device: torch.device, other: 
                          "all tensors of one call must be on one device")
 
 
-def require_int(name: str, value, *, minimum: int | None = None) -> int:
-    """``value`` as a Python int (not a bool) of at least ``minimum``, else TypeError/ValueError."""
+def require_int(name: str, value, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+    """``value`` as a Python int (not a bool) in ``[minimum, maximum]``, else TypeError /
+    ValueError. Python ints have no bound of their own: ``maximum`` keeps a size from wrapping
+    in the int64 (or int32) arithmetic it feeds."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def require_bool(name: str, value) -> bool:
+    """``value`` as a bool (not an int, not None), else TypeError."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def require_float(name: str, value, *, minimum: float | None = None,
+                  optional: bool = False) -> float | None:
+    """``value`` (an int or a float, not a bool; None if ``optional``) as a finite Python float of
+    at least ``minimum``, else TypeError / ValueError (an int too large for a float included)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shown = repr(value) if len(repr(value)) <= 40 else type(value).__name__
+        raise TypeError(f"{name} must be {'None or ' if optional else ''}a float, got {shown}")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result) or (minimum is not None and result < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        shown = f"{result!r}" if math.isfinite(result) or isinstance(value, float) else (
+            f"an int of {value.bit_length()} bits")
+        raise ValueError(f"{name} must be a finite float{bound}, got {shown}")
+    return result
 
 
 def require_unit_stride(name: str, value: torch.Tensor, axis: str = "its last dimension") -> None:
@@ -69,14 +106,16 @@ def should_check_values(*tensors: torch.Tensor) -> bool:
 
 
 def require_index_range(name: str, values: torch.Tensor, bound: int, bound_name: str,
-                        source: str | None = None) -> None:
-    """Index ``values`` must lie in ``[0, bound)``; read back only where :func:`should_check_values`
-    allows (a host sync on a GPU). ``bound_name`` names the bound in the message, ``source`` where
-    it comes from."""
-    if not values.numel() or not should_check_values(values):
+                        source: str | None = None, *, lowest: int = 0,
+                        checked: bool = False) -> None:
+    """Index ``values`` must lie in ``[lowest, bound)`` (``lowest`` -1 where -1 marks "none");
+    read back only where :func:`should_check_values` allows (a host sync on a GPU; ``checked``:
+    the caller has asked it). ``bound_name`` names the bound in the message, ``source`` where it
+    comes from."""
+    if not values.numel() or not (checked or should_check_values(values)):
         return
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= bound:
+    low, high = (int(v) for v in torch.aminmax(values))
+    if low < lowest or high >= bound:
         where = f" ({source})" if source else ""
-        raise ValueError(f"{name} must be in [0, {bound_name}) = [0, {bound}){where}, got values "
-                         f"in [{low}, {high}]")
+        raise ValueError(f"{name} must be in [{lowest}, {bound_name}) = [{lowest}, {bound})"
+                         f"{where}, got values in [{low}, {high}]")

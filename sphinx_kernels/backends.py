@@ -160,6 +160,8 @@ class OpBackends:
         """The backend that serves ``request``: the forced one, else the first that supports it."""
         if type(request) is not self.request_type:
             self.reasons(request)  # raises the TypeError
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         forced = backend if backend is not None else forced_backend(self.op)
         if forced is None:
             for candidate in self.backends:

@@ -62,7 +62,7 @@ def apply_rotary(x: torch.Tensor | Sequence[torch.Tensor], cos: torch.Tensor, si
     if pair:
         if len(x) != 2:
             raise ValueError(f"x must be one tensor or a pair (q, k), got {len(x)} tensors")
-        q, k = x
+        q, k = (require_tensor(f"x[{i}]", t) for i, t in enumerate(x))
     else:
         q, k = x, None
     _check_apply_rotary(q, k, cos, sin, position_ids)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from sphinx_kernels._validation import require_device, require_tensor
+from sphinx_kernels._validation import INT32_MAX, require_device, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES
 from sphinx_kernels.platforms import CUDA, REFERENCE, TRITON, native, triton_launcher
@@ -29,7 +29,8 @@ def find_padding_tiles(images: torch.Tensor, tile: int | tuple[int, int],
     Args:
         images: ``[N, C, H, W]`` (or ``[C, H, W]``) float16, bfloat16 or float32, any strides
             (channels-last included).
-        tile: the tile size, ``t`` or ``(th, tw)``; ``H`` and ``W`` must be multiples of it.
+        tile: the tile size, ``t`` or ``(th, tw)``, positive ints below 2^31; ``H`` and ``W`` must
+            be multiples of it.
         pad_value: the pad, one value for all channels or one per channel (a sequence or a ``[C]``
             tensor), e.g. the normalised value of the padding colour. It is rounded to the images'
             dtype before the exact comparison. A NaN pad matches nothing.
@@ -87,9 +88,13 @@ def _check_find_padding_tiles(images, tile, pad_value) -> tuple[int, int, torch.
     """Validates the call; returns the tile size and the pad as float32 ``[C]`` on the images'
     device."""
     require_tensor("images", images, dims=4, dtypes=KERNEL_DTYPES)
-    sizes = (tile, tile) if isinstance(tile, int) else tuple(tile)
-    if len(sizes) != 2 or not all(isinstance(t, int) and t > 0 for t in sizes):
-        raise ValueError(f"tile must be a positive int or a pair of them, got {tile!r}")
+    sizes = (tile, tile) if isinstance(tile, int) else tile
+    message = f"tile must be a positive int or a pair of them (each below 2^31), got {tile!r}"
+    if not isinstance(sizes, (tuple, list)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in sizes):
+        raise TypeError(message)
+    if len(sizes) != 2 or not all(0 < t <= INT32_MAX for t in sizes):
+        raise ValueError(message)
     tile_h, tile_w = sizes
     _, channels, height, width = images.shape
     if height % tile_h or width % tile_w:

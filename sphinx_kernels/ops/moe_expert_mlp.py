@@ -50,6 +50,10 @@ def moe_expert_mlp(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, 
 
     Autograd: ``x_grouped`` (zero on padding rows), ``w1``, ``w3``, ``w2``; each expert's weight
     gradient sums over that expert's rows only, in row order (deterministic, no atomics).
+
+    Non-finite values: an expert's NaN / inf weights or rows reach that expert's rows and weight
+    gradients only, on every backend; other experts' rows and the padding rows (zero) keep their
+    values.
     """
     _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute)
     request = MOE_EXPERT_MLP_BACKENDS.request(x_grouped.device, x_grouped.dtype)
@@ -198,7 +202,10 @@ def _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute) -> None:
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     offsets = plan.padded_offsets
-    if should_check_values(offsets):
+    if should_check_values(offsets, plan.tokens_per_expert):
+        if num_experts and int(plan.tokens_per_expert.min()) < 0:
+            raise ValueError(f"plan.tokens_per_expert must be >= 0, got "
+                             f"{int(plan.tokens_per_expert.min())}")
         bad = ((offsets[1:] - offsets[:-1] < plan.tokens_per_expert).any() or int(offsets[0]) != 0
                or int(offsets[-1]) > x_grouped.shape[0])
         if bad:

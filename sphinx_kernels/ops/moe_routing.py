@@ -22,10 +22,12 @@ import torch
 
 from sphinx_kernels._validation import (
     INDEX_DTYPES,
+    INT32_MAX,
     require_device,
     require_index_range,
     require_int,
     require_tensor,
+    should_check_values,
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES
@@ -76,8 +78,9 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int, *, block_size: int =
     Args:
         expert_ids: ``[T, k]`` int32 or int64 expert of each (token, slot) pair, in
             ``[0, num_experts)`` (``Gating.expert_ids``); ``T`` may be 0.
-        num_experts: ``E >= 1``.
-        block_size: rows of one expert GEMM block: each expert's segment is padded to a multiple.
+        num_experts: ``E``, 1 to 2^31 - 1.
+        block_size: rows of one expert GEMM block: each expert's segment is padded to a multiple
+            (1 to 2^31 - 1; the plan's rows are int32, so ``R`` must stay below 2^31).
         backend: force one of ``MOE_ROUTING_BACKENDS.names``.
 
     Returns:
@@ -171,8 +174,8 @@ def _(expert_ids, num_experts, block_size, backend):
 
 def _check_moe_routing(expert_ids, num_experts, block_size) -> None:
     require_tensor("expert_ids", expert_ids, dims=2, dtypes=INDEX_DTYPES)
-    require_int("num_experts", num_experts, minimum=1)
-    require_int("block_size", block_size, minimum=1)
+    require_int("num_experts", num_experts, minimum=1, maximum=INT32_MAX)
+    require_int("block_size", block_size, minimum=1, maximum=INT32_MAX)
     if expert_ids.shape[1] < 1:
         raise ValueError(f"expert_ids must be [T, k] with k >= 1, got shape "
                          f"{tuple(expert_ids.shape)}")
@@ -185,7 +188,7 @@ def _check_moe_routing(expert_ids, num_experts, block_size) -> None:
 def require_plan_rows(name: str, rows, plan, *, rows_of: str) -> None:
     """The checks of an op that takes rows and the routing plan that orders them: ``rows``
     ``[N, H]`` float on the plan's device, ``N`` matching ``plan.<rows_of>``'s first dim, the plan's
-    positions in range."""
+    positions and pairs in range."""
     require_tensor(name, rows, dims=2, dtypes=FLOAT_DTYPES)
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan (from moe_routing), got {type(plan).__name__}")
@@ -196,5 +199,8 @@ def require_plan_rows(name: str, rows, plan, *, rows_of: str) -> None:
     if rows.shape[0] != expected:
         raise ValueError(f"{name} has {rows.shape[0]} rows but plan.{rows_of} has {expected}; "
                          "the plan must come from this batch")
-    require_index_range("plan.position", plan.position, plan.row_to_pair.shape[0], "R",
-                        "R = plan.row_to_pair rows")
+    if should_check_values(plan.position, plan.row_to_pair):
+        require_index_range("plan.position", plan.position, plan.row_to_pair.shape[0], "R",
+                            "R = plan.row_to_pair rows", checked=True)
+        require_index_range("plan.row_to_pair", plan.row_to_pair, plan.position.numel(), "T * k",
+                            "-1: a padding row", lowest=-1, checked=True)

@@ -7,11 +7,12 @@ preparation: no autograd.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
 
-from sphinx_kernels._validation import INDEX_DTYPES, require_int, require_tensor
+from sphinx_kernels._validation import INDEX_DTYPES, INT32_MAX, require_int, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
@@ -57,13 +58,15 @@ def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
     space finds that bin in O(log n): O(n log n) in all.
 
     Args:
-        lengths: ``[n]`` int32 / int64 CPU tensor (or a sequence of ints) of sample lengths, each in
-            ``[0, budget]``. A sample longer than the budget raises ValueError: truncate or drop it
-            first (a bin of its own would break the budget the caller sized memory for).
-        budget: tokens per bin, >= 1.
+        lengths: ``[n]`` int32 / int64 CPU tensor (or a sequence of ints; a float, even a whole
+            one, raises TypeError) of sample lengths, each in ``[0, budget]``. A sample longer than
+            the budget raises ValueError: truncate or drop it first (a bin of its own would break
+            the budget the caller sized memory for).
+        budget: tokens per bin, from 1 to 2^31 - 1 (a bin is one packed batch, whose rows int32
+            ``cu_seqlens`` address).
         baseline_batch_size: samples per batch of the fixed-size baseline that the padding is
             compared with (see :class:`Packing`); default ``ceil(n / num_bins)``, the packing's own
-            mean samples per bin.
+            mean samples per bin; one larger than ``n`` is one batch of every sample.
         backend: force one of ``PACK_BY_TOKEN_BUDGET_BACKENDS.names``.
 
     Returns:
@@ -71,23 +74,19 @@ def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
         preparation: no autograd, not for ``torch.compile`` (the number of bins comes from the
         values).
     """
+    # Lengths <= budget < 2^31: no int64 sum over fewer than 2^32 of them wraps.
+    require_int("budget", budget, minimum=1, maximum=INT32_MAX)
+    if baseline_batch_size is not None:
+        require_int("baseline_batch_size", baseline_batch_size, minimum=1)
     if not isinstance(lengths, torch.Tensor):
-        lengths = torch.tensor(list(lengths), dtype=torch.int64)
+        lengths = _lengths_tensor(lengths, budget)
     require_tensor("lengths", lengths, dims=1, dtypes=INDEX_DTYPES)
     if lengths.device.type != "cpu":
         raise ValueError(f"lengths must be on the CPU, got {lengths.device}")
-    require_int("budget", budget, minimum=1)
-    if baseline_batch_size is not None:
-        require_int("baseline_batch_size", baseline_batch_size, minimum=1)
     lengths = lengths.to(torch.int64).contiguous()
     if lengths.numel():
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 0:
-            raise ValueError(f"lengths must be >= 0, got {low}")
-        if high > budget:
-            at = int(torch.argmax(lengths))
-            raise ValueError(f"lengths[{at}] = {high} exceeds budget = {budget}; truncate or drop "
-                             "such samples before packing")
+        low, high = (int(v) for v in torch.aminmax(lengths))
+        _require_in_budget(low, high, int(torch.argmax(lengths)), budget)
     request = PACK_BY_TOKEN_BUDGET_BACKENDS.request("cpu", torch.int64)
     chosen = PACK_BY_TOKEN_BUDGET_BACKENDS.select(request, backend)
     bin_ids, order, bin_offsets, bin_tokens = _pack_by_token_budget_op(lengths, budget, chosen.name)
@@ -98,11 +97,38 @@ def pack_by_token_budget(lengths: torch.Tensor | Sequence[int], budget: int, *,
                    _fixed_batch_padding(lengths, batch), batch)
 
 
+def _require_in_budget(low: int, high: int, at_high: int, budget: int) -> None:
+    """The lengths' range (``high`` at index ``at_high``) must lie in ``[0, budget]``."""
+    if low < 0:
+        raise ValueError(f"lengths must be >= 0, got {low}")
+    if high > budget:
+        raise ValueError(f"lengths[{at_high}] = {high} exceeds budget = {budget}; truncate or drop "
+                         "such samples before packing")
+
+
+def _lengths_tensor(values, budget: int) -> torch.Tensor:
+    """A sequence of int lengths as an int64 tensor, its types and range checked first (an int
+    beyond int64 does not fit a tensor)."""
+    try:
+        values = list(values)
+    except TypeError as error:
+        raise TypeError(f"lengths must be a tensor or a sequence of ints, got "
+                        f"{type(values).__name__}") from error
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"lengths[{i}] must be an int, got {type(value).__name__}")
+    if values:
+        high = max(values)
+        _require_in_budget(min(values), high, values.index(high), budget)
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def _fixed_batch_padding(lengths: torch.Tensor, batch_size: int) -> int:
     """Padding of consecutive batches of ``batch_size`` samples, each padded to its longest."""
     num = lengths.shape[0]
     if num == 0:
         return 0
+    batch_size = min(batch_size, num)  # a batch beyond the samples holds them all
     full = -(-num // batch_size) * batch_size
     # Padding samples of length 0 fill the last batch; they count as neither tokens nor padding.
     grid = torch.nn.functional.pad(lengths, (0, full - num)).view(-1, batch_size)

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from sphinx_kernels._validation import (
     INDEX_DTYPES,
+    INT32_MAX,
     dtype_name,
     require_device,
+    require_float,
     require_index_range,
     require_tensor,
     should_check_values,
@@ -162,10 +164,11 @@ def patch_projection(features: Sequence[torch.Tensor], weight: torch.Tensor,
         weight: ``[D, sum C_i]``, the features' dtype (``nn.Linear.weight``; columns in encoder
             order).
         bias: ``[D]`` or None.
-        grid: ``(gh, gw)`` or one int for a square grid.
+        grid: ``(gh, gw)`` or one int for a square grid; the ``V * (1 + gh * gw)`` output rows
+            are int32 indices in the kernels, so they (and ``1 + gh * gw``) must be below 2^31.
         norm_weight, norm_bias: ``[D]``: LayerNorm over D with this affine transform, applied when
             ``norm_weight`` is given (``norm_bias`` needs it).
-        eps: the LayerNorm epsilon.
+        eps: the LayerNorm epsilon, a finite float >= 0.
         out, out_rows: the packed sequence ``[R, D]`` (the features' dtype, contiguous rows not
             required) and ``[V * T]`` int32/int64 distinct rows of it in ``[0, R)``: output row
             ``m`` goes to ``out[out_rows[m]]``. Both or neither.
@@ -187,13 +190,12 @@ def patch_projection(features: Sequence[torch.Tensor], weight: torch.Tensor,
     ``out_rows`` values (range, distinct) are validated on the CPU; on a GPU only with
     ``SPHINX_KERNELS_CHECK_INPUTS=1``.
     """
-    grid = _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias, eps, out,
-                                   out_rows)
+    grid, eps = _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias, eps,
+                                        out, out_rows)
     request = PATCH_PROJECTION_BACKENDS.request(weight.device, weight.dtype)
     chosen = PATCH_PROJECTION_BACKENDS.select(request, backend)
     result, _, _, _ = _patch_projection_op(list(features), weight, bias, norm_weight, norm_bias,
-                                           out, out_rows, grid[0], grid[1], float(eps),
-                                           chosen.name)
+                                           out, out_rows, grid[0], grid[1], eps, chosen.name)
     return result
 
 
@@ -225,7 +227,7 @@ def _reference_forward(features, weight, bias, norm_weight, norm_bias, out, out_
         result, pre_norm = y, y.new_empty((0, y.shape[1]))
         mean, rstd = (y.new_empty((0,), dtype=stat_dtype) for _ in range(2))
     if out is not None:
-        result = out.index_copy(0, out_rows, result)
+        result = out.index_copy(0, out_rows.long(), result)  # index_copy takes int64 indices only
     return result, pre_norm, mean, rstd
 
 
@@ -348,7 +350,7 @@ def _backward(ctx, grad, _grad_pre_norm, _grad_mean, _grad_rstd):
         [next(grads) if need else None for need in ctx.needs[:ctx.num_features]],
         *(next(grads) if need else None for need in ctx.needs[ctx.num_features:]))
     # The replaced rows of out received nothing of it: their gradient went to the projection.
-    out_grad = grad.index_fill(0, out_rows, 0) if ctx.out_needs_grad else None
+    out_grad = grad.index_fill(0, out_rows.long(), 0) if ctx.out_needs_grad else None
     return (feature_grads, weight_grad, bias_grad, norm_weight_grad, norm_bias_grad, out_grad,
             None, None, None, None, None)
 
@@ -361,14 +363,21 @@ _patch_projection_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias, eps, out,
-                            out_rows) -> tuple[int, int]:
-    """Validates the call before any launch; returns the grid as ``(gh, gw)``."""
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid, grid)
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
-        raise ValueError(f"grid must be a positive int or a pair (gh, gw) of them, got {grid!r}")
+                            out_rows) -> tuple[tuple[int, int], float]:
+    """Validates the call before any launch; returns the grid as ``(gh, gw)`` and eps as a
+    float."""
+    message = f"grid must be a positive int or a pair (gh, gw) of them, got {grid!r}"
+    grid = (grid, grid) if isinstance(grid, int) else grid
+    if not isinstance(grid, (tuple, list)) or not all(
+            isinstance(g, int) and not isinstance(g, bool) for g in grid):
+        raise TypeError(message)
+    if len(grid) != 2 or not all(g > 0 for g in grid):
+        raise ValueError(message)
     grid = tuple(grid)
+    # Output rows are int32 indices in the kernels (and sizes of the op's schema).
+    tokens_per_view = 1 + grid[0] * grid[1]
+    if tokens_per_view > INT32_MAX:
+        raise ValueError(f"grid must give 1 + gh * gw < 2^31 rows per view, got {grid}")
     if not isinstance(features, (list, tuple)):
         raise TypeError(f"features must be a list or tuple of tensors, got "
                         f"{type(features).__name__}")
@@ -388,6 +397,11 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
         if feature.shape[0] != features[0].shape[0]:
             raise ValueError(f"{name} has V = {feature.shape[0]} views but features[0] has "
                              f"{features[0].shape[0]}; every encoder must see the same views")
+    num_rows = features[0].shape[0] * tokens_per_view
+    if num_rows > INT32_MAX:
+        raise ValueError(f"features hold V = {features[0].shape[0]} views of 1 + gh * gw = "
+                         f"{tokens_per_view} rows: {num_rows} rows, more than int32 row indices "
+                         "address (2^31 - 1)")
     layouts = feature_layouts(features, grid)
     for i, layout in enumerate(layouts):
         if layout.channels < 1:
@@ -411,8 +425,7 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
     if norm_bias is not None and norm_weight is None:
         raise ValueError("norm_bias needs norm_weight: the LayerNorm is applied when norm_weight "
                          "is given")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    eps = require_float("eps", eps, minimum=0.0)
     if (out is None) != (out_rows is None):
         raise ValueError("out and out_rows go together: pass both (write rows into out) or neither")
     if out is not None:
@@ -423,7 +436,6 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
                              f"{tuple(out.shape)}")
         require_tensor("out_rows", out_rows, dims=1, dtypes=INDEX_DTYPES)
         require_device("out_rows", out_rows, weight.device, "weight")
-        num_rows = features[0].shape[0] * (1 + grid[0] * grid[1])
         if out_rows.shape[0] != num_rows:
             raise ValueError(f"out_rows must have one entry per output row, V * (1 + gh*gw) = "
                              f"{num_rows}, got {out_rows.shape[0]}")
@@ -431,4 +443,4 @@ def _check_patch_projection(features, weight, bias, grid, norm_weight, norm_bias
         if should_check_values(out_rows) and num_rows:
             if torch.unique(out_rows).shape[0] != num_rows:
                 raise ValueError("out_rows must be distinct: a repeated row would be written twice")
-    return grid
+    return grid, eps

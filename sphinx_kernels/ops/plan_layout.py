@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from sphinx_kernels._validation import INDEX_DTYPES, require_int, require_tensor
+from sphinx_kernels._validation import INDEX_DTYPES, INT32_MAX, require_int, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
@@ -157,6 +157,10 @@ def plan_layout(inputs: LayoutInputs, tokens_per_view: int, *, pad_multiple: int
         pad_multiple: round the packed length ``T`` up to a multiple of this (e.g. 8), >= 1.
         length: a fixed row budget: ``T`` is exactly ``length`` (a multiple of ``pad_multiple``);
             ValueError when the samples need more rows.
+
+    Sizes: a batch packs into fewer than 2^31 rows (int32 ``cu_seqlens``), so every count, tile
+    grid side, image's tile count and size argument must be below 2^31; larger ones raise
+    ValueError naming the argument (checked without int64 wrap-around, before any backend).
         backend: force one of ``PLAN_LAYOUT_BACKENDS.names``.
 
     Returns:
@@ -301,19 +305,38 @@ def _(text_ids, text_lens, answer_mask, images_per_sample, tile_grids, skipped_t
             new(total, dtype=torch.int64), new(views * tokens_per_view), new(views))
 
 
+def _require_counts(name: str, values: torch.Tensor, minimum: int, what: str = "") -> None:
+    """Every entry of ``values`` in ``[minimum, 2^31)``: the sums of such counts fit int64 (fewer
+    than 2^32 of them)."""
+    if not values.numel():
+        return
+    if values.numel() >= 2**32:
+        raise ValueError(f"{name} has {values.numel()} entries; a batch holds fewer than 2^32")
+    # (min and max: two reductions, faster than one aminmax on the small tensors of a batch)
+    low, high = int(values.min()), int(values.max())
+    held = f" hold {what}" if what else " be"
+    if low < minimum:
+        raise ValueError(f"{name} must{held} >= {minimum}, got {low}")
+    if high > INT32_MAX:
+        raise ValueError(f"{name} must{held} < 2^31 (a batch packs fewer than 2^31 rows), got "
+                         f"{high}")
+
+
 def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     """Validates everything the kernels rely on; returns the backend arguments and the padded length
     ``T``."""
     if not isinstance(inputs, LayoutInputs):
         raise TypeError(f"inputs must be LayoutInputs (see layout_inputs), got "
                         f"{type(inputs).__name__}")
-    require_int("tokens_per_view", tokens_per_view, minimum=1)
-    require_int("pad_multiple", pad_multiple, minimum=1)
+    require_int("tokens_per_view", tokens_per_view, minimum=1, maximum=INT32_MAX)
+    require_int("pad_multiple", pad_multiple, minimum=1, maximum=INT32_MAX)
     if length is not None and (not isinstance(length, int) or isinstance(length, bool)):
         raise TypeError(f"length must be an int or None, got {type(length).__name__}")
     if length is not None and (length < 0 or length % pad_multiple):
         raise ValueError(f"length must be >= 0 and a multiple of pad_multiple = {pad_multiple}, "
                          f"got {length}")
+    if length is not None and length > INT32_MAX:
+        raise ValueError(f"length must be < 2^31 (int32 cu_seqlens), got {length}")
     names = ("text_ids", "text_lens", "answer_mask", "images_per_sample", "tile_grids",
              "skipped_tiles", "text_before_images")
     dims = (1, 1, 1, 1, 2, 1, 1)
@@ -335,10 +358,10 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
         if value.shape != text_lens.shape:
             raise ValueError(f"inputs.{name} has shape {tuple(value.shape)} but inputs.text_lens "
                              f"has {tuple(text_lens.shape)}; both must be [B]")
+    # Counts are bounded before they are summed: each below 2^31, so no int64 sum of them wraps.
     for name, value in (("text_lens", text_lens), ("images_per_sample", images_per_sample),
                         ("text_before_images", text_before_images)):
-        if value.numel() and int(value.min()) < 0:
-            raise ValueError(f"inputs.{name} must be >= 0, got {int(value.min())}")
+        _require_counts(f"inputs.{name}", value, minimum=0)
     if text_lens.numel() and bool((text_before_images > text_lens).any()):
         b = int(torch.nonzero(text_before_images > text_lens)[0, 0])
         raise ValueError(f"inputs.text_before_images[{b}] = {int(text_before_images[b])} exceeds "
@@ -359,10 +382,12 @@ def _check_plan_layout(inputs, tokens_per_view, pad_multiple, length):
     if tile_grids.shape != (num_images, 2):
         raise ValueError(f"inputs.tile_grids must be [I, 2] with I = sum(images_per_sample) = "
                          f"{num_images}, got shape {tuple(tile_grids.shape)}")
-    if num_images and int(tile_grids.min()) < 1:
-        raise ValueError(f"inputs.tile_grids must hold rows, cols >= 1, got "
-                         f"{int(tile_grids.min())}")
-    tiles = tile_grids[:, 0] * tile_grids[:, 1]
+    _require_counts("inputs.tile_grids", tile_grids, minimum=1, what="rows, cols")
+    tiles = tile_grids[:, 0] * tile_grids[:, 1]  # each below 2^62: no wrap
+    if num_images and int(tiles.max()) > INT32_MAX:
+        i = int(tiles.argmax())
+        raise ValueError(f"inputs.tile_grids[{i}] = {tuple(tile_grids[i].tolist())} holds "
+                         f"{int(tiles[i])} tiles; an image holds fewer than 2^31")
     num_tiles = int(tiles.sum())
     if skipped_tiles.shape[0] != num_tiles:
         raise ValueError(f"inputs.skipped_tiles has {skipped_tiles.shape[0]} flags but tile_grids "

@@ -52,6 +52,13 @@ def topk_gating(logits: torch.Tensor, k: int, *, renormalize: bool = True,
 
     Autograd: ``weights``, ``load_balancing_loss`` and ``z_loss`` are differentiable w.r.t.
     ``logits`` (the choice of experts and the counts are not); the gradient has the logits' dtype.
+
+    Non-finite logits, the same rule on every backend: a row whose softmax is undefined (a NaN or
+    +inf logit, or every logit -inf: its logsumexp is not finite) has NaN probabilities and is
+    routed to experts ``0 .. k-1`` (in range, counted in ``tokens_per_expert``) with NaN gates, so
+    its tokens' expert outputs, both losses and that row's gradient turn NaN: a training step's
+    loss is NaN, which the trainer's non-finite check skips. Rows with some -inf logits and a
+    finite one are ordinary (those experts have probability 0). Other rows are unaffected.
     """
     _check_topk_gating(logits, k, renormalize)
     request = TOPK_GATING_BACKENDS.request(logits.device, logits.dtype)
@@ -63,24 +70,35 @@ def _gating_losses(prob_sums: torch.Tensor, counts: torch.Tensor, lse_square_sum
                    num_tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two losses from per-expert probability sums, per-expert pair counts and sum_t lse_t^2."""
     tokens = max(num_tokens, 1)  # T == 0: every sum is 0, and so is each loss
-    fraction = counts.to(prob_sums.dtype) / (tokens * k)
-    load_balancing = counts.shape[0] * (fraction * prob_sums / tokens).sum()
+    # E * sum_e (count_e / (T k)) * (prob_sum_e / T), as one dot product.
+    load_balancing = (counts.to(prob_sums.dtype) @ prob_sums) * (counts.shape[0]
+                                                                 / (tokens * tokens * k))
     return load_balancing, lse_square_sum / tokens
+
+
+def _softmax_with_rule(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, lse)`` of logits ``x`` ``[T, E]``: the softmax and logsumexp per row, both NaN on
+    a row whose softmax is undefined (its logsumexp is not finite): ``topk_gating``'s rule. torch's
+    softmax subtracts the row's maximum, which makes every probability of such a row NaN (a NaN, or
+    inf - inf); its logsumexp, +-inf for a +inf or an all -inf row, is set to NaN here."""
+    lse = torch.logsumexp(x, dim=-1)
+    # lse - lse is 0 where lse is finite and NaN where it is not (one cheap op, no where/scalar).
+    return torch.softmax(x, dim=-1), lse + (lse - lse)
 
 
 def topk_gating_reference(logits: torch.Tensor, k: int, renormalize: bool = True) -> Gating:
     """Pure-PyTorch ``topk_gating``, differentiable by autograd. float64 logits are computed (and
     returned) in float64: the tests' oracle."""
     x = logits.to(accumulate_dtype(logits.dtype))
-    probs = torch.softmax(x, dim=-1)
+    probs, lse = _softmax_with_rule(x)
     # A stable descending sort keeps equal probabilities in ascending expert order: lower id first.
+    # It orders NaN above every number, so an undefined row (all NaN) gets experts 0 .. k-1.
     expert_ids = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
     weights = probs.gather(1, expert_ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     counts = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[1])
-    lse = torch.logsumexp(x, dim=-1)
-    losses = _gating_losses(probs.sum(0), counts, (lse * lse).sum(), logits.shape[0], k)
+    losses = _gating_losses(probs.sum(0), counts, lse @ lse, logits.shape[0], k)
     return Gating(weights, expert_ids.int(), *losses, counts.int())
 
 
@@ -90,8 +108,8 @@ def topk_gating_backward_reference(logits, expert_ids, weights, tokens_per_exper
     out (a custom op's implementation runs below autograd)."""
     acc = accumulate_dtype(logits.dtype)
     x = logits.to(acc)
-    probs = torch.softmax(x, dim=-1)
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    probs, lse = _softmax_with_rule(x)
+    lse = lse[:, None]
     (num_tokens, num_experts), k = logits.shape, expert_ids.shape[1]
     tokens = max(num_tokens, 1)
     ids = expert_ids.long()

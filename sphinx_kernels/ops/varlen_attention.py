@@ -15,7 +15,9 @@ import torch
 
 from sphinx_kernels._validation import (
     dtype_name,
+    require_bool,
     require_device,
+    require_float,
     require_tensor,
     require_unit_stride,
     should_check_values,
@@ -71,12 +73,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             bound below a real length is a contract violation (rows are then left out, never read or
             written out of bounds). The FlashAttention-2 peers (torch_flash, flash_attn), which
             need host ints, serve only calls that pass both.
-        causal: mask keys after each query's position (bottom-right aligned, below).
-        softmax_scale: scale of ``q @ k^T`` before the softmax; None: ``D ** -0.5``.
+        causal: (a bool) mask keys after each query's position (bottom-right aligned, below).
+        softmax_scale: a finite scale of ``q @ k^T`` before the softmax; None: ``D ** -0.5``.
         prefix_lens: optional int32 ``[B]`` (causal only): the first ``prefix_lens[b]`` key
             positions of sequence b are a bidirectional prefix (prefix-LM: an image and its prompt).
             ``0 <= prefix_lens[b] <= Lk_b``.
-        deterministic: require a bitwise-repeatable backward. The Triton kernels are always
+        deterministic: (a bool) require a bitwise-repeatable backward. The Triton kernels are always
             deterministic (no atomics anywhere); flash_attn runs its deterministic backward; the
             flag excludes torch_flash, whose backward is not.
         backend: force one of ``VARLEN_ATTENTION_BACKENDS.names`` (else chosen per call).
@@ -107,15 +109,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     Index values (cu_seqlens, prefix_lens, the bounds) are validated on the CPU; on a GPU only with
     ``SPHINX_KERNELS_CHECK_INPUTS=1`` (a host sync).
+
+    Non-finite values: a NaN or inf in a sequence's q, k or v may turn any output row (and
+    gradient row) of that sequence NaN, on every backend (a masked-out key has probability 0, and
+    0 times a NaN value is NaN, as in PyTorch's attention); it never reaches another sequence, and
+    padding rows stay 0.
     """
     same_keys = cu_seqlens_k is None
     cu_k = cu_seqlens_q if same_keys else cu_seqlens_k
-    _check_varlen_attention(q, k, v, cu_seqlens_q, cu_k, same_keys, max_seqlen_q, max_seqlen_k,
-                            causal, softmax_scale, prefix_lens)
+    softmax_scale = _check_varlen_attention(q, k, v, cu_seqlens_q, cu_k, same_keys, max_seqlen_q,
+                                            max_seqlen_k, causal, softmax_scale, prefix_lens,
+                                            deterministic)
     if same_keys and max_seqlen_k is None:
         max_seqlen_k = max_seqlen_q
     head_dim = q.shape[2]
-    scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     request = VARLEN_ATTENTION_BACKENDS.request(
         q.device, q.dtype, head_dim=head_dim, causal=causal, prefix=prefix_lens is not None,
         max_seqlen=max_seqlen_q is not None and max_seqlen_k is not None,
@@ -303,7 +311,8 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_seqlen_k, causal,
-                            softmax_scale, prefix_lens) -> None:
+                            softmax_scale, prefix_lens, deterministic) -> float | None:
+    """Validates the call before any launch; returns ``softmax_scale`` as a float (or None)."""
     require_tensor("q", q, dims=3, dtypes=FLOAT_DTYPES)
     for name, t in (("k", k), ("v", v)):
         require_tensor(name, t, dims=3)
@@ -338,6 +347,8 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
         raise ValueError(f"cu_seqlens_k has {cu_k.shape[0]} entries but cu_seqlens_q has "
                          f"{cu_q.shape[0]}; both must be [B + 1]")
     num_seqs = cu_q.shape[0] - 1
+    require_bool("causal", causal)
+    require_bool("deterministic", deterministic)
     if prefix_lens is not None:
         if not causal:
             raise ValueError("prefix_lens applies to causal attention only; pass causal=True or "
@@ -351,9 +362,7 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
                                   or bound < 0):
             raise TypeError(f"{name} must be None or an int >= 0, got {bound!r}")
-    if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                      or not isinstance(softmax_scale, (int, float))):
-        raise TypeError(f"softmax_scale must be None or a float, got {softmax_scale!r}")
+    softmax_scale = require_float("softmax_scale", softmax_scale, optional=True)
     extra = () if prefix_lens is None else (prefix_lens,)
     if should_check_values(cu_q, cu_k, *extra):
         lengths = {}
@@ -382,3 +391,4 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
                 raise ValueError(f"prefix_lens[{b}] = {int(prefix_lens[b])} must be in [0, "
                                  f"{int(lengths['cu_seqlens_k'][b])}] (the key length of sequence "
                                  f"{b})")
+    return softmax_scale

@@ -1,5 +1,7 @@
 """What every Triton launcher shares: the per-program tile budget, block rounding, the dot precision
-rule, the accumulation type and the log constants of the exp2 / log2 softmaxes."""
+rule, the accumulation type, the GPU capability that per-target configurations read, the log
+constants of the exp2 / log2 softmaxes, and the preparation of the 1-D tensors that kernels index as
+``ptr + i``."""
 from __future__ import annotations
 
 import math
@@ -23,6 +25,14 @@ def block_of(size: int) -> int:
 def rows_per_program(width_block: int) -> int:
     """Rows of ``width_block`` elements that fill one tile."""
     return max(1, TILE_ELEMENTS // width_block)
+
+
+def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Tensors that kernels index as contiguous (``ptr + i`` for the 1-D offsets, index lists and
+    per-channel parameters) as contiguous tensors: any strides are valid input, strided and expanded
+    (stride-0) views included. A copy only of such a view (of a few bytes per entry for 1-D
+    metadata); None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

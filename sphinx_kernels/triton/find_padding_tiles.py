@@ -45,8 +45,8 @@ def find_padding_tiles(images: torch.Tensor, pad: torch.Tensor, tile_h: int,
         block_w = block_of(tile_w)
         stride_n, stride_c, stride_h, stride_w = images.stride()
         _find_padding_tiles_kernel[(flags.numel(),)](
-            images_ptr=images, pad_ptr=pad, flags_ptr=flags, channels=channels, tiles_h=tiles_h,
-            tiles_w=tiles_w, tile_h=tile_h, tile_w=tile_w, stride_n=stride_n, stride_c=stride_c,
-            stride_h=stride_h, stride_w=stride_w,
+            images_ptr=images, pad_ptr=pad.contiguous(), flags_ptr=flags, channels=channels,
+            tiles_h=tiles_h, tiles_w=tiles_w, tile_h=tile_h, tile_w=tile_w, stride_n=stride_n,
+            stride_c=stride_c, stride_h=stride_h, stride_w=stride_w,
             BLOCK_R=min(block_of(tile_h), rows_per_program(block_w)), BLOCK_W=block_w)
     return flags.view(torch.bool)

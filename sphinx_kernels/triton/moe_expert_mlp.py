@@ -4,10 +4,11 @@ Contract: ``sphinx_kernels.ops.moe_expert_mlp``.
 A row tile ``[m0, m0 + BLOCK_M)`` meets the experts whose segments overlap it, found from
 ``padded_offsets`` on the device (no host sync): one expert when BLOCK_M divides the plan's block
 size (the GPU default), a few when the block size is smaller. Per expert the tile multiplies only
-the rows that hold that expert's pairs, so rows of other experts and padding rows add exact zeros,
-and a tile with no valid row does no multiply at all (padding blocks are never computed, only
-zero-filled). Weight gradients loop over one expert's rows in order: deterministic, no atomics, no
-split-K.
+the rows that hold that expert's pairs, into an accumulator of its own kept on those rows only: the
+tile's other rows (other experts', padding) load zeros, and zero times an inf or NaN weight is NaN,
+so an expert's non-finite weights never reach another expert's rows or a padding row. A tile with
+no valid row does no multiply at all (padding blocks are never computed, only zero-filled).
+Weight gradients loop over one expert's rows in order: deterministic, no atomics, no split-K.
 
 One kernel per product: forward ``_gate_up_kernel`` (``act = silu(x W1^T) * (x W3^T)``, both GEMMs
 sharing the loads of x) and ``_down_proj_kernel`` (``y = act W2^T``); backward
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.triton.common import block_of, dot_precision, swizzled_tile
+from sphinx_kernels.triton.common import block_of, contiguous, dot_precision, swizzled_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row-tiled kernels by element size
 # (float32: IEEE dots); kernels that hold two tiles of accumulators take half of BLOCK_N on a GPU.
@@ -92,8 +93,10 @@ def _grouped_product(a_ptr, w_ptr, offsets_ptr, counts_ptr, m0, rm, rn, num_rows
     for e in range(first, stop):
         valid, any_valid = _expert_rows(offsets_ptr, counts_ptr, e, rm, num_rows)
         if any_valid:
-            acc = _expert_product(a_ptr, w_ptr, acc, e, rm, rn, valid, width, depth, stride_e,
-                                  stride_n, stride_k, PRECISION, BLOCK_K)
+            part = _expert_product(a_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), e,
+                                   rm, rn, valid, width, depth, stride_e, stride_n, stride_k,
+                                   PRECISION, BLOCK_K)
+            acc = tl.where(valid[:, None], part, acc)  # the expert's rows only (module docstring)
     return acc
 
 
@@ -113,14 +116,19 @@ def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, offsets_ptr, counts_ptr, act_ptr, h1_
     for e in range(first, stop):
         valid, any_valid = _expert_rows(offsets_ptr, counts_ptr, e, rm, num_rows)
         if any_valid:
+            part1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            part3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(0, hidden, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + rm[:, None].to(tl.int64) * hidden + rk[None, :],
                             mask=valid[:, None] & (rk < hidden)[None, :], other=0)
                 w1 = _weight_tile(w1_ptr, e, rn, rk, ffn, hidden, ffn * hidden, hidden, 1)
                 w3 = _weight_tile(w3_ptr, e, rn, rk, ffn, hidden, ffn * hidden, hidden, 1)
-                acc1 = tl.dot(x, w1, acc1, input_precision=PRECISION)
-                acc3 = tl.dot(x, w3, acc3, input_precision=PRECISION)
+                part1 = tl.dot(x, w1, part1, input_precision=PRECISION)
+                part3 = tl.dot(x, w3, part3, input_precision=PRECISION)
+            # The expert's rows only (module docstring).
+            acc1 = tl.where(valid[:, None], part1, acc1)
+            acc3 = tl.where(valid[:, None], part3, acc3)
     act = acc1 * tl.sigmoid(acc1) * acc3  # rows of no pair: 0 * 0
     out = rm[:, None].to(tl.int64) * ffn + rn[None, :]
     mask = (rm < num_rows)[:, None] & (rn < ffn)[None, :]
@@ -190,10 +198,12 @@ def _input_grad_kernel(dh1_ptr, w1_ptr, dh3_ptr, w3_ptr, offsets_ptr, counts_ptr
         valid, any_valid = _expert_rows(offsets_ptr, counts_ptr, e, rm, num_rows)
         if any_valid:
             # W[e][n, k] = w[e, k, n], n over H and k over F.
-            acc = _expert_product(dh1_ptr, w1_ptr, acc, e, rm, rn, valid, hidden, ffn,
-                                  ffn * hidden, 1, hidden, PRECISION, BLOCK_K)
-            acc = _expert_product(dh3_ptr, w3_ptr, acc, e, rm, rn, valid, hidden, ffn,
-                                  ffn * hidden, 1, hidden, PRECISION, BLOCK_K)
+            part = _expert_product(dh1_ptr, w1_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                                   e, rm, rn, valid, hidden, ffn, ffn * hidden, 1, hidden,
+                                   PRECISION, BLOCK_K)
+            part = _expert_product(dh3_ptr, w3_ptr, part, e, rm, rn, valid, hidden, ffn,
+                                   ffn * hidden, 1, hidden, PRECISION, BLOCK_K)
+            acc = tl.where(valid[:, None], part, acc)  # the expert's rows only (module docstring)
     tl.store(dx_ptr + rm[:, None].to(tl.int64) * hidden + rn[None, :],
              acc.to(dx_ptr.dtype.element_ty),
              mask=(rm < num_rows)[:, None] & (rn < hidden)[None, :])
@@ -316,7 +326,8 @@ def _launch_weight_grad(kernel, rows_p: int, cols_q: int, num_experts: int, *, d
 
 def moe_expert_mlp_forward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, store_pre):
     """``(y [R, H], h1 [R, F], h3 [R, F])``, h1 and h3 empty unless ``store_pre``."""
-    x, w1, w3, w2 = (t.contiguous() for t in (x_grouped, w1, w3, w2))
+    x, w1, w3, w2, tokens_per_expert, padded_offsets = contiguous(x_grouped, w1, w3, w2,
+                                                                  tokens_per_expert, padded_offsets)
     (num_rows, hidden), ffn, num_experts = x.shape, w1.shape[1], w1.shape[0]
     act = torch.empty((num_rows, ffn), dtype=x.dtype, device=x.device)
     y = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
@@ -335,7 +346,8 @@ def moe_expert_mlp_forward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offs
 def moe_expert_mlp_backward(grad_y, x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1,
                             h3):
     """``(dx, dw1, dw3, dw2)`` from the pre-activations h1, h3 ``[R, F]`` of the forward."""
-    grad_y, x, w1, w3, w2 = (t.contiguous() for t in (grad_y, x_grouped, w1, w3, w2))
+    grad_y, x, w1, w3, w2, tokens_per_expert, padded_offsets = contiguous(
+        grad_y, x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets)
     (num_rows, hidden), ffn, num_experts = x.shape, w1.shape[1], w1.shape[0]
     dh1, dh3, act = (torch.empty((num_rows, ffn), dtype=x.dtype, device=x.device) for _ in "123")
     grad_x = torch.empty_like(x)

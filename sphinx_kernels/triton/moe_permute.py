@@ -7,7 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.triton.common import accumulate_type, row_grid, row_tile, store_tile
+from sphinx_kernels.triton.common import (
+    accumulate_type,
+    contiguous,
+    row_grid,
+    row_tile,
+    store_tile,
+)
 
 
 @triton.jit
@@ -30,6 +36,7 @@ def permute_rows(x, position, row_to_pair, scale):
     """``[R, H]``: row r holds ``x[row_to_pair[r] // k]`` (times ``scale[row_to_pair[r]]`` when
     given), zero for a padding row."""
     x = x.contiguous()
+    row_to_pair, scale = contiguous(row_to_pair, scale)
     num_rows, width = row_to_pair.shape[0], x.shape[1]
     out = torch.empty((num_rows, width), dtype=x.dtype, device=x.device)
     if num_rows == 0 or width == 0:

@@ -38,7 +38,13 @@ import triton.language as tl
 
 from sphinx_kernels.ops.patch_projection import FeatureLayout, feature_layouts
 from sphinx_kernels.platforms import triton_interpreted
-from sphinx_kernels.triton.common import block_of, dot_precision, rows_per_program, swizzled_tile
+from sphinx_kernels.triton.common import (
+    block_of,
+    contiguous,
+    dot_precision,
+    rows_per_program,
+    swizzled_tile,
+)
 
 # Row tiles of the projection GEMM that share each weight column tile while it is in L2.
 GROUP_M = 8
@@ -112,9 +118,22 @@ def _resampled_rows(map_ptr, glob_ptr, m, c, num_rows, channels, tokens_per_view
 
 
 @triton.jit
+def _destination(rows_ptr, m, m_in, out_rows, HAS_ROWS: tl.constexpr):
+    """int64 rows of the output that rows ``m`` go to (``out_rows[m]``, or ``m`` itself), and which
+    are inside the ``out_rows`` rows of the output: an index that reached the kernel unchecked (a
+    GPU without SPHINX_KERNELS_CHECK_INPUTS) is dropped, never written out of bounds."""
+    if HAS_ROWS:
+        dest = tl.load(rows_ptr + m, mask=m_in, other=0).to(tl.int64)
+    else:
+        dest = m.to(tl.int64)
+    return dest, m_in & (dest >= 0) & (dest < out_rows)
+
+
+@triton.jit
 def _patch_projection_kernel(maps, globs, map_strides, glob_strides, channels,
                              FACTORS: tl.constexpr, weight_ptr, w_sn, w_sk, bias_ptr, out_ptr,
-                             out_stride, rows_ptr, num_rows, width, tokens_per_view, grid_w,
+                             out_stride, out_rows, rows_ptr, num_rows, width, tokens_per_view,
+                             grid_w,
                              HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -142,19 +161,15 @@ def _patch_projection_kernel(maps, globs, map_strides, glob_strides, channels,
         k_base += channels[e]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_in, other=0).to(tl.float32)[None, :]
-    m_in = m < num_rows
-    if HAS_ROWS:
-        dest = tl.load(rows_ptr + m, mask=m_in, other=0).to(tl.int64)
-    else:
-        dest = m.to(tl.int64)
+    dest, dest_in = _destination(rows_ptr, m, m < num_rows, out_rows, HAS_ROWS)
     tl.store(out_ptr + dest[:, None] * out_stride + n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+             acc.to(out_ptr.dtype.element_ty), mask=dest_in[:, None] & n_in[None, :])
 
 
 @triton.jit
-def _layer_norm_kernel(y_ptr, w_ptr, b_ptr, out_ptr, out_stride, rows_ptr, mean_ptr, rstd_ptr,
-                       num_rows, width, eps, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _layer_norm_kernel(y_ptr, w_ptr, b_ptr, out_ptr, out_stride, out_rows, rows_ptr, mean_ptr,
+                       rstd_ptr, num_rows, width, eps, HAS_BIAS: tl.constexpr,
+                       HAS_ROWS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     d = tl.arange(0, BLOCK_D)
     m_in = m < num_rows
@@ -168,19 +183,16 @@ def _layer_norm_kernel(y_ptr, w_ptr, b_ptr, out_ptr, out_stride, rows_ptr, mean_
     out = centred * rstd[:, None] * tl.load(w_ptr + d, mask=d_in, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + d, mask=d_in, other=0).to(tl.float32)[None, :]
-    if HAS_ROWS:
-        dest = tl.load(rows_ptr + m, mask=m_in, other=0).to(tl.int64)
-    else:
-        dest = m.to(tl.int64)
+    dest, dest_in = _destination(rows_ptr, m, m_in, out_rows, HAS_ROWS)
     tl.store(out_ptr + dest[:, None] * out_stride + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=inside)
+             mask=dest_in[:, None] & d_in[None, :])
     tl.store(mean_ptr + m, mean, mask=m_in)
     tl.store(rstd_ptr + m, rstd, mask=m_in)
 
 
 @triton.jit
-def _layer_norm_backward_kernel(grad_ptr, grad_stride, rows_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr,
-                                dy_ptr, dw_part_ptr, db_part_ptr, num_rows, width,
+def _layer_norm_backward_kernel(grad_ptr, grad_stride, grad_rows, rows_ptr, y_ptr, w_ptr, mean_ptr,
+                                rstd_ptr, dy_ptr, dw_part_ptr, db_part_ptr, num_rows, width,
                                 rows_per_program, HAS_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
@@ -193,11 +205,12 @@ def _layer_norm_backward_kernel(grad_ptr, grad_stride, rows_ptr, y_ptr, w_ptr, m
     first = pid * rows_per_program
     for r in range(first, tl.minimum(first + rows_per_program, num_rows)):
         row = tl.cast(r, tl.int64)  # 64-bit offsets: a packed sequence may pass 2^31 elements
-        if HAS_ROWS:
+        if HAS_ROWS:  # (an out-of-range row, unchecked on a GPU, reads a zero gradient)
             src = tl.load(rows_ptr + row).to(tl.int64)
         else:
             src = row
-        g = tl.load(grad_ptr + src * grad_stride + d, mask=d_in, other=0).to(tl.float32)
+        g = tl.load(grad_ptr + src * grad_stride + d, mask=d_in & (src >= 0) & (src < grad_rows),
+                    other=0).to(tl.float32)
         x = tl.load(y_ptr + row * width + d, mask=d_in, other=0).to(tl.float32)
         rstd = tl.load(rstd_ptr + r)
         xhat = tl.where(d_in, (x - tl.load(mean_ptr + r)) * rstd, 0.0)
@@ -325,7 +338,8 @@ def _project(maps: Sequence[torch.Tensor], globs: Sequence[torch.Tensor],
         FACTORS=tuple((*f, _rows_fastest(m)) for f, m in zip(factors, maps)), weight_ptr=weight,
         w_sn=weight.stride(0), w_sk=weight.stride(1),
         bias_ptr=bias if bias is not None else weight, out_ptr=out, out_stride=out.stride(0),
-        rows_ptr=rows if rows is not None else out, num_rows=num_rows, width=width,
+        out_rows=out.shape[0], rows_ptr=rows if rows is not None else out, num_rows=num_rows,
+        width=width,
         tokens_per_view=tokens_per_view, grid_w=grid_w, HAS_BIAS=bias is not None,
         HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_M=GROUP_M, DOT_PRECISION=dot_precision(weight.dtype), num_warps=warps,
@@ -350,7 +364,8 @@ def _layer_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         block_d, per_program = _norm_blocks(width)
         _layer_norm_kernel[(triton.cdiv(num_rows, per_program),)](
             y_ptr=y, w_ptr=weight, b_ptr=bias if bias is not None else weight, out_ptr=out,
-            out_stride=out.stride(0), rows_ptr=rows if rows is not None else y, mean_ptr=mean,
+            out_stride=out.stride(0), out_rows=out.shape[0],
+            rows_ptr=rows if rows is not None else y, mean_ptr=mean,
             rstd_ptr=rstd, num_rows=num_rows, width=width, eps=eps, HAS_BIAS=bias is not None,
             HAS_ROWS=rows is not None, ROWS=per_program, BLOCK_D=block_d,
             num_warps=8 if block_d >= 2048 else 4)
@@ -370,7 +385,8 @@ def _layer_norm_backward(grad: torch.Tensor, rows: torch.Tensor | None, y: torch
     if num_rows > 0:
         block_d, _ = _norm_blocks(width)
         _layer_norm_backward_kernel[(programs,)](
-            grad_ptr=grad, grad_stride=grad.stride(0), rows_ptr=rows if rows is not None else grad,
+            grad_ptr=grad, grad_stride=grad.stride(0), grad_rows=grad.shape[0],
+            rows_ptr=rows if rows is not None else grad,
             y_ptr=y, w_ptr=weight, mean_ptr=mean, rstd_ptr=rstd, dy_ptr=dy, dw_part_ptr=dw_part,
             db_part_ptr=db_part, num_rows=num_rows, width=width,
             rows_per_program=triton.cdiv(num_rows, programs), HAS_ROWS=rows is not None,
@@ -462,6 +478,7 @@ def _global_rows(features: Sequence[torch.Tensor],
 def patch_projection_forward(features, weight, bias, norm_weight, norm_bias, out, out_rows, grid_h,
                              grid_w, eps):
     """``(result, pre-norm rows [M, D] or [0, D], float32 mean and rstd [M] or [0])``."""
+    bias, norm_weight, norm_bias, out_rows = contiguous(bias, norm_weight, norm_bias, out_rows)
     layouts = feature_layouts(features, (grid_h, grid_w))
     tokens_per_view = 1 + grid_h * grid_w
     num_rows, width = features[0].shape[0] * tokens_per_view, weight.shape[0]
@@ -486,6 +503,7 @@ def patch_projection_backward(grad, features, weight, bias, norm_weight, norm_bi
                               pre_norm, mean, rstd, grid_h, grid_w, eps, needs):
     """The gradients of the inputs flagged in ``needs`` (per feature, then weight, bias, norm
     weight, norm bias), in that order."""
+    norm_weight, out_rows = contiguous(norm_weight, out_rows)
     layouts = feature_layouts(features, (grid_h, grid_w))
     tokens_per_view = 1 + grid_h * grid_w
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()

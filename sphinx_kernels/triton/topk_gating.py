@@ -36,6 +36,16 @@ def _softmax_rows(logits_ptr, t, e, num_tokens, num_experts):
 
 
 @triton.jit
+def _apply_undefined_rule(probs, lse):
+    """``topk_gating``'s rule for a row whose softmax is undefined (a NaN or +inf logit, or every
+    logit -inf): its logsumexp is not finite, whatever the softmax's arithmetic made of it; its
+    probabilities and logsumexp become NaN. Returns them and the rows' flags."""
+    undefined = ~(tl.abs(lse) < float("inf"))
+    return (tl.where(undefined[:, None], float("nan"), probs),
+            tl.where(undefined, float("nan"), lse), undefined)
+
+
+@triton.jit
 def _topk_gating_kernel(logits_ptr, weights_ptr, ids_ptr, prob_sums_ptr, counts_ptr, z_sums_ptr,
                         num_tokens, num_experts, K: tl.constexpr, RENORMALIZE: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -44,11 +54,14 @@ def _topk_gating_kernel(logits_ptr, weights_ptr, ids_ptr, prob_sums_ptr, counts_
     e = tl.arange(0, BLOCK_E)
     t_in = t < num_tokens
     probs64, lse = _softmax_rows(logits_ptr, t, e, num_tokens, num_experts)
+    probs64, lse, undefined = _apply_undefined_rule(probs64, lse)
     probs = probs64.to(tl.float32)
     # Top-k of the float32 probabilities by k rounds of argmax; a tie goes to the lowest expert id,
     # and a chosen expert is masked with -1 (below every probability) so padding columns and
-    # earlier picks are never chosen again.
-    candidates = tl.where((e < num_experts)[None, :], probs, -1.0)
+    # earlier picks are never chosen again. An undefined row's candidates are all 0: experts
+    # 0 .. k-1 (and no NaN reaches the argmax, which GPUs and the interpreter order differently).
+    candidates = tl.where((e < num_experts)[None, :], tl.where(undefined[:, None], 0.0, probs),
+                          -1.0)
     slot = tl.arange(0, BLOCK_K)
     chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     gates = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float64)
@@ -87,6 +100,7 @@ def _topk_gating_backward_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, g
     t_in = t < num_tokens
     e_in = e < num_experts
     probs64, lse64 = _softmax_rows(logits_ptr, t, e, num_tokens, num_experts)
+    probs64, lse64, _ = _apply_undefined_rule(probs64, lse64)
     probs, lse = probs64.to(tl.float32), lse64.to(tl.float32)
     # d(loss)/d(probs): the chosen weights' gradients (through the renormalisation), plus the
     # load-balancing term E * count_e / (T * k * T) for every token's probability of expert e.
@@ -164,7 +178,7 @@ def topk_gating_backward(logits, expert_ids, weights, tokens_per_expert, grad_we
     if num_blocks > 0:
         _topk_gating_backward_kernel[(num_blocks,)](
             logits_ptr=logits, ids_ptr=expert_ids.contiguous(), weights_ptr=weights.contiguous(),
-            counts_ptr=tokens_per_expert, grad_weights_ptr=grad_weights.contiguous(),
+            counts_ptr=tokens_per_expert.contiguous(), grad_weights_ptr=grad_weights.contiguous(),
             grad_lb_ptr=grad_lb, grad_z_ptr=grad_z, grad_logits_ptr=grad_logits,
             num_tokens=num_tokens, num_experts=num_experts, K=expert_ids.shape[1],
             RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)

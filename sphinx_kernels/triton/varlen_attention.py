@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sphinx_kernels.triton.common import LN2, LOG2E, dot_precision, gpu_capability
+from sphinx_kernels.triton.common import LN2, LOG2E, contiguous, dot_precision, gpu_capability
 
 
 @triton.jit
@@ -334,6 +334,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, m
                              max_seqlen_k, causal, softmax_scale, deterministic=True):
     """``(out [Tq, Hq, D], lse float32 [Hq, Tq])``; rows past ``cu_seqlens_q[-1]`` are 0 and -inf.
     ``deterministic`` asks nothing of these kernels: they use no atomics, so they always are."""
+    cu_seqlens_q, cu_seqlens_k, prefix_lens = contiguous(cu_seqlens_q, cu_seqlens_k, prefix_lens)
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape
     out = torch.zeros((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -365,6 +366,7 @@ def varlen_attention_backward(grad, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                               max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                               deterministic=True):
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype; zero rows where no query or key is."""
+    cu_seqlens_q, cu_seqlens_k, prefix_lens = contiguous(cu_seqlens_q, cu_seqlens_k, prefix_lens)
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape
     dq = torch.zeros((total_q, heads, head_dim), dtype=q.dtype, device=q.device)

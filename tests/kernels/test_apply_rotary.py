@@ -197,6 +197,8 @@ BAD_INPUTS = [
      "position_ids must be in [0, P) = [0, 8) (P from cos), got values in [4, 8]"),
     (lambda q, c, s, p: (q, c, s, p - 1), ValueError, "position_ids must be in [0, P)"),
     (lambda q, c, s, p: ((q, q, q), c, s, p), ValueError, "x must be one tensor or a pair"),
+    (lambda q, c, s, p: ((q, None), c, s, p), TypeError, "x[1] must be a torch.Tensor, got None"),
+    (lambda q, c, s, p: ((None, q), c, s, p), TypeError, "x[0] must be a torch.Tensor, got None"),
     (lambda q, c, s, p: (q.double(), c, s, p), TypeError, "x must have dtype"),
     (lambda q, c, s, p: (q[0], c, s, p), ValueError, "x must be 3-D"),
     (lambda q, c, s, p: (q[..., :15], c[:, :15], s[:, :15], p), ValueError,

@@ -14,6 +14,7 @@ import sphinx_kernels
 from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS
 from tests.kernels.moe_cases import DEVICE, random_expert_ids
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
+from tests.variants import expanded, same_bits, strided
 
 BACKENDS = MOE_EXPERT_MLP_BACKENDS.available(MOE_EXPERT_MLP_BACKENDS.request(DEVICE, torch.float32))
 WIDTHS = [(48, 100), (96, 200)]  # (H, F): odd widths, not multiples of any tile
@@ -143,6 +144,55 @@ def test_deterministic_and_recompute_gives_the_same_bits(backend, seed):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+def expert_mlp(backend):
+    return lambda *args: sphinx_kernels.moe_expert_mlp(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_counts_of_any_strides(backend, seed):
+    """plan.tokens_per_expert and plan.padded_offsets as strided views (2^30 in the gaps) and
+    expanded (stride 0: every expert empty): the output and gradients of contiguous copies, bit
+    for bit (the Triton kernels once read them as contiguous)."""
+    plan, x_grouped, weights, grad_y = make_case(29, 4, 2, 24, 40, 4, torch.float32,
+                                                 torch.Generator().manual_seed(seed))
+    expected = run(expert_mlp(backend), x_grouped, weights, grad_y, plan)
+    views = plan._replace(tokens_per_expert=strided(plan.tokens_per_expert),
+                          padded_offsets=strided(plan.padded_offsets))
+    got = run(expert_mlp(backend), x_grouped, weights, grad_y, views)
+    assert all(same_bits(a, b) for a, b in zip(got, expected))
+    zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    empty = plan._replace(tokens_per_expert=expanded(zero, (4,)),
+                          padded_offsets=expanded(zero, (5,)))
+    got = run(expert_mlp(backend), x_grouped, weights, grad_y, empty)
+    assert all(same_bits(a, torch.zeros_like(a)) for a in got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poisoned", [0, 1, 2], ids=["w1", "w3", "w2"])
+def test_non_finite_weights_reach_only_their_experts_rows(backend, poisoned, seed):
+    """A NaN and an inf in one expert's weights turn that expert's rows NaN; every other row (other
+    experts', padding) and the other experts' weight gradients keep their bits (the Triton kernels
+    once multiplied each row of a tile, padding included, by all of the tile's experts' weights).
+    Block size 4: each 64-row interpreter tile spans several experts."""
+    plan, x_grouped, weights, grad_y = make_case(29, 4, 2, 24, 40, 4, torch.float32,
+                                                 torch.Generator().manual_seed(seed))
+    clean_run = run(expert_mlp(backend), x_grouped, weights, grad_y, plan)
+    expert = int(plan.tokens_per_expert.argmax())
+    bad = [w.clone() for w in weights]
+    bad[poisoned][expert, 0, 0] = float("nan")
+    bad[poisoned][expert, 1, 1] = float("inf")
+    got = run(expert_mlp(backend), x_grouped, bad, grad_y, plan)
+    start = int(plan.padded_offsets[expert])
+    rows = torch.zeros(plan.num_padded_rows, dtype=torch.bool, device=DEVICE)
+    rows[start:start + int(plan.tokens_per_expert[expert])] = True
+    assert got[0][rows].isnan().any(dim=1).all()
+    for name, a, b in zip(("y", "grad x"), got[:2], clean_run[:2]):
+        assert same_bits(a[~rows], b[~rows]), name
+    others = [e for e in range(4) if e != expert]
+    for name, a, b in zip(("grad w1", "grad w3", "grad w2"), got[2:], clean_run[2:]):
+        assert same_bits(a[others], b[others]), name
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 
@@ -180,6 +230,8 @@ BAD_INPUTS = [
     ({"plan": lambda a: a["plan"]._replace(tokens_per_expert=a["plan"].tokens_per_expert.long())},
      TypeError, "plan.tokens_per_expert must have dtype int32"),
     ({"recompute": lambda a: 1}, TypeError, "recompute must be a bool"),
+    ({"plan": lambda a: a["plan"]._replace(tokens_per_expert=a["plan"].tokens_per_expert - 9)},
+     ValueError, "plan.tokens_per_expert must be >= 0"),
 ]
 
 

@@ -12,6 +12,7 @@ import sphinx_kernels
 from sphinx_kernels.ops.moe_permute import MOE_PERMUTE_BACKENDS
 from tests.kernels.moe_cases import DEVICE, DTYPES, make_plan
 from tests.numerics import GRADIENT_FACTOR, assert_all_within_torch_error
+from tests.variants import expanded, same_bits, strided
 
 BACKENDS = MOE_PERMUTE_BACKENDS.available(MOE_PERMUTE_BACKENDS.request(DEVICE, torch.float32))
 # (T, E, k, block size): empty, a single token and expert, odd sizes, idle experts.
@@ -60,6 +61,23 @@ def test_gradient_sums_the_token_rows(backend, dtype, seed):
         gen, [GRADIENT_FACTOR], ["grad x"], backend, first=first)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_to_pair_of_any_strides(backend, seed):
+    """plan.row_to_pair as a strided view (2^30 in the gaps) and expanded (stride 0: every row
+    padding): what a contiguous copy gives, bit for bit (the Triton kernel once read it as
+    contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = make_plan(37, 8, 2, 4, gen)
+    x = torch.randn(37, 9, generator=gen).to(DEVICE)
+    expected = sphinx_kernels.moe_permute(x, plan, backend=backend)
+    views = plan._replace(row_to_pair=strided(plan.row_to_pair))
+    assert same_bits(sphinx_kernels.moe_permute(x, views, backend=backend), expected)
+    minus_one = torch.full((1,), -1, dtype=torch.int32, device=DEVICE)
+    padding = plan._replace(row_to_pair=expanded(minus_one, (plan.num_padded_rows,)))
+    assert same_bits(sphinx_kernels.moe_permute(x, padding, backend=backend),
+                     torch.zeros_like(expected))
+
+
 BAD_INPUTS = [
     ({"x": lambda a: a["x"][:2]}, ValueError, "x has 2 rows but plan.position has 3"),
     ({"x": lambda a: a["x"].int()}, TypeError, "x must have dtype"),
@@ -70,6 +88,10 @@ BAD_INPUTS = [
      ValueError, "plan.position must be in [0, R) = [0, 16)"),
     ({"plan": lambda a: a["plan"]._replace(row_to_pair=a["plan"].row_to_pair.to("meta"))},
      ValueError, "plan.row_to_pair is on meta"),
+    ({"plan": lambda a: a["plan"]._replace(row_to_pair=a["plan"].row_to_pair + 7)},
+     ValueError, "plan.row_to_pair must be in [-1, T * k) = [-1, 6)"),
+    ({"plan": lambda a: a["plan"]._replace(row_to_pair=a["plan"].row_to_pair - 1)},
+     ValueError, "plan.row_to_pair must be in [-1, T * k) = [-1, 6)"),
 ]
 
 

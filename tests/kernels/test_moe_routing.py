@@ -103,6 +103,12 @@ BAD_INPUTS = [
     ({"num_experts": lambda a: 4.0}, TypeError, "num_experts must be an int"),
     ({"block_size": lambda a: 0}, ValueError, "block_size must be >= 1"),
     ({"block_size": lambda a: 2**30}, ValueError, "more than 2^31 grouped rows"),
+    # Ints beyond int64 once reached the op's schema (a RuntimeError) when no pair needs a row.
+    ({"expert_ids": lambda a: a["expert_ids"][:0], "num_experts": lambda a: 2**70}, ValueError,
+     "num_experts must be <= 2147483647"),
+    ({"expert_ids": lambda a: a["expert_ids"][:0], "block_size": lambda a: 2**70}, ValueError,
+     "block_size must be <= 2147483647"),
+    ({"block_size": lambda a: True}, TypeError, "block_size must be an int, got bool"),
 ]
 
 

@@ -13,6 +13,7 @@ import sphinx_kernels
 from sphinx_kernels.ops.moe_unpermute import MOE_UNPERMUTE_BACKENDS
 from tests.kernels.moe_cases import DEVICE, DTYPES, MIXTRAL, make_plan
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
+from tests.variants import same_bits, strided
 
 BACKENDS = MOE_UNPERMUTE_BACKENDS.available(MOE_UNPERMUTE_BACKENDS.request(DEVICE, torch.float32))
 # (T, E, k, block size): empty, a single token and expert, odd sizes, idle experts.
@@ -93,6 +94,26 @@ def test_kernel_backends_agree_bitwise_and_are_deterministic(seed):
         results[backend] = first
     baseline = next(iter(results.values()))
     assert all(torch.equal(out, baseline) for out in results.values()), list(results)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_and_row_to_pair_of_any_strides(backend, seed):
+    """Gate weights whose flattening is a strided view (a column-strided ``[T, k]``) and a strided
+    plan.row_to_pair (2^30 in the gaps): the output and gradients of contiguous copies, bit for bit
+    (the Triton backward once read both as contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = make_plan(37, 8, 2, 4, gen)
+    y_grouped, weights, grad_out = random_inputs(plan, torch.float32, gen)
+    expected = run(lambda *a: sphinx_kernels.moe_unpermute(*a, backend=backend), y_grouped, plan,
+                   weights, grad_out)
+    columns = strided(weights, dim=1)
+    assert columns.reshape(-1).stride() == (2,)
+    views = plan._replace(row_to_pair=strided(plan.row_to_pair))
+    y = y_grouped.detach().requires_grad_(True)
+    w = columns.detach().requires_grad_(True)
+    out = sphinx_kernels.moe_unpermute(y, views, w, backend=backend)
+    out.backward(grad_out)
+    assert all(same_bits(a, b) for a, b in zip([out.detach(), y.grad, w.grad], expected))
 
 
 BAD_INPUTS = [

@@ -90,6 +90,14 @@ BAD_PACKINGS = [
     (lambda: ([3], 2.5), TypeError, "budget must be an int"),
     (lambda: (torch.tensor([1.0]), 4), TypeError, "lengths must have dtype"),
     (lambda: (torch.tensor([[1]]), 4), ValueError, "lengths must be 1-D"),
+    # Sizes that once wrapped in int64 sums or reached the op's schema as ints beyond int64.
+    (lambda: ([2**62, 2**62], 2**62), ValueError, "budget must be <= 2147483647"),
+    (lambda: ([1], 2**70), ValueError, "budget must be <= 2147483647"),
+    (lambda: ([1, 2**70], 4), ValueError, "lengths[1] = 1180591620717411303424 exceeds budget"),
+    # Values that were once truncated or taken as ints.
+    (lambda: ([1.7, 2.2], 4), TypeError, "lengths[0] must be an int, got float"),
+    (lambda: ([1, True], 4), TypeError, "lengths[1] must be an int, got bool"),
+    (lambda: ([1], True), TypeError, "budget must be an int, got bool"),
 ]
 
 
@@ -97,6 +105,16 @@ BAD_PACKINGS = [
 def test_bad_packing_input_raises_naming_the_argument(make_bad, error, message):
     with pytest.raises(error, match=re.escape(message)):
         pack_by_token_budget(*make_bad())
+
+
+def test_baseline_batch_size_beyond_the_samples_is_one_batch():
+    """A baseline batch larger than the samples (up to ints beyond int64) is one batch of them."""
+    lengths = [5, 3, 7, 2]
+    whole = pack_by_token_budget(lengths, 10, baseline_batch_size=4)
+    for size in (5, 2**70):
+        packing = pack_by_token_budget(lengths, 10, baseline_batch_size=size)
+        assert packing.baseline_padding_tokens == whole.baseline_padding_tokens
+        assert packing.baseline_batch_size == size
 
 
 @pytest.mark.parametrize("backend", PACK_BACKENDS)

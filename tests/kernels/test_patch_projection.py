@@ -21,6 +21,7 @@ from sphinx_kernels.ops.patch_projection import (
     patch_projection_reference,
 )
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
+from tests.variants import expanded, run_isolated, same_bits, strided
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = PATCH_PROJECTION_BACKENDS.available(
@@ -230,6 +231,72 @@ def test_strided_features_are_read_in_place(backend, seed):
     check_against_float64(backend, case, torch.float32, draw, seed)
 
 
+def outputs_and_gradients(backend, features, weight, kwargs, grad_seed=0):
+    """The op's output and the gradient of every tensor argument that requires grad (views
+    included: ``torch.autograd.grad``)."""
+    y = sphinx_kernels.patch_projection(features, weight, backend=backend, **kwargs)
+    inputs = [t for t in (*features, weight, *kwargs.values())
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y)
+    return [y.detach(), *torch.autograd.grad(y, inputs, grad)]
+
+
+PARAMETERS = ("bias", "norm_weight", "norm_bias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_of_any_strides(backend, seed):
+    """bias, norm_weight and norm_bias as strided views (NaN in the gaps) and expanded (stride 0):
+    the output and every gradient of contiguous copies, bit for bit (the Triton kernels once read
+    them as contiguous)."""
+    case = Case(2, 2, (Encoder(True, True, 4, 5), Encoder(False, False, 2, 3)), 11, True, True,
+                False)
+    features, weight, kwargs, _ = make_inputs(case, torch.float32,
+                                              torch.Generator().manual_seed(seed))
+    expected = outputs_and_gradients(backend, features, weight, kwargs)
+    views = dict(kwargs, **{name: strided(kwargs[name]) for name in PARAMETERS})
+    got = outputs_and_gradients(backend, features, weight, views)
+    assert all(same_bits(a, b) for a, b in zip(got, expected))
+    shared = dict(kwargs, **{name: expanded(kwargs[name][:1].detach().requires_grad_(), (11,))
+                             for name in PARAMETERS})
+    copies = dict(shared, **{name: shared[name].detach().contiguous().requires_grad_()
+                             for name in PARAMETERS})
+    got = outputs_and_gradients(backend, features, weight, shared)
+    assert all(same_bits(a, b) for a, b in zip(got, outputs_and_gradients(backend, features,
+                                                                           weight, copies)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_and_int64_out_rows(backend, seed):
+    """out_rows of either index dtype on every backend (the reference once refused int32)."""
+    case = Case(2, 2, (Encoder(True, True, 4, 5),), 11, True, False, True)
+    features, weight, kwargs, _ = make_inputs(case, torch.float32,
+                                              torch.Generator().manual_seed(seed))
+    expected = outputs_and_gradients(backend, features, weight, kwargs)
+    got = outputs_and_gradients(backend, features, weight,
+                                dict(kwargs, out_rows=kwargs["out_rows"].int()))
+    assert all(same_bits(a, b) for a, b in zip(got, expected))
+
+
+def check_out_rows_of_any_strides():
+    """Run by :func:`test_out_rows_of_any_strides` in a fresh interpreter: a strided out_rows once
+    made the Triton kernels write out of bounds (a segmentation fault)."""
+    for backend in BACKENDS:
+        for norm in (False, True):
+            case = Case(2, 2, (Encoder(True, True, 4, 5),), 11, True, norm, True)
+            features, weight, kwargs, _ = make_inputs(case, torch.float32,
+                                                      torch.Generator().manual_seed(1))
+            expected = outputs_and_gradients(backend, features, weight, kwargs)
+            for rows in (strided(kwargs["out_rows"]), strided(kwargs["out_rows"].int())):
+                got = outputs_and_gradients(backend, features, weight, dict(kwargs, out_rows=rows))
+                assert all(same_bits(a, b) for a, b in zip(got, expected)), (backend, norm,
+                                                                            rows.dtype)
+
+
+def test_out_rows_of_any_strides():
+    run_isolated("tests.kernels.test_patch_projection", "check_out_rows_of_any_strides")
+
+
 def tensors(tree) -> list[torch.Tensor]:
     """The tensors in nested tuples, lists and dicts."""
     if isinstance(tree, torch.Tensor):
@@ -336,7 +403,11 @@ def bad_calls():
         (dict(bias=torch.randn(7)), ValueError, "bias must be [D] = [8]"),
         (dict(bias=torch.randn(8).double()), TypeError, "bias must have dtype float32"),
         (dict(norm_bias=torch.randn(8)), ValueError, "norm_bias needs norm_weight"),
-        (dict(eps=-1.0), ValueError, "eps must be a non-negative"),
+        (dict(eps=-1.0), ValueError, "eps must be a finite float >= 0"),
+        (dict(eps=10**400), ValueError, "eps must be a finite float >= 0"),
+        (dict(eps=True), TypeError, "eps must be a float, got True"),
+        (dict(grid=2**40), ValueError, "grid must give 1 + gh * gw < 2^31 rows per view"),
+        (dict(grid=(2**20, 2**20)), ValueError, "grid must give 1 + gh * gw < 2^31 rows per view"),
         (dict(out=out), ValueError, "out and out_rows go together"),
         (dict(out_rows=rows), ValueError, "out and out_rows go together"),
         (dict(out=out[:, :7], out_rows=rows), ValueError, "out must be [R, D] with D = 8"),

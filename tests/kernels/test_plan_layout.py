@@ -20,10 +20,12 @@ from sphinx_kernels.ops.plan_layout import (
     SOURCE_TEXT,
     SOURCE_VISUAL,
     ImageSpec,
+    LayoutInputs,
     SampleSpec,
     layout_inputs,
     plan_layout,
 )
+from tests.variants import run_isolated
 
 LAYOUT_BACKENDS = PLAN_LAYOUT_BACKENDS.available(PLAN_LAYOUT_BACKENDS.request("cpu", torch.int64))
 
@@ -306,6 +308,43 @@ def test_bad_layout_input_raises_naming_the_argument(make_bad, error, message):
     inputs, tpv, kwargs = make_bad(_inputs())
     with pytest.raises(error, match=re.escape(message)):
         plan_layout(inputs, tpv, **kwargs)
+
+
+def _counts(text_lens, images_per_sample, tile_grids, skipped=0):
+    """LayoutInputs of samples without text tokens: only the counts, which may be huge."""
+    long = torch.int64
+    return LayoutInputs(torch.zeros(0, dtype=long), torch.tensor(text_lens, dtype=long),
+                        torch.zeros(0, dtype=torch.bool),
+                        torch.tensor(images_per_sample, dtype=long),
+                        torch.tensor(tile_grids, dtype=long).view(-1, 2),
+                        torch.zeros(skipped, dtype=torch.bool))
+
+
+OVERFLOWING = [  # (inputs, tokens_per_view, keyword arguments, the argument named)
+    (_counts([0], [1], [[2**32, 2**32]]), 1, {}, "inputs.tile_grids"),
+    (_counts([0, 0], [1, 1], [[2**31, 2**31]] * 2), 1, {}, "inputs.tile_grids"),
+    (_counts([0], [1], [[2**16, 2**16]]), 1, {}, "inputs.tile_grids"),
+    (_counts([2**62] * 4, [0] * 4, []), 1, {}, "inputs.text_lens"),
+    (_counts([0] * 4, [2**62] * 4, []), 1, {}, "inputs.images_per_sample"),
+    (_counts([2**31], [0], []), 1, {}, "inputs.text_lens"),
+    (_counts([], [], []), 2**70, {}, "tokens_per_view"),
+    (_counts([], [], []), 1, {"pad_multiple": 2**70}, "pad_multiple"),
+    (_counts([], [], []), 1, {"length": 2**70}, "length"),
+]
+
+
+def check_overflowing_sizes():
+    """Run by :func:`test_overflowing_sizes_raise_naming_the_argument` in a fresh interpreter: such
+    sizes once wrapped in int64 sums (the C++ kernel then crashed the process, the reference raised
+    a bare RuntimeError, a 2^32 x 2^32 grid was accepted and its tiles dropped)."""
+    for backend in LAYOUT_BACKENDS:
+        for inputs, tokens_per_view, kwargs, name in OVERFLOWING:
+            with pytest.raises(ValueError, match=re.escape(name)):
+                plan_layout(inputs, tokens_per_view, backend=backend, **kwargs)
+
+
+def test_overflowing_sizes_raise_naming_the_argument():
+    run_isolated("tests.kernels.test_plan_layout", "check_overflowing_sizes")
 
 
 def test_sample_spec_flag_counts_are_checked():

@@ -140,6 +140,38 @@ def test_kernel_backends_agree_bitwise_and_are_deterministic(seed):
         assert torch.equal(expert_ids, baseline), backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_rows_follow_the_documented_rule(backend, dtype, seed):
+    """A row holding a NaN or +inf, or only -inf, goes to experts 0 .. k-1 with NaN gates, counted
+    in tokens_per_expert; both losses turn NaN; every other row (one with some -inf logits among
+    them) keeps its choice and bits; the gradient is NaN on those rows only (the Triton kernel
+    once returned expert id E for them and left them out of the counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = random_logits(12, 6, dtype, gen)
+    bad = [1, 4, 5, 9]
+    logits[1, 3] = float("nan")
+    logits[4, 0] = float("inf")
+    logits[5] = float("-inf")
+    logits[9, 2], logits[9, 5] = float("inf"), float("nan")
+    logits[7, [0, 2, 3, 4]] = float("-inf")  # two experts left for k = 3: a valid row
+    good = [t for t in range(12) if t not in bad]
+    got = sphinx_kernels.topk_gating(logits, 3, backend=backend)
+    assert got.expert_ids[bad].tolist() == [[0, 1, 2]] * len(bad)
+    assert got.weights[bad].isnan().all() and not got.weights[good].isnan().any()
+    counts = torch.bincount(got.expert_ids.flatten().long(), minlength=6).int()
+    assert torch.equal(got.tokens_per_expert, counts)
+    assert got.load_balancing_loss.isnan() and got.z_loss.isnan()
+    alone = sphinx_kernels.topk_gating(logits[good], 3, backend=backend)
+    assert torch.equal(got.expert_ids[good], alone.expert_ids)
+    assert torch.equal(got.weights[good], alone.weights)
+    grads = (torch.randn(12, 3, generator=gen, dtype=torch.float64).to(DEVICE), 0.7, 0.3)
+    grad = gating_gradient(logits, 3, True, grads,
+                           lambda x, k, r: sphinx_kernels.topk_gating(x, k, renormalize=r,
+                                                                      backend=backend))
+    assert grad.isnan().any(dim=1).tolist() == [t in bad for t in range(12)]
+
+
 BAD_INPUTS = [
     ({"logits": lambda a: a["logits"].long()}, TypeError, "logits must have dtype"),
     ({"logits": lambda a: a["logits"].double()}, TypeError, "logits must have dtype"),

@@ -24,6 +24,7 @@ from sphinx_kernels.ops.varlen_attention import (
 from sphinx_kernels.triton.varlen_attention import tile_table
 from tests.kernels.attention_cases import DEVICE, Case, assert_matches_float64, cu_seqlens
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
+from tests.variants import expanded, same_bits, strided
 
 MODES = ("causal", "non-causal", "prefix")
 
@@ -195,6 +196,25 @@ def test_strided_views_of_a_fused_projection_give_the_same_bits():
     assert torch.equal(qkv.grad, fused_grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_tensors_of_any_strides(backend, seed):
+    """cu_seqlens_q, cu_seqlens_k and prefix_lens as strided views (2^30 in the gaps) and as
+    expanded (stride-0) views: the output and gradients of contiguous copies, bit for bit (the
+    Triton kernels once read them as contiguous)."""
+    case = Case(config_seed=4, dtype=torch.float32, mode="prefix", separate_keys=True, max_seqs=5,
+                seed=seed)
+    expected = case.run(backend)
+    case.cu_q, case.cu_k, case.prefix = (strided(t) for t in (case.cu_q, case.cu_k, case.prefix))
+    assert all(same_bits(a, b) for a, b in zip(case.run(backend), expected)), case.describe()
+    # Stride 0: no keys anywhere (every output row sees nothing) and one shared prefix length.
+    num_seqs = case.prefix.shape[0]
+    case.cu_k = expanded(torch.zeros(1, dtype=torch.int32, device=DEVICE), num_seqs + 1)
+    case.prefix = expanded(torch.zeros(1, dtype=torch.int32, device=DEVICE), num_seqs)
+    got = case.run(backend)
+    case.cu_k, case.prefix = case.cu_k.contiguous(), case.prefix.contiguous()
+    assert all(same_bits(a, b) for a, b in zip(got, case.run(backend))), case.describe()
+
+
 @pytest.mark.parametrize("last_block_first", [False, True])
 def test_tile_table_lists_every_block_once(last_block_first):
     lengths = [130, 0, 1, 64, 65]
@@ -277,6 +297,11 @@ BAD_INPUTS = [
     (_bad(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is below the longest sequence (6)"),
     (_bad(max_seqlen_k=2.0), TypeError, "max_seqlen_k must be None or an int"),
     (_bad(softmax_scale="0.1"), TypeError, "softmax_scale must be None or a float"),
+    (_bad(softmax_scale=10**400), ValueError, "softmax_scale must be a finite float"),
+    (_bad(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite float"),
+    (_bad(causal=None), TypeError, "causal must be a bool, got NoneType"),
+    (_bad(causal=1), TypeError, "causal must be a bool, got int"),
+    (_bad(deterministic="yes"), TypeError, "deterministic must be a bool, got str"),
     (_bad(cu_seqlens_q=lambda a: a["cu_seqlens_q"].to("meta")), ValueError,
      "cu_seqlens_q is on meta"),
 ]

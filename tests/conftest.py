@@ -6,12 +6,14 @@ before any ``@triton.jit`` function is defined, so before sphinx_kernels is impo
 Every test runs with torch's and Python's global random generators seeded from its id, and the
 ``seed`` fixture gives that seed for explicit generators: a run is reproducible by default. Set
 ``SPHINX_KERNELS_TEST_SEED=random`` for fresh seeds (fuzzing), or to a number to rerun with that
-seed; a failing test reports the seed it ran with.
+seed; a failing test reports the seed it ran with. Hypothesis tests are derandomized the same way
+(a fixed example sequence per test) unless ``SPHINX_KERNELS_TEST_SEED=random``.
 """
 import os
 import random
 import zlib
 
+import hypothesis
 import pytest
 import torch
 
@@ -20,6 +22,11 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ENV_TEST_SEED = "SPHINX_KERNELS_TEST_SEED"
+
+hypothesis.settings.register_profile("reproducible", derandomize=True, deadline=None)
+hypothesis.settings.register_profile("random", deadline=None)
+hypothesis.settings.load_profile(
+    "random" if os.environ.get(ENV_TEST_SEED, "").strip() == "random" else "reproducible")
 
 
 def pytest_collection_modifyitems(config, items):

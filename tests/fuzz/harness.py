@@ -27,6 +27,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter's bf16 arithmetic is wrong (docs/environment.md): the Triton backends are fuzzed
 # in float32 and float16 here, bf16 on a GPU.
 FLOAT_DTYPES = (torch.float32, torch.float16)
+# Every floating dtype an op may be asked for (bfloat16 and float64 served or refused by name), and
+# the index dtypes every op takes.
+ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 # (kind, op, backend) -> cases run; kind is "valid", "invalid" or "unchecked" (index values that
 # reach a kernel past validation, as on a GPU). The fresh interpreter running the risky cases

@@ -21,6 +21,7 @@ from sphinx_kernels.ops.plan_layout import (
 )
 from tests.fuzz.harness import (
     BAD_INTS,
+    INDEX_DTYPES,
     NOT_TENSORS,
     assert_bits,
     explore,
@@ -35,7 +36,6 @@ from tests.fuzz.harness import (
 )
 
 CPU = torch.device("cpu")
-INDEX_DTYPES = (torch.int32, torch.int64)
 META = torch.device("meta")
 # Count and id tensors: any layout that keeps their values (an expanded count would change them).
 COUNT_LAYOUTS = ("contiguous", "offset", "strided")

@@ -16,9 +16,11 @@ from sphinx_kernels.ops.moe_routing import MOE_ROUTING_BACKENDS, moe_routing_ref
 from sphinx_kernels.ops.moe_unpermute import MOE_UNPERMUTE_BACKENDS, moe_unpermute_reference
 from sphinx_kernels.ops.topk_gating import TOPK_GATING_BACKENDS, topk_gating_reference
 from tests.fuzz.harness import (
+    ALL_FLOATS,
     BAD_BOOLS,
     BAD_INTS,
     DEVICE,
+    INDEX_DTYPES,
     NOT_TENSORS,
     assert_all_close,
     assert_bits,
@@ -37,8 +39,6 @@ from tests.fuzz.harness import (
 )
 from tests.numerics import interpreter_rounds_bf16
 
-ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
 PLAN_LAYOUTS = ("contiguous", "offset", "strided")
 META = torch.device("meta")
 

@@ -14,10 +14,12 @@ from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
 from sphinx_kernels.ops.varlen_attention import varlen_attention_reference
 from tests.fuzz.harness import (
+    ALL_FLOATS,
     BAD_BOOLS,
     BAD_FLOATS,
     DEVICE,
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     NOT_TENSORS,
     assert_all_close,
     assert_bits,
@@ -35,8 +37,6 @@ from tests.fuzz.harness import (
 )
 from tests.numerics import interpreter_rounds_bf16
 
-ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
 READ_IN_PLACE = ("contiguous", "offset", "strided", "expanded")  # unit stride along the last dim
 META = torch.device("meta")
 

@@ -90,9 +90,10 @@ def test_two_gloo_ranks_match_one_and_their_checkpoint_resumes_on_one(tmp_path, 
             "--batch-size", "4", "--token-budget", "1024", "--num-workers", "0",
             "--warmup-steps", "2", "--lr", "3e-3", "--progress", "false", "--cpu-threads", "1",
             "--output", str(tmp_path)]
+    # --standalone: a free rendezvous port, so runs of this test at the same time do not collide.
     done = run_cli(args + ["--steps", "2", "--save-every", "2"],
-                   launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "-m", "sphinx_model.train"))
+                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "-m", "sphinx_model.train"))
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2

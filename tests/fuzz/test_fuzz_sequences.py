@@ -12,7 +12,10 @@ import sphinx_kernels as sk
 from sphinx_kernels.ops.apply_rotary import APPLY_ROTARY_BACKENDS, apply_rotary_reference
 from sphinx_kernels.ops.find_padding_tiles import FIND_PADDING_TILES_BACKENDS
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
-from sphinx_kernels.ops.varlen_attention import varlen_attention_reference
+from sphinx_kernels.ops.varlen_attention import (
+    VARLEN_ATTENTION_BACKENDS,
+    varlen_attention_reference,
+)
 from tests.fuzz.harness import (
     ALL_FLOATS,
     BAD_BOOLS,
@@ -375,8 +378,11 @@ def test_apply_rotary_invalid():
 # ----------------------------------------------------------------------------------------------
 # varlen_attention (the FlashAttention-2 peers, GPU only, have their own tests)
 
-ATTENTION_BACKENDS = ["triton", "reference"]
-ATTENTION_EXAMPLES = {"triton": 12, "reference": 30}
+# The FlashAttention-2 peers serve no prefix and need max_seqlen: their own tests check them.
+ATTENTION_REQUEST = VARLEN_ATTENTION_BACKENDS.request(DEVICE, torch.float32, head_dim=64)
+ATTENTION_BACKENDS = [b for b in available(VARLEN_ATTENTION_BACKENDS, ATTENTION_REQUEST)
+                      if b not in ("torch_flash", "flash_attn")]
+ATTENTION_EXAMPLES = {"triton": 12, "torch_cpu_flash": 20, "reference": 30}
 ATTENTION_LAYOUTS = ("contiguous", "offset", "strided", "expanded", "transposed", "fused")
 METADATA_LAYOUTS = ("contiguous", "offset", "strided")
 

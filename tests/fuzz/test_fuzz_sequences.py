@@ -38,6 +38,7 @@ from tests.fuzz.harness import (
     seeds,
     with_layout,
 )
+from tests.kernels.attention_cases import FLASH_PEERS
 from tests.numerics import interpreter_rounds_bf16
 
 READ_IN_PLACE = ("contiguous", "offset", "strided", "expanded")  # unit stride along the last dim
@@ -378,10 +379,9 @@ def test_apply_rotary_invalid():
 # ----------------------------------------------------------------------------------------------
 # varlen_attention (the FlashAttention-2 peers, GPU only, have their own tests)
 
-# The FlashAttention-2 peers serve no prefix and need max_seqlen: their own tests check them.
 ATTENTION_REQUEST = VARLEN_ATTENTION_BACKENDS.request(DEVICE, torch.float32, head_dim=64)
 ATTENTION_BACKENDS = [b for b in available(VARLEN_ATTENTION_BACKENDS, ATTENTION_REQUEST)
-                      if b not in ("torch_flash", "flash_attn")]
+                      if b not in FLASH_PEERS]
 ATTENTION_EXAMPLES = {"triton": 12, "torch_cpu_flash": 20, "reference": 30}
 ATTENTION_LAYOUTS = ("contiguous", "offset", "strided", "expanded", "transposed", "fused")
 METADATA_LAYOUTS = ("contiguous", "offset", "strided")

@@ -10,6 +10,9 @@ from sphinx_kernels.ops.varlen_attention import varlen_attention_reference
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The FlashAttention-2 peers' glue: GPU only, needs max_seqlen and serves no prefix, so the tests of
+# every backend leave them to their own tests (test_torch_flash.py, test_flash_attn.py).
+FLASH_PEERS = ("torch_flash", "flash_attn")
 LENGTHS = (0, 1, 7, 59, 97, 130)
 HEAD_DIMS = (16, 24, 32, 40, 64, 80, 96, 128)
 

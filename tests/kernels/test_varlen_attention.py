@@ -22,7 +22,13 @@ from sphinx_kernels.ops.varlen_attention import (
     varlen_attention_reference,
 )
 from sphinx_kernels.triton.varlen_attention import tile_table
-from tests.kernels.attention_cases import DEVICE, Case, assert_matches_float64, cu_seqlens
+from tests.kernels.attention_cases import (
+    DEVICE,
+    FLASH_PEERS,
+    Case,
+    assert_matches_float64,
+    cu_seqlens,
+)
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_torch_error, max_error
 from tests.variants import expanded, same_bits, strided
 
@@ -37,8 +43,7 @@ def runnable_backends(dtype=torch.float32):
 # Here: triton (interpreted) and reference in float32 and float16; bf16 only on a GPU (the
 # interpreter's bf16 arithmetic is wrong, docs/environment.md).
 CPU_DTYPES = (torch.float32, torch.float16)
-# The FlashAttention-2 peers need max_seqlen and serve no prefix: the GPU tests below check them.
-FLASH_PEERS = ("torch_flash", "flash_attn")
+# Every backend here but the FlashAttention-2 peers (the GPU tests below check those).
 BACKENDS = [b for b in runnable_backends() if b not in FLASH_PEERS]
 
 

@@ -78,21 +78,21 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch ``apply_rotary`` of q and k (the Hugging Face formula), in float32 (float64 for
     float64 inputs), rounded once to the inputs' dtype; ``transpose`` applies the backward
-    rotation."""
+    rotation. q and k are rotated as one ``[T, Hq + Hkv, D]`` tensor: half the operations, which
+    is most of the cost at decode sizes."""
     acc = accumulate_dtype(q.dtype)
-    pos = position_ids.long()
-    c = cos.to(acc)[pos][:, None, :]
-    s = sin.to(acc)[pos][:, None, :]
-    if transpose:
-        first, second = s.chunk(2, dim=-1)
-        s = -torch.cat([second, first], dim=-1)
-
-    def rotate(x):
-        x = x.to(acc)
-        first, second = x.chunk(2, dim=-1)
-        return (x * c + torch.cat([-second, first], dim=-1) * s).to(q.dtype)
-
-    return rotate(q), rotate(k)
+    c = cos.index_select(0, position_ids).to(acc).unsqueeze(1)
+    s = sin.index_select(0, position_ids).to(acc).unsqueeze(1)
+    half = cos.shape[1] // 2
+    if transpose:  # sin -> -sin with its halves swapped
+        s = torch.cat([-s[..., half:], -s[..., :half]], dim=-1)
+    x = torch.cat([q, k], dim=1).to(acc)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = (x * c).add_(rotated.mul_(s)).to(q.dtype)
+    # Copies: the op's outputs may not share memory.
+    q_out, k_out = (part.clone(memory_format=torch.contiguous_format)
+                    for part in out.split([q.shape[1], k.shape[1]], dim=1))
+    return q_out, k_out
 
 
 # Impl: forward(q, k, cos, sin, position_ids, transpose) -> (q_out, k_out), contiguous.

@@ -12,6 +12,7 @@ import torch
 
 from sphinx_kernels._validation import (
     dtype_name,
+    host_values,
     require_device,
     require_tensor,
     should_check_values,
@@ -58,8 +59,12 @@ def moe_expert_mlp(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, 
     _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute)
     request = MOE_EXPERT_MLP_BACKENDS.request(x_grouped.device, x_grouped.dtype)
     chosen = MOE_EXPERT_MLP_BACKENDS.select(request, backend)
+    # The pre-activations are kept for a backward only: with no gradient to compute (inference,
+    # evaluation) storing them would cost two [R, F] writes for nothing.
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_grouped, w1, w3, w2))
     y, _, _ = _moe_expert_mlp_op(x_grouped, w1, w3, w2, plan.tokens_per_expert,
-                                 plan.padded_offsets, recompute, chosen.name)
+                                 plan.padded_offsets, recompute or not needs_grad, chosen.name)
     return y
 
 
@@ -201,14 +206,12 @@ def _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute) -> None:
                              f"the plan, H = {hidden} from x_grouped, F = {ffn} from w1)")
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
-    offsets = plan.padded_offsets
-    if should_check_values(offsets, plan.tokens_per_expert):
-        if num_experts and int(plan.tokens_per_expert.min()) < 0:
-            raise ValueError(f"plan.tokens_per_expert must be >= 0, got "
-                             f"{int(plan.tokens_per_expert.min())}")
-        bad = ((offsets[1:] - offsets[:-1] < plan.tokens_per_expert).any() or int(offsets[0]) != 0
-               or int(offsets[-1]) > x_grouped.shape[0])
-        if bad:
+    if should_check_values(plan.padded_offsets, plan.tokens_per_expert):
+        offsets, counts = host_values(plan.padded_offsets), host_values(plan.tokens_per_expert)
+        if num_experts and counts.min() < 0:
+            raise ValueError(f"plan.tokens_per_expert must be >= 0, got {int(counts.min())}")
+        if ((offsets[1:] - offsets[:-1] < counts).any() or offsets[0] != 0
+                or offsets[-1] > x_grouped.shape[0]):
             raise ValueError("plan.padded_offsets must start at 0, leave each expert room for its "
                              f"tokens_per_expert and end at most at R = {x_grouped.shape[0]}; "
                              "the plan must come from moe_routing")

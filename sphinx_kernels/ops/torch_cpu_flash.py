@@ -4,9 +4,14 @@
 
 On the CPU the sequence offsets are host memory, so reading them costs no device sync; each call
 attends one sequence's rows ``[1, Hq, L, D]`` (keys and values repeated to the query heads, and
-the key gradients summed back over each group). Plain causal self-attention (``Lq == Lk``, no
-prefix) and non-causal attention use the kernel's own masking; the bottom-right causal mask of a KV
-cache and the prefix-LM mask go in as an additive mask. A query row that sees no key (bottom-right
+the key gradients summed back over each group). Sequences with a single query row (a decode step
+against a KV cache) go in batches instead: their keys gathered into ``[m, Hkv, L_max, D]`` (the
+shorter ones masked), one call for many sequences, as a call per sequence would cost more in
+per-call overhead than the attention itself at decode sizes.
+
+Plain causal self-attention (``Lq == Lk``, no prefix) and non-causal attention use the kernel's
+own masking; the bottom-right causal mask of a KV cache and the prefix-LM mask go in as an additive
+mask. A query row that sees no key (bottom-right
 causal with ``Lq > Lk``) gets 0 and a -inf log-sum-exp, as the reference does, and passes no
 gradient.
 
@@ -15,6 +20,7 @@ The backward is a loop over (sequence, head) tasks with no atomics: deterministi
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sphinx_kernels.backends import Backend, Impl, Platform
@@ -73,14 +79,80 @@ def _unmasked(q, k, v, q0, q1, k0, k1, softmax_scale):
     return out, seq_lse[0].view(kv_heads, len_q, group).transpose(1, 2).reshape(q.shape[1], len_q)
 
 
+def _single_row_batches(sequences, kv_heads, head_dim):
+    """Sequences of one query row each, grouped for batched calls: a batch's padded key rows stay
+    within twice its real ones plus about a million padding elements (longest keys first, so that a
+    few long sequences among short ones do not make every short one pay for them)."""
+    slack = max(1, (1 << 20) // (kv_heads * head_dim))
+    lengths = [k1 - k0 for _, _, k0, k1, _ in sequences]
+    if len(sequences) * max(lengths, default=0) <= 2 * sum(lengths) + slack:
+        if sequences:
+            yield sequences
+        return
+    batch, longest, real = [], 0, 0
+    for seq in sorted(sequences, key=lambda s: s[3] - s[2], reverse=True):
+        length = seq[3] - seq[2]
+        if batch and (len(batch) + 1) * longest > 2 * (real + length) + slack:
+            yield batch
+            batch, real = [], 0
+        if not batch:
+            longest = length
+        batch.append(seq)
+        real += length
+    yield batch
+
+
+def _single_rows(q, k, v, sequences, softmax_scale, every_row):
+    """Attention of sequences with one query row each (it sees every key of its sequence: a last
+    row under the bottom-right causal mask, any prefix included), in one call: keys and values
+    gathered to ``[m, Hkv, L, D]``, the shorter sequences' missing keys masked, the query heads of
+    each kv head as its rows (``[m, Hkv, group, D]``). The indices are built with NumPy on the host
+    (each small torch op would cost more). ``every_row``: the sequences' rows are all of q's rows,
+    in order (a decode step), so q is read and the results returned without index copies.
+
+    Returns ``(query rows [m] int64, out [m, Hq, Dv], lse [Hq, m])``."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    group = q.shape[1] // kv_heads
+    bounds = np.array(sequences, dtype=np.int64)        # [m, 5]: q0, q1, k0, k1, prefix
+    starts, lengths = bounds[:, 2], bounds[:, 3] - bounds[:, 2]
+    count, longest = len(sequences), int(lengths.max())
+    positions = np.arange(longest)
+    # Key rows past a sequence's end are clamped into the tensor and masked out below.
+    index = torch.from_numpy(np.minimum(starts[:, None] + positions, k.shape[0] - 1).ravel())
+    keys, values = (t.index_select(0, index).view(count, longest, kv_heads, head_dim)
+                    .transpose(1, 2) for t in (k, v))
+    mask = None
+    if lengths.min() < longest:
+        additive = np.where(positions >= lengths[:, None], -np.inf, 0.0).astype(np.float32)
+        mask = torch.from_numpy(additive).to(q.dtype).view(count, 1, 1, longest)
+    rows = torch.from_numpy(bounds[:, 0])
+    queries = q if every_row else q.index_select(0, rows)
+    batch_out, batch_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries.reshape(count, kv_heads, group, head_dim), keys, values, 0.0, False,
+        attn_mask=mask, scale=softmax_scale)
+    return rows, batch_out.reshape(count, kv_heads * group, -1), \
+        batch_lse.reshape(count, kv_heads * group).t()
+
+
 def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen_k, causal,
              softmax_scale, deterministic):
     heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    single, several = [], []
+    for seq in _sequences(cu_seqlens_q, cu_seqlens_k, prefix_lens):
+        if seq[3] > seq[2]:  # no key: the rows stay 0 with a -inf log-sum-exp
+            (single if seq[1] - seq[0] == 1 else several).append(seq)
+    batches = list(_single_row_batches(single, k.shape[1], k.shape[2]))
+    # Distinct rows in increasing order: as many as q has means exactly 0 .. Tq - 1.
+    if not several and len(batches) == 1 and len(single) == q.shape[0]:
+        _, out, lse = _single_rows(q, k, v, single, softmax_scale, every_row=True)
+        return out, lse
     out = q.new_zeros((q.shape[0], heads, v.shape[2]))
     lse = torch.full((heads, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    for q0, q1, k0, k1, prefix in _sequences(cu_seqlens_q, cu_seqlens_k, prefix_lens):
-        if k1 == k0:
-            continue  # no key: the rows stay 0 with a -inf log-sum-exp
+    for batch in batches:
+        rows, batch_out, batch_lse = _single_rows(q, k, v, batch, softmax_scale, every_row=False)
+        out.index_copy_(0, rows, batch_out)
+        lse.index_copy_(1, rows, batch_lse)
+    for q0, q1, k0, k1, prefix in several:
         is_causal, mask, sees = _mask(q1 - q0, k1 - k0, prefix, causal, q.dtype, q.device)
         if not is_causal and mask is None:
             out[q0:q1], lse[:, q0:q1] = _unmasked(q, k, v, q0, q1, k0, k1, softmax_scale)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sphinx_kernels._validation import (
     dtype_name,
+    host_values,
     require_bool,
     require_device,
     require_float,
@@ -367,15 +369,16 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
     if should_check_values(cu_q, cu_k, *extra):
         lengths = {}
         for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
-            if int(cu[0]) != 0:
-                raise ValueError(f"{name}[0] must be 0, got {int(cu[0])}")
-            steps = cu[1:] - cu[:-1]
-            if bool((steps < 0).any()):
-                b = int((steps < 0).nonzero()[0, 0])
+            offsets = host_values(cu)
+            if offsets[0] != 0:
+                raise ValueError(f"{name}[0] must be 0, got {int(offsets[0])}")
+            steps = offsets[1:] - offsets[:-1]
+            if (steps < 0).any():
+                b = int(np.argmax(steps < 0))
                 raise ValueError(f"{name} must be non-decreasing; {name}[{b + 1}] = "
-                                 f"{int(cu[b + 1])} < {name}[{b}] = {int(cu[b])}")
-            if int(cu[-1]) > total:
-                raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {total} rows of "
+                                 f"{int(offsets[b + 1])} < {name}[{b}] = {int(offsets[b])}")
+            if offsets[-1] > total:
+                raise ValueError(f"{name}[-1] = {int(offsets[-1])} exceeds the {total} rows of "
                                  f"{'q' if name == 'cu_seqlens_q' else 'k and v'}")
             lengths[name] = steps
         for name, key, bound in (("max_seqlen_q", "cu_seqlens_q", max_seqlen_q),
@@ -385,10 +388,10 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
                 raise ValueError(f"{name} = {bound} is below the longest sequence ({longest}); it "
                                  "must be an upper bound")
         if prefix_lens is not None:
-            bad = (prefix_lens < 0) | (prefix_lens > lengths["cu_seqlens_k"])
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0, 0])
-                raise ValueError(f"prefix_lens[{b}] = {int(prefix_lens[b])} must be in [0, "
-                                 f"{int(lengths['cu_seqlens_k'][b])}] (the key length of sequence "
-                                 f"{b})")
+            prefixes, key_lengths = host_values(prefix_lens), lengths["cu_seqlens_k"]
+            bad = (prefixes < 0) | (prefixes > key_lengths)
+            if bad.any():
+                b = int(np.argmax(bad))
+                raise ValueError(f"prefix_lens[{b}] = {int(prefixes[b])} must be in [0, "
+                                 f"{int(key_lengths[b])}] (the key length of sequence {b})")
     return softmax_scale

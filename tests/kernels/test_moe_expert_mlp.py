@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sphinx_kernels
 from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS
@@ -142,6 +143,41 @@ def test_deterministic_and_recompute_gives_the_same_bits(backend, seed):
                    x_grouped, weights, grad_y, plan) for recompute in (False, False, True)]
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+class _RecomputeFlags(TorchDispatchMode):
+    """Records the ``recompute`` flag of every moe_expert_mlp custom-op call."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.sphinx_kernels.moe_expert_mlp.default:
+            self.flags.append(args[6])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pre_activations_kept_only_for_a_backward(backend, seed):
+    """With no gradient to compute (no_grad, inference_mode, or weights and rows that need none)
+    the forward keeps no pre-activations, and gives the same bits as one that does."""
+    plan, x_grouped, weights, _ = make_case(7, 2, 2, 48, 100, 16, torch.float32,
+                                            torch.Generator().manual_seed(seed))
+    x_grouped = x_grouped.nan_to_num(0.0)
+    trainable = [w.clone().requires_grad_() for w in weights]
+    calls = []
+    for context, params, recompute in ((torch.enable_grad, trainable, False),
+                                       (torch.enable_grad, trainable, True),
+                                       (torch.no_grad, trainable, False),
+                                       (torch.inference_mode, weights, False),
+                                       (torch.enable_grad, weights, False)):
+        with context(), _RecomputeFlags() as spy:
+            y = sphinx_kernels.moe_expert_mlp(x_grouped, *params, plan, recompute=recompute,
+                                              backend=backend)
+        calls.append((spy.flags, y.detach().clone()))
+    assert [flags for flags, _ in calls] == [[False], [True], [True], [True], [True]]
+    assert all(torch.equal(calls[0][1], y) for _, y in calls[1:])
 
 
 def expert_mlp(backend):

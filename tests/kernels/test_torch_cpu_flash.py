@@ -1,11 +1,15 @@
-"""The ``torch_cpu_flash`` backend of varlen_attention (torch's CPU flash attention, per sequence):
-where it runs, and a bitwise-repeatable backward; its numbers against the float64 reference run with
-every other backend's in test_varlen_attention.py."""
+"""The ``torch_cpu_flash`` backend of varlen_attention (torch's CPU flash attention, per sequence;
+single-row sequences batched): where it runs, decode rows in several batches, and a
+bitwise-repeatable backward; its numbers against the float64 reference run with every other
+backend's in test_varlen_attention.py."""
 import pytest
 import torch
 
 import sphinx_kernels
-from sphinx_kernels.ops.varlen_attention import VARLEN_ATTENTION_BACKENDS
+from sphinx_kernels.ops.varlen_attention import (
+    VARLEN_ATTENTION_BACKENDS,
+    varlen_attention_reference,
+)
 from tests.kernels.attention_cases import Case
 
 
@@ -35,3 +39,28 @@ def test_backward_is_bitwise_repeatable(mode, seed):
         grads.append((out, q.grad, k.grad, v.grad))
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+def test_single_row_sequences_of_very_different_lengths(seed):
+    """A decode step's single query rows go in batches of similar key lengths: one long cache among
+    short ones (8 kv heads of 128: the padding allowance is 1024 rows, so the 3000-key sequence
+    cannot pad six short ones and they go in a second batch), next to multi-row sequences, a keyless
+    one, padding rows and a strided q; output and log-sum-exp against the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    lens_q = [1, 1, 4, 1, 1, 0, 1, 1, 1, 1, 3]
+    lens_k = [3000, 5, 9, 0, 7, 4, 1, 6, 8, 2, 3]
+    cu_q = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    rows_q, rows_k = int(cu_q[-1]) + 2, int(cu_k[-1])
+    q = torch.randn(rows_q, 32, 128, generator=gen)[:, ::2]  # 16 heads, strided
+    k, v = (torch.randn(rows_k, 8, 128, generator=gen) for _ in "kv")
+    for prefix in (None, torch.tensor([2, 0, 3, 0, 1, 0, 0, 6, 0, 0, 3], dtype=torch.int32)):
+        out, lse = torch.ops.sphinx_kernels.varlen_attention(
+            q, k, v, cu_q, cu_k, prefix, rows_q, rows_k, True, 128 ** -0.5, False,
+            "torch_cpu_flash")
+        out64, lse64 = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k,
+                                                  prefix_lens=prefix)
+        torch.testing.assert_close(out, out64.float(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+        finite = torch.isfinite(lse64)
+        torch.testing.assert_close(lse[finite], lse64[finite].float(), rtol=1e-5, atol=1e-5)

@@ -90,8 +90,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_installed() -> bool:
+    # Looked up once: find_spec searches sys.path for a module not yet imported (~50 us), and the
+    # backend choice asks on every op call.
+    if "triton_installed" not in _LOADED:
+        _LOADED["triton_installed"] = importlib.util.find_spec("triton") is not None
+    return _LOADED["triton_installed"]
+
+
 def _triton_missing(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
     if device.type == "cpu" and not triton_interpreted():
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"

@@ -109,6 +109,13 @@ class Backend:
     def name(self) -> str:
         return self.platform.name
 
+    def supports(self, request: Request) -> bool:
+        """``not self.not_supported_reasons(request)``, stopping at the first refusal and building
+        no message: what selection asks on every op call (the reasons are for errors and
+        ``info``)."""
+        return (request.dtype in self.dtypes and self.platform.runs_on(request.device)
+                and (self.check is None or not self.check(request)))
+
     def not_supported_reasons(self, request: Request) -> list[str]:
         reasons = self.platform.not_supported_reasons(request.device)
         if request.dtype not in self.dtypes:
@@ -142,7 +149,7 @@ class OpBackends:
 
     def available(self, request: Request) -> list[str]:
         """The names of the backends that can serve ``request`` here, in priority order."""
-        return [b.name for b in self.backends if not b.not_supported_reasons(request)]
+        return [b.name for b in self.backends if b.supports(request)]
 
     def __getitem__(self, name: str) -> Backend:
         if name not in self._by_name:
@@ -165,14 +172,14 @@ class OpBackends:
         forced = backend if backend is not None else forced_backend(self.op)
         if forced is None:
             for candidate in self.backends:
-                if not candidate.not_supported_reasons(request):
+                if candidate.supports(request):
                     return candidate
         elif forced not in self._by_name:
             raise BackendUnavailableError(
                 f"{self.op}: unknown backend {forced!r} (from "
                 f"{'backend=' if backend is not None else ENV_BACKEND}); "
                 f"this op has {', '.join(self.names)}")
-        elif not self._by_name[forced].not_supported_reasons(request):
+        elif self._by_name[forced].supports(request):
             return self._by_name[forced]
         head = (f"{self.op}: backend {forced!r} cannot serve this call" if forced else
                 f"{self.op}: no backend can serve this call")

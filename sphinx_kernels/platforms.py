@@ -31,6 +31,11 @@ class Platform:
     min_capability: tuple[int, int] | None
     missing: Callable[[torch.device], str | None]  # why it cannot run on this device here, or None
 
+    def runs_on(self, device: torch.device) -> bool:
+        """``not self.not_supported_reasons(device)``, without formatting a reason for a device of
+        another kind (the common refusal: backend selection asks on every op call)."""
+        return device.type in self.devices and not self.not_supported_reasons(device)
+
     def not_supported_reasons(self, device: torch.device) -> list[str]:
         kind = device.type
         if kind not in self.devices:

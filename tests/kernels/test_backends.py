@@ -1,7 +1,7 @@
 """The backend registry: per-call selection, forcing by argument and environment, and errors that
 list every backend's reasons."""
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 import torch
@@ -68,6 +68,38 @@ def test_first_supporting_backend_in_priority_order_is_chosen():
     assert GATHER_ROWS_BACKENDS.select(CPU_FP32).name == supporting[0]
     if native_extension() is not None:
         assert supporting[0] == "cpp"
+
+
+@pytest.mark.parametrize("interpreted", ("1", None))
+def test_supports_agrees_with_the_reasons(monkeypatch, interpreted):
+    """Selection asks the cheap ``supports``; errors and ``info`` print ``not_supported_reasons``:
+    for every backend of every op, on both device kinds, every dtype and every value of each
+    request feature, they must agree."""
+    if interpreted:
+        monkeypatch.setenv("TRITON_INTERPRET", interpreted)
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32,
+              torch.int64)
+    checked = 0
+    for table, _ in info.OPS:
+        defaults = table.request("cpu", torch.float32)
+        variants = [{}]
+        for field in fields(defaults)[2:]:  # every feature flipped (bools) or made extreme (ints)
+            value = getattr(defaults, field.name)
+            variants.append({field.name: (not value) if isinstance(value, bool) else 512})
+        for device in ("cpu", "cuda"):
+            # Without a GPU, a platform that would ask for the capability cannot be asked.
+            backends = [b for b in table.backends if device == "cpu" or torch.cuda.is_available()
+                        or b.platform.min_capability is None]
+            for dtype in dtypes:
+                for features in variants:
+                    request = table.request(device, dtype, **features)
+                    for backend in backends:
+                        assert backend.supports(request) == (
+                            not backend.not_supported_reasons(request)), (backend.name, request)
+                        checked += 1
+    assert checked > 500
 
 
 @dataclass(frozen=True)

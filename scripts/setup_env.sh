@@ -34,7 +34,7 @@ missing=()
 for pair in triton:triton numpy:numpy ninja:ninja setuptools:'setuptools>=64' wheel:wheel \
             timm:'timm>=1.0.20' safetensors:safetensors tokenizers:tokenizers sentencepiece:sentencepiece \
             PIL:pillow tqdm:tqdm yaml:pyyaml skimage:scikit-image mistral_common:mistral-common \
-            pytest:pytest hypothesis:hypothesis transformers:'transformers>=4.56' ruff:ruff \
+            pytest:pytest hypothesis:hypothesis transformers:'transformers>=5' ruff:ruff \
             matplotlib:matplotlib; do
     python -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done

@@ -1,6 +1,7 @@
 """The ``torch_cpu_flash`` backend of ``varlen_attention``: torch's own CPU flash attention
 (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, what
-``scaled_dot_product_attention`` runs on the CPU), called once per sequence.
+``scaled_dot_product_attention`` runs on the CPU), called per sequence, or per batch of sequences
+that have a single query row.
 
 On the CPU the sequence offsets are host memory, so reading them costs no device sync; each call
 attends one sequence's rows ``[1, Hq, L, D]`` (keys and values repeated to the query heads, and
@@ -11,9 +12,8 @@ per-call overhead than the attention itself at decode sizes.
 
 Plain causal self-attention (``Lq == Lk``, no prefix) and non-causal attention use the kernel's
 own masking; the bottom-right causal mask of a KV cache and the prefix-LM mask go in as an additive
-mask. A query row that sees no key (bottom-right
-causal with ``Lq > Lk``) gets 0 and a -inf log-sum-exp, as the reference does, and passes no
-gradient.
+mask. A query row that sees no key (bottom-right causal with ``Lq > Lk``) gets 0 and a -inf
+log-sum-exp, as the reference does, and passes no gradient.
 
 Its log-sum-exp (float32 ``[Hq, Tq]``) is the kernel's own, in natural log, the reference's layout.
 The backward is a loop over (sequence, head) tasks with no atomics: deterministic.

@@ -348,6 +348,26 @@ at::Tensor moe_pair_dots_native(const at::Tensor& grad, const at::Tensor& y,
   return dots;
 }
 
+// (weights, expert_ids, load_balancing_loss, z_loss, tokens_per_expert), as topk_gating returns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gating_native(
+    const at::Tensor& logits, int64_t k, bool renormalize) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 1 && k >= 1 && k <= logits.size(1),
+              "topk_gating_native: logits must be [T, E] with E >= 1, and 1 <= k <= E");
+  const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+  const auto float_options = logits.options().dtype(at::kFloat);
+  const auto int_options = logits.options().dtype(at::kInt);
+  at::Tensor weights = at::empty({num_tokens, k}, float_options);
+  at::Tensor expert_ids = at::empty({num_tokens, k}, int_options);
+  at::Tensor load_balancing_loss = at::empty({}, float_options);
+  at::Tensor z_loss = at::empty({}, float_options);
+  at::Tensor tokens_per_expert = at::empty({num_experts}, int_options);
+  topk_gating_cpu(float_kind(logits.scalar_type()), logits.data_ptr(), num_tokens, num_experts,
+                  logits.stride(0), logits.stride(1), k, renormalize, weights.data_ptr<float>(),
+                  expert_ids.data_ptr<int32_t>(), tokens_per_expert.data_ptr<int32_t>(),
+                  load_balancing_loss.data_ptr<float>(), z_loss.data_ptr<float>());
+  return {weights, expert_ids, load_balancing_loss, z_loss, tokens_per_expert};
+}
+
 #ifdef SPHINX_KERNELS_WITH_CUDA
 at::Tensor find_padding_tiles_native(const at::Tensor& images, const at::Tensor& pad,
                                      int64_t tile_h, int64_t tile_w) {
@@ -386,6 +406,8 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   m.def("moe_permute_native(Tensor x, Tensor position, Tensor row_to_pair, Tensor? scale) -> Tensor");
   m.def("moe_unpermute_native(Tensor y, Tensor position, Tensor? weights) -> Tensor");
   m.def("moe_pair_dots_native(Tensor grad, Tensor y, Tensor position) -> Tensor");
+  m.def("topk_gating_native(Tensor logits, int k, bool renormalize) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
@@ -397,6 +419,7 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("moe_permute_native", &sphinx_kernels::moe_permute_native);
   m.impl("moe_unpermute_native", &sphinx_kernels::moe_unpermute_native);
   m.impl("moe_pair_dots_native", &sphinx_kernels::moe_pair_dots_native);
+  m.impl("topk_gating_native", &sphinx_kernels::topk_gating_native);
 }
 
 #ifdef SPHINX_KERNELS_WITH_CUDA

@@ -59,4 +59,16 @@ void moe_pair_dots_cpu(FloatKind kind, const void* grad, const void* y, int64_t 
                        const int32_t* position, int64_t num_tokens, int64_t k, int64_t width,
                        void* dots);
 
+// The MoE router on logits [T, E] (element (t, e) at logits[t * stride_t + e * stride_e]): softmax
+// in double, the k experts of largest float32-rounded probability in descending order (ties to the
+// lower id), their gates (renormalised to sum 1, or the probabilities) rounded to float32, the
+// pair counts per expert, and the two losses as sphinx_kernels.ops.topk_gating defines them, summed
+// in double in a fixed order and rounded once. A row with a NaN or +inf logit, or only -inf ones,
+// goes to experts 0 .. k-1 with NaN gates, and both losses are NaN. Needs 1 <= k <= E.
+//   weights [T, k] float, expert_ids [T, k] int32, tokens_per_expert [E] int32, losses: one float.
+void topk_gating_cpu(FloatKind kind, const void* logits, int64_t num_tokens, int64_t num_experts,
+                     int64_t stride_t, int64_t stride_e, int64_t k, bool renormalize,
+                     float* weights, int32_t* expert_ids, int32_t* tokens_per_expert,
+                     float* load_balancing_loss, float* z_loss);
+
 }  // namespace sphinx_kernels

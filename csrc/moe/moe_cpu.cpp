@@ -6,7 +6,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <numeric>
 #include <vector>
 
 namespace sphinx_kernels {
@@ -102,6 +105,96 @@ void pair_dots_impl(const T* grad, const T* y, int64_t num_rows, const int32_t* 
   });
 }
 
+// Tokens per task of the gating pass. Its partial sums are per chunk of this many tokens and reduced
+// in chunk order, so the losses do not depend on the number of threads.
+constexpr int64_t kGatingChunk = 256;
+
+// The top-k of one row: softmax in double (E values per token: negligible next to the experts; the
+// gates and the losses come out correctly rounded), the choice made on the probabilities rounded
+// to float32 (the reference's), ties to the lower expert id. Writes probs [E]; returns the
+// logsumexp, NaN for a row whose softmax is undefined (then probs are NaN and the row goes to
+// experts 0 .. k-1).
+template <typename T>
+double gating_row(const T* row, int64_t stride_e, int64_t num_experts, int64_t k,
+                  bool renormalize, double* probs, float* rounded, int32_t* order, float* weights,
+                  int32_t* expert_ids) {
+  double row_max = -std::numeric_limits<double>::infinity();
+  bool has_nan = false;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    probs[e] = static_cast<double>(row[e * stride_e]);
+    has_nan |= std::isnan(probs[e]);
+    row_max = std::max(row_max, probs[e]);
+  }
+  // Undefined: a NaN, a +inf, or every logit -inf. Otherwise the sum below is in [1, E].
+  const bool undefined = has_nan || !std::isfinite(row_max);
+  double lse = std::numeric_limits<double>::quiet_NaN();
+  if (undefined) {
+    std::fill(probs, probs + num_experts, lse);
+  } else {
+    double total = 0;
+    for (int64_t e = 0; e < num_experts; ++e) total += probs[e] = std::exp(probs[e] - row_max);
+    for (int64_t e = 0; e < num_experts; ++e) probs[e] /= total;
+    lse = row_max + std::log(total);
+  }
+  for (int64_t e = 0; e < num_experts; ++e)
+    rounded[e] = undefined ? 0.0f : static_cast<float>(probs[e]);
+  std::iota(order, order + num_experts, 0);
+  std::partial_sort(order, order + k, order + num_experts, [&](int32_t a, int32_t b) {
+    return rounded[a] > rounded[b] || (rounded[a] == rounded[b] && a < b);
+  });
+  double chosen_sum = 0;
+  for (int64_t j = 0; j < k; ++j) chosen_sum += probs[order[j]];
+  for (int64_t j = 0; j < k; ++j) {
+    expert_ids[j] = order[j];
+    weights[j] = static_cast<float>(renormalize ? probs[order[j]] / chosen_sum : probs[order[j]]);
+  }
+  return lse;
+}
+
+template <typename T>
+void topk_gating_impl(const T* logits, int64_t num_tokens, int64_t num_experts, int64_t stride_t,
+                      int64_t stride_e, int64_t k, bool renormalize, float* weights,
+                      int32_t* expert_ids, int32_t* tokens_per_expert, float* load_balancing_loss,
+                      float* z_loss) {
+  const int64_t num_chunks = (num_tokens + kGatingChunk - 1) / kGatingChunk;
+  std::vector<double> prob_sums(num_chunks * num_experts, 0.0), z_sums(num_chunks, 0.0);
+  std::vector<int64_t> counts(num_chunks * num_experts, 0);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> probs(num_experts);
+    std::vector<float> rounded(num_experts);
+    std::vector<int32_t> order(num_experts);
+    for (int64_t c = begin; c < end; ++c) {
+      double* prob_sum = prob_sums.data() + c * num_experts;
+      int64_t* count = counts.data() + c * num_experts;
+      for (int64_t t = c * kGatingChunk; t < std::min(num_tokens, (c + 1) * kGatingChunk); ++t) {
+        const double lse = gating_row(logits + t * stride_t, stride_e, num_experts, k,
+                                      renormalize, probs.data(), rounded.data(), order.data(),
+                                      weights + t * k, expert_ids + t * k);
+        for (int64_t j = 0; j < k; ++j) ++count[expert_ids[t * k + j]];
+        for (int64_t e = 0; e < num_experts; ++e) prob_sum[e] += probs[e];
+        z_sums[c] += lse * lse;
+      }
+    }
+  });
+  // E * sum_e (count_e / (T k)) * (prob_sum_e / T) and mean lse^2, in double, rounded once; both
+  // 0 for T == 0.
+  const double tokens = static_cast<double>(std::max<int64_t>(num_tokens, 1));
+  double balance = 0, z_sum = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    int64_t count = 0;
+    double prob_sum = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      count += counts[c * num_experts + e];
+      prob_sum += prob_sums[c * num_experts + e];
+    }
+    tokens_per_expert[e] = static_cast<int32_t>(count);
+    balance += static_cast<double>(count) * prob_sum;
+  }
+  for (int64_t c = 0; c < num_chunks; ++c) z_sum += z_sums[c];
+  *load_balancing_loss = static_cast<float>(balance * (num_experts / (tokens * tokens * k)));
+  *z_loss = static_cast<float>(z_sum / tokens);
+}
+
 // Calls f(T{}, Acc{}) with the element type of kind and its accumulator type.
 template <typename F>
 void dispatch_float(FloatKind kind, F&& f) {
@@ -161,6 +254,18 @@ void moe_routing_cpu(const void* expert_ids, bool ids_are_int64, int64_t num_pai
                          block_size, num_rows, tokens_per_expert, padded_offsets, position,
                          row_to_pair);
   }
+}
+
+void topk_gating_cpu(FloatKind kind, const void* logits, int64_t num_tokens, int64_t num_experts,
+                     int64_t stride_t, int64_t stride_e, int64_t k, bool renormalize,
+                     float* weights, int32_t* expert_ids, int32_t* tokens_per_expert,
+                     float* load_balancing_loss, float* z_loss) {
+  dispatch_float(kind, [&](auto t, auto) {
+    using T = decltype(t);
+    topk_gating_impl(static_cast<const T*>(logits), num_tokens, num_experts, stride_t, stride_e, k,
+                     renormalize, weights, expert_ids, tokens_per_expert, load_balancing_loss,
+                     z_loss);
+  });
 }
 
 }  // namespace sphinx_kernels

@@ -2,8 +2,9 @@
 auxiliary losses (Switch load balancing, z-loss) from one pass over the logits, with the backward to
 the logits.
 
-Backends: ``triton`` (``sphinx_kernels/triton/topk_gating.py``), ``reference``
-(:func:`topk_gating_reference`, its backward :func:`topk_gating_backward_reference`).
+Backends: ``cpp`` (``csrc/moe/moe_cpu.cpp``: the forward; its backward is the reference's),
+``triton`` (``sphinx_kernels/triton/topk_gating.py``), ``reference`` (:func:`topk_gating_reference`,
+its backward :func:`topk_gating_backward_reference`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from sphinx_kernels._validation import require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
-from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher, triton_module
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher, triton_module
 
 __all__ = ["Gating", "topk_gating", "topk_gating_reference", "topk_gating_backward_reference",
            "TOPK_GATING_BACKENDS"]
@@ -142,6 +143,9 @@ def _triton_forward(logits, k, renormalize):
 # weights, tokens_per_expert, grad_weights, grad_lb, grad_z, renormalize) -> the logits' gradient.
 # Every backend serves every input that passes validation.
 TOPK_GATING_BACKENDS = OpBackends("topk_gating", [
+    # The backward is E values per token, a few vector ops over [T, E]: the reference serves.
+    Backend(CPP, Impl(native("topk_gating_native"), topk_gating_backward_reference),
+            KERNEL_DTYPES),
     Backend(TRITON, Impl(_triton_forward, triton_launcher("topk_gating", "topk_gating_backward")),
             KERNEL_DTYPES),
     Backend(REFERENCE, Impl(_reference_forward, topk_gating_backward_reference), KERNEL_DTYPES),

@@ -13,6 +13,7 @@ import sphinx_kernels
 from sphinx_kernels.ops.topk_gating import TOPK_GATING_BACKENDS, topk_gating_reference
 from tests.kernels.moe_cases import DEVICE, DTYPES, MIXTRAL, random_logits
 from tests.numerics import FORWARD_FACTOR, GRADIENT_FACTOR, assert_all_within_torch_error
+from tests.variants import same_bits, strided
 
 BACKENDS = TOPK_GATING_BACKENDS.available(TOPK_GATING_BACKENDS.request(DEVICE, torch.float32))
 # (T, E, k): empty, a single token and expert, odd sizes, more slots than half the experts.
@@ -37,6 +38,10 @@ def gating_pairs(logits, k, renormalize):
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_forward_within_tolerance_of_float64(backend, dtype, num_tokens, num_experts, k,
                                              renormalize, seed):
+    check_forward(backend, dtype, num_tokens, num_experts, k, renormalize, seed)
+
+
+def check_forward(backend, dtype, num_tokens, num_experts, k, renormalize, seed):
     gen = torch.Generator().manual_seed(seed)
     logits = random_logits(num_tokens, num_experts, dtype, gen)
     got = sphinx_kernels.topk_gating(logits, k, renormalize=renormalize, backend=backend)
@@ -110,6 +115,30 @@ def test_gradient_within_tolerance_of_float64(backend, dtype, num_tokens, num_ex
     logits = random_logits(num_tokens, num_experts, dtype, gen)
     assert_gradient_within_torch_error(backend, logits, k, renormalize,
                                        random_gradients(num_tokens, k, gen), gen)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="no C++ CPU kernel on this device")
+@pytest.mark.parametrize("num_tokens,num_experts,k", [(59, 4, 4), (300, 8, 2)])
+def test_cpp_bfloat16_and_every_expert_chosen(num_tokens, num_experts, k, seed):
+    """bfloat16 (which the Triton interpreter cannot do, so DTYPES leaves it out) and k = E on the
+    compiled CPU kernel: the gates, losses and the gradient through its op."""
+    check_forward("cpp", torch.bfloat16, num_tokens, num_experts, k, True, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    logits = random_logits(num_tokens, num_experts, torch.bfloat16, gen)
+    assert_gradient_within_torch_error("cpp", logits, k, True,
+                                       random_gradients(num_tokens, k, gen), gen)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_strided_logits_give_the_bits_of_contiguous_ones(backend, seed):
+    """The kernels read logits through their strides: a column-major copy and every other column
+    of a wider tensor (NaN in the gaps) give the contiguous logits' outputs, bit for bit (torch's
+    reductions in the reference sum in another order for other strides)."""
+    logits = random_logits(37, 6, torch.float32, torch.Generator().manual_seed(seed))
+    expected = sphinx_kernels.topk_gating(logits, 3, backend=backend)
+    for view in (logits.T.contiguous().T, strided(logits, dim=1)):
+        got = sphinx_kernels.topk_gating(view, 3, backend=backend)
+        assert all(same_bits(a, b) for a, b in zip(got, expected)), view.stride()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

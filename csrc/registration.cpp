@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "moe/expert_mlp_cpu.h"
 #include "moe/moe.h"
 #include "varlen/layout.h"
 #include "varlen/varlen.h"
@@ -408,6 +409,8 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   m.def("moe_pair_dots_native(Tensor grad, Tensor y, Tensor position) -> Tensor");
   m.def("topk_gating_native(Tensor logits, int k, bool renormalize) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_expert_mlp_native(Tensor x_grouped, Tensor w1, Tensor w3, Tensor w2, "
+        "Tensor tokens_per_expert, Tensor padded_offsets, bool store_pre) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
@@ -420,6 +423,7 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("moe_unpermute_native", &sphinx_kernels::moe_unpermute_native);
   m.impl("moe_pair_dots_native", &sphinx_kernels::moe_pair_dots_native);
   m.impl("topk_gating_native", &sphinx_kernels::topk_gating_native);
+  m.impl("moe_expert_mlp_native", &sphinx_kernels::moe_expert_mlp_native);
 }
 
 #ifdef SPHINX_KERNELS_WITH_CUDA

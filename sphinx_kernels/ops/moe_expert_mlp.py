@@ -2,9 +2,10 @@
 GEMMs that skip padding blocks, the gate and up projections fused with the SwiGLU; forward and
 backward (optionally recomputing the activation).
 
-Backends: ``triton`` (``sphinx_kernels/triton/moe_expert_mlp.py``), ``reference``
-(:func:`moe_expert_mlp_reference`, a loop over experts; its backward
-:func:`moe_expert_mlp_backward_reference`).
+Backends: ``cpp`` (``csrc/moe/expert_mlp_cpu.cpp``: the reference's forward in C++, ATen's GEMMs
+per expert; its backward is the reference's), ``triton``
+(``sphinx_kernels/triton/moe_expert_mlp.py``), ``reference`` (:func:`moe_expert_mlp_reference`, a
+loop over experts; its backward :func:`moe_expert_mlp_backward_reference`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from sphinx_kernels._validation import (
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
-from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["moe_expert_mlp", "moe_expert_mlp_reference", "moe_expert_mlp_backward_reference",
            "MOE_EXPERT_MLP_BACKENDS"]
@@ -116,6 +117,8 @@ def moe_expert_mlp_backward_reference(grad_y, x_grouped, w1, w3, w2, tokens_per_
 # w2, tokens_per_expert, padded_offsets, h1, h3) -> (grad_x, grad_w1, grad_w3, grad_w2). The
 # backward takes the forward's pre-activations (recomputed first when the forward kept none).
 MOE_EXPERT_MLP_BACKENDS = OpBackends("moe_expert_mlp", [
+    Backend(CPP, Impl(native("moe_expert_mlp_native"), moe_expert_mlp_backward_reference),
+            FLOAT_DTYPES),
     Backend(TRITON, Impl(triton_launcher("moe_expert_mlp", "moe_expert_mlp_forward"),
                          triton_launcher("moe_expert_mlp", "moe_expert_mlp_backward")),
             KERNEL_DTYPES),

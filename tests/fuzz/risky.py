@@ -18,6 +18,7 @@ import json
 import torch
 
 from sphinx_kernels.ops.gather_rows import GATHER_ROWS_BACKENDS, gather_rows_reference
+from sphinx_kernels.ops.moe_expert_mlp import MOE_EXPERT_MLP_BACKENDS
 from sphinx_kernels.ops.moe_permute import MOE_PERMUTE_BACKENDS
 from sphinx_kernels.ops.moe_routing import MOE_ROUTING_BACKENDS
 from sphinx_kernels.ops.moe_unpermute import MOE_UNPERMUTE_BACKENDS
@@ -167,9 +168,15 @@ def check_unchecked_expert_mlp(case):
                                                                       (3, 5, 4))]
     counts = out_of_range(torch.tensor([4, 0, 3]), 0, 5, gen).int()
     offsets = out_of_range(torch.tensor([0, 4, 4, 8]), 0, rows + 1, gen).int()
-    y, _, _ = OPS.moe_expert_mlp(x, *weights, counts, offsets, False, "triton")
-    assert y.shape == x.shape and not y.isnan().any(), "moe_expert_mlp triton: clamped"
-    unchecked("moe_expert_mlp", "triton")
+    for backend in kernels_of(MOE_EXPERT_MLP_BACKENDS):
+        try:
+            y, _, _ = OPS.moe_expert_mlp(x, *weights, counts, offsets, False, backend)
+        except RuntimeError as error:
+            # The C++ kernel refuses a plan whose experts' rows overlap or leave [0, R).
+            assert backend == "cpp" and "moe_expert_mlp_native" in str(error), error
+        else:
+            assert y.shape == x.shape and not y.isnan().any(), f"moe_expert_mlp {backend}: clamped"
+        unchecked("moe_expert_mlp", backend)
 
 
 def check_unchecked_out_rows(case):

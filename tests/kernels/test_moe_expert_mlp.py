@@ -204,6 +204,28 @@ def test_plan_counts_of_any_strides(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_and_weights(backend, seed):
+    """x_grouped every other column of a wider tensor (NaN in the gaps), w1 column-major per
+    expert, w3 every other expert of a longer stack, w2 as given: within tolerance, like contiguous
+    inputs (a kernel reading any of them as contiguous reads NaN or the wrong weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    plan, x_grouped, (w1, w3, w2), grad_y = make_case(29, 4, 2, 24, 40, 4, torch.float32, gen)
+    weights = [w1.transpose(1, 2).contiguous().transpose(1, 2), strided(w3), w2]
+    check_against_float64(backend, plan, strided(x_grouped, dim=1), weights, grad_y, False, gen,
+                          f"{backend}, strided")
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="no C++ CPU kernel on this device")
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cpp_bfloat16(recompute, seed):
+    """bfloat16, which the Triton interpreter cannot do (the CONFIGS leave it out), through the
+    compiled CPU op and its backward. (float64: tests/fuzz/test_fuzz_moe.py.)"""
+    gen = torch.Generator().manual_seed(seed)
+    check_against_float64("cpp", *make_case(37, 4, 2, 48, 100, 16, torch.bfloat16, gen),
+                          recompute, gen, "cpp, bfloat16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("poisoned", [0, 1, 2], ids=["w1", "w3", "w2"])
 def test_non_finite_weights_reach_only_their_experts_rows(backend, poisoned, seed):
     """A NaN and an inf in one expert's weights turn that expert's rows NaN; every other row (other

@@ -1,0 +1,19 @@
+// moe_expert_mlp on the CPU, on tensors: its GEMMs are ATen's (BLAS), so unlike the raw kernels of
+// moe.h this takes and returns tensors (contract: sphinx_kernels/ops/moe_expert_mlp.py).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace sphinx_kernels {
+
+// (y [R, H], h1 [P, F], h3 [P, F]) with P = R when store_pre, else 0: for each expert e with rows,
+// the rows r in [padded_offsets[e], padded_offsets[e] + tokens_per_expert[e]) of x_grouped [R, H]
+// give h1 = x @ w1[e]^T, h3 = x @ w3[e]^T and y = (silu(h1) * h3) @ w2[e]^T, every step rounded to
+// the data's dtype as the reference rounds it; all other rows of y, h1, h3 are zero. w1, w3:
+// [E, F, H]; w2: [E, H, F]; tokens_per_expert [E], padded_offsets [E + 1] int32. Any strides.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_native(
+    const at::Tensor& x_grouped, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+    const at::Tensor& tokens_per_expert, const at::Tensor& padded_offsets, bool store_pre);
+
+}  // namespace sphinx_kernels

@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace sphinx_kernels {
@@ -111,12 +110,12 @@ constexpr int64_t kGatingChunk = 256;
 
 // The top-k of one row: softmax in double (E values per token: negligible next to the experts; the
 // gates and the losses come out correctly rounded), the choice made on the probabilities rounded
-// to float32 (the reference's), ties to the lower expert id. Writes probs [E]; returns the
-// logsumexp, NaN for a row whose softmax is undefined (then probs are NaN and the row goes to
-// experts 0 .. k-1).
+// to float32 (the reference's), ties to the lower expert id. Writes the row's probs [E] and its k
+// weights and expert_ids (candidates: scratch [E]); returns the logsumexp, NaN for a row whose
+// softmax is undefined (then probs are NaN and the row goes to experts 0 .. k-1).
 template <typename T>
 double gating_row(const T* row, int64_t stride_e, int64_t num_experts, int64_t k,
-                  bool renormalize, double* probs, float* rounded, int32_t* order, float* weights,
+                  bool renormalize, double* probs, float* candidates, float* weights,
                   int32_t* expert_ids) {
   double row_max = -std::numeric_limits<double>::infinity();
   bool has_nan = false;
@@ -136,17 +135,22 @@ double gating_row(const T* row, int64_t stride_e, int64_t num_experts, int64_t k
     for (int64_t e = 0; e < num_experts; ++e) probs[e] /= total;
     lse = row_max + std::log(total);
   }
+  // k rounds of argmax (k is a few): the first maximum is the lowest id, and a chosen expert's
+  // candidate becomes -1, below every probability.
   for (int64_t e = 0; e < num_experts; ++e)
-    rounded[e] = undefined ? 0.0f : static_cast<float>(probs[e]);
-  std::iota(order, order + num_experts, 0);
-  std::partial_sort(order, order + k, order + num_experts, [&](int32_t a, int32_t b) {
-    return rounded[a] > rounded[b] || (rounded[a] == rounded[b] && a < b);
-  });
+    candidates[e] = undefined ? 0.0f : static_cast<float>(probs[e]);
   double chosen_sum = 0;
-  for (int64_t j = 0; j < k; ++j) chosen_sum += probs[order[j]];
   for (int64_t j = 0; j < k; ++j) {
-    expert_ids[j] = order[j];
-    weights[j] = static_cast<float>(renormalize ? probs[order[j]] / chosen_sum : probs[order[j]]);
+    int64_t best = 0;
+    for (int64_t e = 1; e < num_experts; ++e)
+      if (candidates[e] > candidates[best]) best = e;
+    candidates[best] = -1.0f;
+    expert_ids[j] = static_cast<int32_t>(best);
+    chosen_sum += probs[best];
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const double gate = probs[expert_ids[j]];
+    weights[j] = static_cast<float>(renormalize ? gate / chosen_sum : gate);
   }
   return lse;
 }
@@ -161,14 +165,13 @@ void topk_gating_impl(const T* logits, int64_t num_tokens, int64_t num_experts, 
   std::vector<int64_t> counts(num_chunks * num_experts, 0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> probs(num_experts);
-    std::vector<float> rounded(num_experts);
-    std::vector<int32_t> order(num_experts);
+    std::vector<float> candidates(num_experts);
     for (int64_t c = begin; c < end; ++c) {
       double* prob_sum = prob_sums.data() + c * num_experts;
       int64_t* count = counts.data() + c * num_experts;
       for (int64_t t = c * kGatingChunk; t < std::min(num_tokens, (c + 1) * kGatingChunk); ++t) {
         const double lse = gating_row(logits + t * stride_t, stride_e, num_experts, k,
-                                      renormalize, probs.data(), rounded.data(), order.data(),
+                                      renormalize, probs.data(), candidates.data(),
                                       weights + t * k, expert_ids + t * k);
         for (int64_t j = 0; j < k; ++j) ++count[expert_ids[t * k + j]];
         for (int64_t e = 0; e < num_experts; ++e) prob_sum[e] += probs[e];

@@ -14,6 +14,11 @@ batch padded to its longest sequence (causal), and the reference: on
 a GPU 16k tokens (4k with --quick) in sequences of 1 to 4096 tokens, 32 query and 8 kv heads, D =
 128, bf16; on the CPU 4 sequences, 512 tokens, 4 / 2 heads, D = 64, float32 (reference and padded
 SDPA only: the Triton interpreter is not timed, FlexAttention is GPU-only here).
+varlen_attention of one decode step (one query row per sequence against a KV cache laid out as
+``sphinx_model.generate``'s, gaps between the sequences' slots), forward, against SDPA on the cache
+left-padded to the longest sequence (transformers' generate): on a GPU 32 sequences of 16..1536
+cached keys, 32 / 4 heads, D = 64, bf16; on the CPU 8 sequences of 16..512, 4 / 2 heads, D = 32,
+float32 (the tiny presets' attention).
 plan_layout (CPU only), in GB/s of the outputs written, next to a bare fill of those outputs:
 cpp against the reference on 10^4 samples (2000 with --quick) of a heavy mix (0-3 images, tile grids
 1x1..4x4, 30% of tiles skipped, 257 tokens per view, 32..2048 text tokens: about 3100 packed rows a
@@ -289,6 +294,79 @@ def bench_varlen_attention(device: torch.device, quick: bool,
     return rows
 
 
+def decode_inputs(cache_lengths, heads, kv_heads, head_dim, dtype, device, seed):
+    """One decode step against a KV cache laid out as ``sphinx_model.generate``'s: each sequence's
+    keys at the start of its slot (room for 64 more rows after them), one query row each."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = [n + 64 for n in cache_lengths]
+    starts = torch.tensor([0] + slots[:-1]).cumsum(0).tolist()
+    q = torch.randn(len(slots), heads, head_dim, generator=gen).to(dtype).to(device)
+    k, v = (torch.randn(sum(slots), kv_heads, head_dim, generator=gen).to(dtype).to(device)
+            for _ in "kv")
+    bounds_k = [0]
+    for start, length in zip(starts, cache_lengths):  # a zero-query gap before each sequence
+        bounds_k += [start, start + length]
+    bounds_q = [0] + [row for j in range(1, len(slots) + 1) for row in (j - 1, j)]
+    return {"q": q, "k": k, "v": v, "cu_q": torch.tensor(bounds_q, dtype=torch.int32).to(device),
+            "cu_k": torch.tensor(bounds_k, dtype=torch.int32).to(device), "capacity": sum(slots)}
+
+
+def padded_cache_sdpa(cache_lengths, heads, kv_heads, device):
+    """What transformers' generate runs: the cache as ``[B, Hkv, L, D]`` left-padded to the longest
+    sequence (copied here once, outside the timing: its cache is kept so), keys repeated to the
+    query heads, one SDPA call with the padding mask."""
+    longest, group = max(cache_lengths), heads // kv_heads
+    mask = torch.tensor([[j >= longest - n for j in range(longest)] for n in cache_lengths],
+                        device=device)[:, None, None, :]
+
+    def layout(a):
+        starts = a["cu_k"][1::2].tolist()
+        padded = {}
+        for name in "kv":
+            out = a[name].new_zeros((len(cache_lengths), longest) + tuple(a[name].shape[1:]))
+            for b, (start, n) in enumerate(zip(starts, cache_lengths)):
+                out[b, longest - n:] = a[name][start:start + n]
+            padded[name] = out.transpose(1, 2)
+        return padded
+
+    def run(a):
+        cache = a.setdefault("padded", layout(a))
+        k, v = (cache[n].repeat_interleave(group, dim=1) for n in "kv")
+        out = torch.nn.functional.scaled_dot_product_attention(a["q"][:, :, None], k, v,
+                                                               attn_mask=mask)
+        return out[:, :, 0]
+    return run
+
+
+def bench_decode_attention(device: torch.device, quick: bool,
+                           ceiling_gbps: float | None = None) -> list[Row]:
+    """One decode step (a query row per sequence against its cached keys), forward, in TFLOP/s of
+    the visible pairs: every backend that serves it, next to SDPA on the left-padded cache."""
+    if device.type == "cuda":
+        count, longest, heads, kv_heads, head_dim, dtype = 32, 1536, 32, 4, 64, torch.bfloat16
+    else:
+        count, longest, heads, kv_heads, head_dim, dtype = 8, 512, 4, 2, 32, torch.float32
+    rng = random.Random(0)
+    cache_lengths = [rng.randint(16, longest) for _ in range(count)]
+    sets = [decode_inputs(cache_lengths, heads, kv_heads, head_dim, dtype, device, seed)
+            for seed in range(INPUT_SETS)]
+    subjects = {name: (lambda a, b=name: varlen_attention(
+        a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], 1, a["capacity"], backend=b))
+        for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, device, dtype, head_dim=head_dim,
+                                     decode=True)}
+    subjects["padded SDPA"] = padded_cache_sdpa(cache_lengths, heads, kv_heads, device)
+    shape = (f"B={count} keys={sum(cache_lengths)} (padded {count * longest}) "
+             f"H={heads}/{kv_heads} D={head_dim}")
+    flops = attention_flops([1] * count, cache_lengths, num_heads=heads, head_dim=head_dim)
+    rows = []
+    for name, forward in subjects.items():
+        with torch.no_grad():
+            ms = time_ms(forward, sets, device)
+        rows.append(compute_row("attention decode step", shape, dtype_name(dtype), name, ms,
+                                flops, size=count))
+    return rows
+
+
 TOKENS_PER_VIEW = 257
 
 
@@ -430,7 +508,8 @@ def bench_apply_rotary(device: torch.device, quick: bool, ceiling_gbps: float | 
 
 
 BENCHMARKS = (bench_gather_rows, bench_find_padding_tiles, bench_varlen_attention,
-              bench_plan_layout, bench_pack_by_token_budget, bench_apply_rotary)
+              bench_decode_attention, bench_plan_layout, bench_pack_by_token_budget,
+              bench_apply_rotary)
 
 
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding.h"
 #include "moe/expert_mlp_cpu.h"
 #include "moe/moe.h"
 #include "varlen/layout.h"
@@ -35,16 +36,6 @@
 
 namespace sphinx_kernels {
 namespace {
-
-FloatKind float_kind(at::ScalarType type) {
-  switch (type) {
-    case at::kHalf: return FloatKind::kFloat16;
-    case at::kBFloat16: return FloatKind::kBFloat16;
-    case at::kFloat: return FloatKind::kFloat32;
-    case at::kDouble: return FloatKind::kFloat64;
-    default: TORCH_CHECK(false, "sphinx_kernels: expected a float16, bfloat16, float32 or float64 tensor, got ", type);
-  }
-}
 
 // NaN in the element type, repeated over 16 bytes (see PoisonPattern).
 PoisonPattern nan_pattern(at::ScalarType type) {

@@ -57,4 +57,52 @@ struct ImageLayout {
 void find_padding_tiles_cuda(FloatKind kind, const void* images, const ImageLayout& layout,
                              const float* pad, bool* flags, void* stream);
 
+// apply_rotary on the CPU: for each tensor part (q, then k), out[t, h, :] = x[t, h, :] * cos[p] +
+// rotate_half(x[t, h, :]) * sin[p] with p = position_ids[t] (the backward rotation when transpose:
+// sin -> -sin with its halves swapped), in float, rounded once. x is read through its token and
+// head strides (unit stride along D); out is contiguous [T, heads, D]. A position outside
+// [0, table_rows) gives a NaN row. Element types: float16, bfloat16, float32 for x and the tables.
+struct RotaryTensor {
+  const void* data;
+  int64_t heads, stride_token, stride_head;
+  void* out;
+};
+struct RotaryInputs {
+  FloatKind kind, table_kind;
+  const void* cos;
+  const void* sin;
+  int64_t table_rows, table_stride;
+  const void* position_ids;
+  bool positions_int64;
+  int64_t num_tokens, head_dim;
+  bool transpose;
+};
+void apply_rotary_cpu(const RotaryInputs& inputs, const RotaryTensor* parts, int num_parts);
+
+// varlen_attention's forward on the CPU (mask and conventions: sphinx_kernels/ops/varlen_attention.py),
+// a sequence at a time (all its heads together), a query row at a time: scores of its visible keys,
+// softmax, weighted values, all in float. Meant for decode steps (one query row per sequence), where it reads
+// each sequence's keys and values in place, with no gather, padding or mask. q, k, v are read through
+// their token and head strides (unit stride along D); cu_seqlens_q / cu_seqlens_k are [num_seqs + 1]
+// and prefix_lens [num_seqs] or null, all already validated. out ([total_q, heads, D], contiguous) must
+// hold zeros and lse ([heads, total_q] float32) -inf: rows that see no key are left as they are.
+struct VarlenAttentionInputs {
+  FloatKind kind;
+  const void* q;
+  int64_t q_stride_token, q_stride_head;
+  const void* k;
+  int64_t k_stride_token, k_stride_head;
+  const void* v;
+  int64_t v_stride_token, v_stride_head;
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  const int32_t* prefix_lens;
+  int64_t num_seqs, total_q, heads, kv_heads, head_dim;
+  bool causal;
+  float scale;
+  void* out;
+  float* lse;
+};
+void varlen_attention_forward_cpu(const VarlenAttentionInputs& inputs);
+
 }  // namespace sphinx_kernels

@@ -2,7 +2,8 @@
 (Llama / Hugging Face non-interleaved convention), positions per token so that they reset per packed
 sample; q and k in one launch.
 
-Backends: ``triton`` (``sphinx_kernels/triton/apply_rotary.py``), ``reference``
+Backends: ``cpp`` (``csrc/varlen/rotary_cpu.cpp``), ``triton``
+(``sphinx_kernels/triton/apply_rotary.py``), ``reference``
 (:func:`apply_rotary_reference`). The backward is the same op with the transposed rotation.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
-from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "APPLY_ROTARY_BACKENDS"]
 
@@ -97,6 +98,7 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
 
 # Impl: forward(q, k, cos, sin, position_ids, transpose) -> (q_out, k_out), contiguous.
 APPLY_ROTARY_BACKENDS = OpBackends("apply_rotary", [
+    Backend(CPP, Impl(native("apply_rotary_native")), KERNEL_DTYPES),
     Backend(TRITON, Impl(triton_launcher("apply_rotary", "apply_rotary")), KERNEL_DTYPES),
     Backend(REFERENCE, Impl(apply_rotary_reference), KERNEL_DTYPES),
 ])

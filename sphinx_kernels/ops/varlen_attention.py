@@ -1,7 +1,8 @@
 """``varlen_attention``: flash attention over packed variable-length sequences (causal bottom-right,
 GQA / MQA, prefix-LM), forward and backward.
 
-Backends: ``triton`` (``sphinx_kernels/triton/varlen_attention.py``), ``torch_flash``
+Backends: ``cpp`` (``csrc/varlen/attention_cpu.cpp``: the CPU forward of decode steps, one
+query row per sequence), ``triton`` (``sphinx_kernels/triton/varlen_attention.py``), ``torch_flash``
 (``sphinx_kernels/ops/torch_flash.py``: torch's bundled FlashAttention-2, GPU), ``flash_attn``
 (``sphinx_kernels/ops/flash_attn.py``: flash-attn, GPU, when installed), ``reference``
 (:func:`varlen_attention_reference`, differentiated by hand in
@@ -29,7 +30,7 @@ from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN_BACKEND
 from sphinx_kernels.ops.torch_cpu_flash import TORCH_CPU_FLASH_BACKEND
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH_BACKEND
-from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
+from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "varlen_attention_backward_reference",
            "varlen_attention_mask", "VarlenAttentionRequest", "VARLEN_ATTENTION_BACKENDS",
@@ -48,6 +49,8 @@ class VarlenAttentionRequest(Request):
     prefix: bool = False        # prefix_lens given
     max_seqlen: bool = True     # max_seqlen_q and max_seqlen_k given as host ints
     deterministic: bool = False
+    decode: bool = False        # max_seqlen_q == 1: at most one query row per sequence (a decode
+    #                             step against a KV cache)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -129,7 +132,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     request = VARLEN_ATTENTION_BACKENDS.request(
         q.device, q.dtype, head_dim=head_dim, causal=causal, prefix=prefix_lens is not None,
         max_seqlen=max_seqlen_q is not None and max_seqlen_k is not None,
-        deterministic=deterministic)
+        deterministic=deterministic, decode=max_seqlen_q == 1)
     chosen = VARLEN_ATTENTION_BACKENDS.select(request, backend)
     bound_q = q.shape[0] if max_seqlen_q is None else min(max_seqlen_q, q.shape[0])
     bound_k = k.shape[0] if max_seqlen_k is None else min(max_seqlen_k, k.shape[0])
@@ -231,6 +234,13 @@ def _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seq
     return out, lse.float()
 
 
+def _cpp_reasons(request: VarlenAttentionRequest) -> list[str]:
+    if not request.decode:
+        return ["serves decode steps only (max_seqlen_q = 1): longer query blocks are GEMM-shaped "
+                "work, which torch_cpu_flash does faster"]
+    return []
+
+
 def _triton_reasons(request: VarlenAttentionRequest) -> list[str]:
     if request.head_dim > MAX_ATTENTION_HEAD_DIM:
         return [f"head dim {request.head_dim} must be at most {MAX_ATTENTION_HEAD_DIM}"]
@@ -241,6 +251,11 @@ def _triton_reasons(request: VarlenAttentionRequest) -> list[str]:
 # causal, softmax_scale, deterministic) -> (out, float32 lse [Hq, Tq]); backward(grad, q, k, v, out,
 # lse, <the forward's arguments from cu_seqlens_q on>) -> (dq, dk, dv).
 VARLEN_ATTENTION_BACKENDS = OpBackends("varlen_attention", [
+    # The C++ kernel reads each sequence's keys in place (no gather, padding or mask), backward by
+    # torch's CPU flash kernel from its out and lse.
+    Backend(CPP, Impl(native("varlen_attention_native"),
+                      TORCH_CPU_FLASH_BACKEND.impl.backward), KERNEL_DTYPES,
+            _cpp_reasons),
     Backend(TRITON, Impl(triton_launcher("varlen_attention", "varlen_attention_forward"),
                          triton_launcher("varlen_attention", "varlen_attention_backward")),
             KERNEL_DTYPES, _triton_reasons),

@@ -13,9 +13,13 @@ Weights: our ``LLM`` randomly initialised, exported with ``save_hf_llm`` and loa
 
 - ``prefill``: one ``generate`` call with ``max_new_tokens=1``; tokens/s counts the prompts' real
   tokens (padding excluded) over the call's time.
-- ``decode``: ``generate`` with ``max_new_tokens=N`` minus the prefill call, per step (ms) and in
-  new tokens/s (``B * (N - 1)`` tokens); ``tokens_match``: the share of prompts whose greedy tokens
-  equal transformers' (a check that both compute the same thing).
+- ``decode``: the time of one decode step (ms) and new tokens/s (``B`` per step): the median of the
+  intervals between consecutive steps' tokens, as each generator hands them out (our
+  ``stream_generate``; a streamer passed to transformers' ``generate``, called once per step), over
+  the ``N - 1`` steps of every ``max_new_tokens=N`` call; ``tokens_match``: the share of prompts
+  whose greedy tokens equal transformers' (a check that both compute the same thing). A step's
+  median is steady where the difference of two whole calls (``N`` tokens minus the prefill) is not:
+  on a shared machine one disturbed call moved that estimate by 10-30%.
 
 TFLOP/s count the useful work only (:func:`forward_flops`: real tokens, the active experts, visible
 attention pairs, logits of the rows sampled from), the same for both generators.
@@ -33,6 +37,7 @@ import math
 import random
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +45,7 @@ import torch
 from benchmarks.counts import attention_flops, gemm_flops, swiglu_mlp_flops
 from benchmarks.harness import RESULTS_DIR, run_family, time_ms
 from benchmarks.rows import Row, compute_row
-from sphinx_model import LLM, LLMConfig, generate, preset, save_hf_llm
+from sphinx_model import LLM, LLMConfig, preset, save_hf_llm, stream_generate
 
 OURS, PEER = "sphinx_model.generate", "transformers generate (padded)"
 
@@ -114,15 +119,44 @@ def padded_batch(prompts: list[list[int]], device: torch.device):
     return ids.to(device), mask.to(device)
 
 
-def peer_generate(peer, batch, new_tokens: int) -> list[list[int]]:
+def peer_generate(peer, batch, new_tokens: int, stamps: list[float] | None = None
+                  ) -> list[list[int]]:
+    """transformers' greedy ``generate`` of ``new_tokens`` tokens; with ``stamps``, the time at
+    which each step's tokens came out is appended to it (through a streamer)."""
     import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepTimes(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):  # first the prompt, then each step's tokens
+            if self.prompt_seen:
+                stamps.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
 
     ids, mask = batch
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens,
                                            eos_token_id=None, pad_token_id=0, bos_token_id=1)
     with torch.inference_mode():
-        out = peer.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = peer.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                            streamer=None if stamps is None else StepTimes())
     return out[:, ids.shape[1]:].tolist()
+
+
+def our_generate(ours, prompts, new_tokens: int, stamps: list[float] | None = None
+                 ) -> list[list[int]]:
+    """``sphinx_model``'s greedy generation of ``new_tokens`` tokens (every prompt runs to the
+    end: no EOS); with ``stamps``, the time at which each step's first token came out."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step, (index, token) in enumerate(stream_generate(ours, prompts, new_tokens)):
+        if stamps is not None and step % len(prompts) == 0:
+            stamps.append(time.perf_counter())
+        out[index].append(token)
+    return out
 
 
 def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Row]:
@@ -137,21 +171,25 @@ def bench_workload(work: Workload, device: torch.device, quick: bool) -> list[Ro
     step_flops = sum(forward_flops(ours.config, [1] * len(prompts), [n + s for n in lengths],
                                    len(prompts)) for s in range(1, steps + 1)) // steps
     dtype = str(work.dtype).removeprefix("torch.")
-    runs = {OURS: lambda n: generate(ours, prompts, n),
-            PEER: lambda n: peer_generate(peer, batch, n)}
+    runs = {OURS: lambda n, stamps=None: our_generate(ours, prompts, n, stamps),
+            PEER: lambda n, stamps=None: peer_generate(peer, batch, n, stamps)}
     outputs = {name: run(work.new_tokens) for name, run in runs.items()}  # also the warm-up
     matching = sum(a == b for a, b in zip(outputs[OURS], outputs[PEER])) / len(prompts)
     # The two generators take turns, one call at a time, so that a change in the machine's load
-    # (it is shared) falls on both; each figure is the median of its calls.
-    samples = {(name, n): [] for name in runs for n in (1, work.new_tokens)}
+    # (it is shared) falls on both; each figure is a median over its calls (prefill) or over the
+    # steps of all its calls (decode).
+    prefills = {name: [] for name in runs}
+    intervals = {name: [] for name in runs}
     for _ in range(1 if quick else 5):
-        for (name, n), times in samples.items():
-            times.append(time_ms(runs[name], [n], device, warmup=0, repeats=1))
+        for name, run in runs.items():
+            prefills[name].append(time_ms(run, [1], device, warmup=0, repeats=1))
+            stamps: list[float] = []
+            run(work.new_tokens, stamps)
+            intervals[name] += [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
     rows = []
     for name in runs:
-        prefill_ms = statistics.median(samples[name, 1])
-        total_ms = statistics.median(samples[name, work.new_tokens])
-        step_ms = (total_ms - prefill_ms) / steps
+        prefill_ms = statistics.median(prefills[name])
+        step_ms = statistics.median(intervals[name])
         rows.append(compute_row("prefill", f"{work.model} B={len(prompts)} tokens={real} (padded "
                                 f"{padded})", dtype, name, prefill_ms, prefill_flops,
                                 tokens_per_s=real / prefill_ms * 1e3))

@@ -265,7 +265,7 @@ def test_find_padding_tiles_invalid():
 # apply_rotary
 
 ROTARY_BACKENDS = available(APPLY_ROTARY_BACKENDS)
-ROTARY_EXAMPLES = {"triton": 30, "reference": 50}
+ROTARY_EXAMPLES = {"cpp": 50, "triton": 30, "reference": 50}
 ROTATED_LAYOUTS = ("contiguous", "offset", "strided", "expanded", "transposed")
 
 

@@ -29,11 +29,12 @@ void check_rows(const at::Tensor& t, const char* op, const char* name) {
               "stride along D");
 }
 
-const int32_t* int32_data(const at::Tensor& t, const char* op, const char* name, int64_t size) {
+// A 1-D int32 CPU tensor of `size` entries, contiguous (a copy when it is a strided view).
+at::Tensor int32_values(const at::Tensor& t, const char* op, const char* name, int64_t size) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 &&
-                  t.size(0) == size && t.is_contiguous(),
-              op, ": ", name, " must be a contiguous int32 CPU tensor of ", size, " entries");
-  return t.data_ptr<int32_t>();
+                  t.size(0) == size,
+              op, ": ", name, " must be an int32 CPU tensor of ", size, " entries");
+  return t.contiguous();
 }
 
 // Offsets [0, ..., <= total] and non-decreasing: the kernel reads rows through them unchecked.
@@ -107,13 +108,17 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_native(
   TORCH_CHECK(std::isfinite(softmax_scale), op, ": softmax_scale must be finite");
   const int64_t num_seqs = cu_seqlens_q.size(0) - 1;
   TORCH_CHECK(num_seqs >= 0, op, ": cu_seqlens_q must have B + 1 >= 1 entries");
-  const int32_t* cu_q = int32_data(cu_seqlens_q, op, "cu_seqlens_q", num_seqs + 1);
-  const int32_t* cu_k = int32_data(cu_seqlens_k, op, "cu_seqlens_k", num_seqs + 1);
+  const at::Tensor offsets_q = int32_values(cu_seqlens_q, op, "cu_seqlens_q", num_seqs + 1);
+  const at::Tensor offsets_k = int32_values(cu_seqlens_k, op, "cu_seqlens_k", num_seqs + 1);
+  const int32_t* cu_q = offsets_q.data_ptr<int32_t>();
+  const int32_t* cu_k = offsets_k.data_ptr<int32_t>();
   check_offsets(cu_q, num_seqs, q.size(0), "cu_seqlens_q");
   check_offsets(cu_k, num_seqs, k.size(0), "cu_seqlens_k");
+  at::Tensor prefix_values;
   const int32_t* prefix = nullptr;
   if (prefix_lens.has_value()) {
-    prefix = int32_data(*prefix_lens, op, "prefix_lens", num_seqs);
+    prefix_values = int32_values(*prefix_lens, op, "prefix_lens", num_seqs);
+    prefix = prefix_values.data_ptr<int32_t>();
     for (int64_t b = 0; b < num_seqs; ++b)
       TORCH_CHECK(prefix[b] >= 0 && prefix[b] <= cu_k[b + 1] - cu_k[b], op,
                   ": prefix_lens[b] must be in [0, the key length of sequence b]");

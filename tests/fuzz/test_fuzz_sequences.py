@@ -382,7 +382,11 @@ def test_apply_rotary_invalid():
 ATTENTION_REQUEST = VARLEN_ATTENTION_BACKENDS.request(DEVICE, torch.float32, head_dim=64)
 ATTENTION_BACKENDS = [b for b in available(VARLEN_ATTENTION_BACKENDS, ATTENTION_REQUEST)
                       if b not in FLASH_PEERS]
-ATTENTION_EXAMPLES = {"triton": 12, "torch_cpu_flash": 20, "reference": 30}
+# Backends that serve decode steps only (max_seqlen_q = 1): fuzzed on decode cases.
+DECODE_REQUEST = VARLEN_ATTENTION_BACKENDS.request(DEVICE, torch.float32, head_dim=64, decode=True)
+DECODE_BACKENDS = [b for b in available(VARLEN_ATTENTION_BACKENDS, DECODE_REQUEST)
+                   if b not in ATTENTION_BACKENDS + list(FLASH_PEERS)]
+ATTENTION_EXAMPLES = {"cpp": 40, "triton": 12, "torch_cpu_flash": 20, "reference": 30}
 ATTENTION_LAYOUTS = ("contiguous", "offset", "strided", "expanded", "transposed", "fused")
 METADATA_LAYOUTS = ("contiguous", "offset", "strided")
 
@@ -409,6 +413,21 @@ def attention_cases(draw):
                 prefix_layout=prefix_layout, bounds=draw(st.sampled_from((None, 0, 3))),
                 scale=draw(st.sampled_from((None, 0.3, 1.7))),
                 poisoned=draw(st.sampled_from((None, 0, num - 1))), seed=draw(seeds))
+
+
+@st.composite
+def decode_attention_cases(draw):
+    """A decode step: at most one query row per sequence, against keys laid out separately."""
+    case = draw(attention_cases())
+    num = len(case["lens_q"])
+    lens_k = draw(st.lists(st.integers(0, 9), min_size=num, max_size=num))
+    prefix = case["prefix"]
+    if prefix is not None:
+        prefix = ([min(lens_k)] * num if case["prefix_layout"] == "expanded"
+                  else [draw(st.integers(0, n)) for n in lens_k])
+    return dict(case, lens_q=draw(st.lists(st.integers(0, 1), min_size=num, max_size=num)),
+                lens_k=lens_k, separate=True, prefix=prefix, decode=True,
+                layout="contiguous" if case["layout"] == "fused" else case["layout"])
 
 
 def _cu(lengths):
@@ -452,7 +471,10 @@ def attention_kwargs(case, metadata):
     kwargs = dict(cu_seqlens_k=metadata[1] if case["separate"] else None, causal=causal,
                   softmax_scale=case["scale"],
                   prefix_lens=metadata[2] if len(metadata) > 2 else None)
-    if case["bounds"] is not None:
+    if case.get("decode"):  # the bound that makes the call a decode step
+        kwargs.update(max_seqlen_q=1, max_seqlen_k=None if case["bounds"] is None
+                      else max(case["lens_k"]) + case["bounds"])
+    elif case["bounds"] is not None:
         kwargs.update(max_seqlen_q=max(case["lens_q"]) + case["bounds"],
                       max_seqlen_k=max(case["lens_k"]) + case["bounds"])
     return kwargs
@@ -507,6 +529,12 @@ def check_varlen_attention(backend, case):
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_varlen_attention_valid(backend):
     explore(attention_cases(), lambda case: check_varlen_attention(backend, case),
+            ATTENTION_EXAMPLES[backend])
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_varlen_attention_decode_valid(backend):
+    explore(decode_attention_cases(), lambda case: check_varlen_attention(backend, case),
             ATTENTION_EXAMPLES[backend])
 
 

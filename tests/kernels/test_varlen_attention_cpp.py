@@ -75,7 +75,8 @@ def test_lse_and_keyless_rows(seed):
 def test_decode_step_of_a_kv_cache(seed):
     """A step as sphinx_model.generate makes it: per live sequence a gap (no query rows) and one
     query row against its cache slot's filled rows, one padding row; prefixes; q a strided view of
-    a fused projection. The slots' unused rows hold NaN: a kernel reading them would give NaN."""
+    a fused projection; the offsets also as strided views. The slots' unused rows hold NaN: a
+    kernel reading them would give NaN."""
     gen = torch.Generator().manual_seed(seed)
     filled, slots = [5, 1, 37, 12], [9, 4, 40, 30]
     starts = torch.tensor([0] + slots[:-1]).cumsum(0).tolist()
@@ -101,6 +102,11 @@ def test_decode_step_of_a_kv_cache(seed):
                                                  prefix_lens=prefix_lens)
         assert not out.isnan().any() and torch.equal(out[4], torch.zeros_like(out[4]))
         torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6)
+        # Offsets as strided views (every other entry of a wider tensor): the same result.
+        strided_q, strided_k = (torch.stack([t, t], 1)[:, 0] for t in (cu_q, cu_k))
+        strided = sphinx_kernels.varlen_attention(q, k, v, strided_q, strided_k, 1, sum(slots),
+                                                  prefix_lens=prefix_lens)
+        assert torch.equal(strided, out)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -311,27 +311,23 @@ def decode_inputs(cache_lengths, heads, kv_heads, head_dim, dtype, device, seed)
             "cu_k": torch.tensor(bounds_k, dtype=torch.int32).to(device), "capacity": sum(slots)}
 
 
-def padded_cache_sdpa(cache_lengths, heads, kv_heads, device):
+def padded_cache_sdpa(cache_lengths, heads, kv_heads, sets):
     """What transformers' generate runs: the cache as ``[B, Hkv, L, D]`` left-padded to the longest
-    sequence (copied here once, outside the timing: its cache is kept so), keys repeated to the
-    query heads, one SDPA call with the padding mask."""
+    sequence (built here for each input set, before any timing: its cache is kept so), keys
+    repeated to the query heads, one SDPA call with the padding mask."""
     longest, group = max(cache_lengths), heads // kv_heads
-    mask = torch.tensor([[j >= longest - n for j in range(longest)] for n in cache_lengths],
-                        device=device)[:, None, None, :]
-
-    def layout(a):
+    for a in sets:
         starts = a["cu_k"][1::2].tolist()
-        padded = {}
         for name in "kv":
-            out = a[name].new_zeros((len(cache_lengths), longest) + tuple(a[name].shape[1:]))
+            padded = a[name].new_zeros((len(cache_lengths), longest) + tuple(a[name].shape[1:]))
             for b, (start, n) in enumerate(zip(starts, cache_lengths)):
-                out[b, longest - n:] = a[name][start:start + n]
-            padded[name] = out.transpose(1, 2)
-        return padded
+                padded[b, longest - n:] = a[name][start:start + n]
+            a[f"padded_{name}"] = padded.transpose(1, 2)
+    mask = torch.tensor([[j >= longest - n for j in range(longest)] for n in cache_lengths],
+                        device=sets[0]["q"].device)[:, None, None, :]
 
     def run(a):
-        cache = a.setdefault("padded", layout(a))
-        k, v = (cache[n].repeat_interleave(group, dim=1) for n in "kv")
+        k, v = (a[f"padded_{n}"].repeat_interleave(group, dim=1) for n in "kv")
         out = torch.nn.functional.scaled_dot_product_attention(a["q"][:, :, None], k, v,
                                                                attn_mask=mask)
         return out[:, :, 0]
@@ -354,7 +350,7 @@ def bench_decode_attention(device: torch.device, quick: bool,
         a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], 1, a["capacity"], backend=b))
         for name in backends_to_time(VARLEN_ATTENTION_BACKENDS, device, dtype, head_dim=head_dim,
                                      decode=True)}
-    subjects["padded SDPA"] = padded_cache_sdpa(cache_lengths, heads, kv_heads, device)
+    subjects["padded SDPA"] = padded_cache_sdpa(cache_lengths, heads, kv_heads, sets)
     shape = (f"B={count} keys={sum(cache_lengths)} (padded {count * longest}) "
              f"H={heads}/{kv_heads} D={head_dim}")
     flops = attention_flops([1] * count, cache_lengths, num_heads=heads, head_dim=head_dim)

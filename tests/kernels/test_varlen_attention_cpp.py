@@ -127,3 +127,16 @@ def test_raw_op_guards_its_offsets(bad, message):
         torch.ops.sphinx_kernels.varlen_attention_native(
             q, k, k, tensors["cu_seqlens_q"], tensors["cu_seqlens_k"], tensors["prefix_lens"],
             1, 5, True, 0.3, False)
+
+
+def test_opcheck():
+    """The custom op on the cpp backend (a decode layout: gaps, one query row per sequence, a
+    sequence without keys, prefixes): schema, fake tensor and autograd registrations agree."""
+    q = torch.randn(3, 2, 16, requires_grad=True)
+    k = torch.randn(14, 1, 16, requires_grad=True)
+    v = torch.randn(14, 1, 16, requires_grad=True)
+    cu_q = torch.tensor([0, 0, 1, 1, 2, 2, 3], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 7, 7, 7, 9, 14], dtype=torch.int32)
+    prefix = torch.tensor([0, 3, 0, 0, 0, 2], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.sphinx_kernels.varlen_attention.default,
+                          (q, k, v, cu_q, cu_k, prefix, 1, 14, True, 0.3, False, "cpp"))

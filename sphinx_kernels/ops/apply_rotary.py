@@ -22,6 +22,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "APPLY_ROTARY_BACKENDS"]
@@ -104,7 +105,7 @@ APPLY_ROTARY_BACKENDS = OpBackends("apply_rotary", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::apply_rotary", mutates_args=())
+@kernel_op("sphinx_kernels::apply_rotary")
 def _apply_rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      position_ids: torch.Tensor, transpose: bool, backend: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:

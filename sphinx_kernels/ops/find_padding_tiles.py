@@ -15,6 +15,7 @@ import torch
 from sphinx_kernels._validation import INT32_MAX, require_device, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CUDA, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["find_padding_tiles", "find_padding_tiles_reference", "FIND_PADDING_TILES_BACKENDS"]
@@ -71,7 +72,7 @@ FIND_PADDING_TILES_BACKENDS = OpBackends("find_padding_tiles", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::find_padding_tiles", mutates_args=())
+@kernel_op("sphinx_kernels::find_padding_tiles")
 def _find_padding_tiles_op(images: torch.Tensor, pad: torch.Tensor, tile_h: int, tile_w: int,
                            backend: str) -> torch.Tensor:
     return FIND_PADDING_TILES_BACKENDS[backend].impl.forward(images=images, pad=pad, tile_h=tile_h,

@@ -23,6 +23,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["gather_rows", "gather_rows_reference", "gather_rows_backward_reference",
@@ -138,7 +139,7 @@ GATHER_ROWS_BACKENDS = OpBackends("gather_rows", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::gather_rows", mutates_args=())
+@kernel_op("sphinx_kernels::gather_rows")
 def _gather_rows_op(sources: list[torch.Tensor], source_ids: torch.Tensor, row_ids: torch.Tensor,
                     backend: str) -> torch.Tensor:
     return GATHER_ROWS_BACKENDS[backend].impl.forward(sources=sources, source_ids=source_ids,
@@ -150,7 +151,7 @@ def _(sources, source_ids, row_ids, backend):
     return sources[0].new_empty((source_ids.shape[0], sources[0].shape[1]))
 
 
-@torch.library.custom_op("sphinx_kernels::gather_rows_backward", mutates_args=())
+@kernel_op("sphinx_kernels::gather_rows_backward")
 def _gather_rows_backward_op(grad: torch.Tensor, source_ids: torch.Tensor, row_ids: torch.Tensor,
                              source_rows: list[int], needs_grad: list[bool],
                              backend: str) -> torch.Tensor:

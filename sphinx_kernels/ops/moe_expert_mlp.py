@@ -20,6 +20,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
 from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
@@ -127,7 +128,7 @@ MOE_EXPERT_MLP_BACKENDS = OpBackends("moe_expert_mlp", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::moe_expert_mlp", mutates_args=())
+@kernel_op("sphinx_kernels::moe_expert_mlp")
 def _moe_expert_mlp_op(x_grouped: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
                        w2: torch.Tensor, tokens_per_expert: torch.Tensor,
                        padded_offsets: torch.Tensor, recompute: bool, backend: str
@@ -145,7 +146,7 @@ def _(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, recompute, backe
             x_grouped.new_empty((pre_rows, w1.shape[1])))
 
 
-@torch.library.custom_op("sphinx_kernels::moe_expert_mlp_backward", mutates_args=())
+@kernel_op("sphinx_kernels::moe_expert_mlp_backward")
 def _moe_expert_mlp_backward_op(grad_y: torch.Tensor, x_grouped: torch.Tensor, w1: torch.Tensor,
                                 w3: torch.Tensor, w2: torch.Tensor,
                                 tokens_per_expert: torch.Tensor, padded_offsets: torch.Tensor,

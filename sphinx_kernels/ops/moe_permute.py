@@ -11,6 +11,7 @@ import torch
 
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
 from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
@@ -61,7 +62,7 @@ MOE_PERMUTE_BACKENDS = OpBackends("moe_permute", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::moe_permute", mutates_args=())
+@kernel_op("sphinx_kernels::moe_permute")
 def _moe_permute_op(x: torch.Tensor, position: torch.Tensor, row_to_pair: torch.Tensor,
                     scale: torch.Tensor | None, backend: str) -> torch.Tensor:
     return MOE_PERMUTE_BACKENDS[backend].impl.forward(x=x, position=position,

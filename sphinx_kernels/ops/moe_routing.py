@@ -31,6 +31,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native_ops, triton_module
 
 __all__ = ["RoutingPlan", "MoeRoutingRequest", "moe_routing", "moe_routing_reference",
@@ -157,7 +158,7 @@ MOE_ROUTING_BACKENDS = OpBackends("moe_routing", [
 ], request_type=MoeRoutingRequest)
 
 
-@torch.library.custom_op("sphinx_kernels::moe_routing", mutates_args=())
+@kernel_op("sphinx_kernels::moe_routing")
 def _moe_routing_op(expert_ids: torch.Tensor, num_experts: int, block_size: int, backend: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(MOE_ROUTING_BACKENDS[backend].impl.forward(

@@ -13,6 +13,7 @@ import torch
 from sphinx_kernels._validation import require_device, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
 from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native_ops, triton_launcher
 
@@ -92,7 +93,7 @@ MOE_UNPERMUTE_BACKENDS = OpBackends("moe_unpermute", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::moe_unpermute", mutates_args=())
+@kernel_op("sphinx_kernels::moe_unpermute")
 def _moe_unpermute_op(y_grouped: torch.Tensor, position: torch.Tensor, row_to_pair: torch.Tensor,
                       weights: torch.Tensor | None, backend: str) -> torch.Tensor:
     return MOE_UNPERMUTE_BACKENDS[backend].impl.forward(
@@ -104,7 +105,7 @@ def _(y_grouped, position, row_to_pair, weights, backend):
     return y_grouped.new_empty((position.shape[0], y_grouped.shape[1]))
 
 
-@torch.library.custom_op("sphinx_kernels::moe_pair_dots", mutates_args=())
+@kernel_op("sphinx_kernels::moe_pair_dots")
 def _moe_pair_dots_op(grad: torch.Tensor, y_grouped: torch.Tensor, position: torch.Tensor,
                       dtype: torch.dtype, backend: str) -> torch.Tensor:
     return MOE_UNPERMUTE_BACKENDS[backend].impl.extra("pair_dots")(

@@ -14,6 +14,7 @@ import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, INT32_MAX, require_int, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
 __all__ = ["Packing", "pack_by_token_budget", "pack_by_token_budget_reference",
@@ -184,7 +185,7 @@ PACK_BY_TOKEN_BUDGET_BACKENDS = OpBackends("pack_by_token_budget", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::pack_by_token_budget", mutates_args=())
+@kernel_op("sphinx_kernels::pack_by_token_budget")
 def _pack_by_token_budget_op(lengths: torch.Tensor, budget: int, backend: str
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(PACK_BY_TOKEN_BUDGET_BACKENDS[backend].impl.forward(lengths=lengths,

@@ -27,6 +27,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import REFERENCE, TRITON, triton_launcher
 
 __all__ = ["patch_projection", "patch_projection_reference", "resample_reference",
@@ -275,7 +276,7 @@ PATCH_PROJECTION_BACKENDS = OpBackends("patch_projection", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::patch_projection", mutates_args=())
+@kernel_op("sphinx_kernels::patch_projection")
 def _patch_projection_op(features: list[torch.Tensor], weight: torch.Tensor,
                          bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                          norm_bias: torch.Tensor | None, out: torch.Tensor | None,
@@ -300,7 +301,7 @@ def _(features, weight, bias, norm_weight, norm_bias, out, out_rows, grid_h, gri
             weight.new_empty((saved,), dtype=stat_dtype))
 
 
-@torch.library.custom_op("sphinx_kernels::patch_projection_backward", mutates_args=())
+@kernel_op("sphinx_kernels::patch_projection_backward")
 def _patch_projection_backward_op(grad: torch.Tensor, features: list[torch.Tensor],
                                   weight: torch.Tensor, bias: torch.Tensor | None,
                                   norm_weight: torch.Tensor | None,

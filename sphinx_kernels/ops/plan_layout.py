@@ -22,6 +22,7 @@ import torch
 
 from sphinx_kernels._validation import INDEX_DTYPES, INT32_MAX, require_int, require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, CPU_REFERENCE, native
 
 __all__ = ["SOURCE_TEXT", "SOURCE_VISUAL", "SOURCE_SKIP", "SOURCE_IMAGE_BEGIN", "SOURCE_IMAGE_END",
@@ -280,7 +281,7 @@ PLAN_LAYOUT_BACKENDS = OpBackends("plan_layout", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::plan_layout", mutates_args=())
+@kernel_op("sphinx_kernels::plan_layout")
 def _plan_layout_op(text_ids: torch.Tensor, text_lens: torch.Tensor, answer_mask: torch.Tensor,
                     images_per_sample: torch.Tensor, tile_grids: torch.Tensor,
                     skipped_tiles: torch.Tensor, text_before_images: torch.Tensor,

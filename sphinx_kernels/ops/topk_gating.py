@@ -15,6 +15,7 @@ import torch
 from sphinx_kernels._validation import require_tensor
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher, triton_module
 
 __all__ = ["Gating", "topk_gating", "topk_gating_reference", "topk_gating_backward_reference",
@@ -152,7 +153,7 @@ TOPK_GATING_BACKENDS = OpBackends("topk_gating", [
 ])
 
 
-@torch.library.custom_op("sphinx_kernels::topk_gating", mutates_args=())
+@kernel_op("sphinx_kernels::topk_gating")
 def _topk_gating_op(logits: torch.Tensor, k: int, renormalize: bool, backend: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor]:
@@ -170,7 +171,7 @@ def _(logits, k, renormalize, backend):
             logits.new_empty((num_experts,), dtype=torch.int32))
 
 
-@torch.library.custom_op("sphinx_kernels::topk_gating_backward", mutates_args=())
+@kernel_op("sphinx_kernels::topk_gating_backward")
 def _topk_gating_backward_op(logits: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                              tokens_per_expert: torch.Tensor, grad_weights: torch.Tensor,
                              grad_lb: torch.Tensor, grad_z: torch.Tensor, renormalize: bool,

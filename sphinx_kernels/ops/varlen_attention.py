@@ -27,6 +27,7 @@ from sphinx_kernels._validation import (
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
+from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.ops.flash_attn import FLASH_ATTN_BACKEND
 from sphinx_kernels.ops.torch_cpu_flash import TORCH_CPU_FLASH_BACKEND
 from sphinx_kernels.ops.torch_flash import TORCH_FLASH_BACKEND
@@ -266,7 +267,7 @@ VARLEN_ATTENTION_BACKENDS = OpBackends("varlen_attention", [
 ], request_type=VarlenAttentionRequest)
 
 
-@torch.library.custom_op("sphinx_kernels::varlen_attention", mutates_args=())
+@kernel_op("sphinx_kernels::varlen_attention")
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          prefix_lens: torch.Tensor | None,
@@ -287,7 +288,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen
             q.new_empty((heads, total_q), dtype=torch.float32))
 
 
-@torch.library.custom_op("sphinx_kernels::varlen_attention_backward", mutates_args=())
+@kernel_op("sphinx_kernels::varlen_attention_backward")
 def _varlen_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,

@@ -124,7 +124,10 @@ def _generate(model, llm, prompts, max_new_tokens, sampler, eos, stop, use_cache
     if max_new_tokens == 0:
         return
     device = llm.embed_tokens.weight.device
-    with torch.inference_mode():
+    # no_grad, not inference_mode: inference tensors have no version counter, and the kernels' value
+    # checks remember a tensor that passed (a step's cu_seqlens, positions, routing plans) only by
+    # its version; under inference_mode every layer would read them back again.
+    with torch.no_grad():
         decoder_type = _CachedDecoder if use_cache else _RecomputingDecoder
         decoder = decoder_type(model, llm, prompts, max_new_tokens)
         logits = decoder.prefill()
@@ -132,7 +135,7 @@ def _generate(model, llm, prompts, max_new_tokens, sampler, eos, stop, use_cache
     live = list(range(len(prompts)))
     generated: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        with torch.inference_mode():
+        with torch.no_grad():
             tokens = sampler(logits, generator)
         keep = []
         for j, (index, token) in enumerate(zip(live, tokens.tolist())):
@@ -142,7 +145,7 @@ def _generate(model, llm, prompts, max_new_tokens, sampler, eos, stop, use_cache
                 keep.append(j)
         if not keep or step == max_new_tokens - 1:
             return
-        with torch.inference_mode():
+        with torch.no_grad():
             if len(keep) < len(live):
                 live = [live[j] for j in keep]
                 tokens = tokens[torch.tensor(keep, device=tokens.device)]

@@ -96,6 +96,9 @@ class PreallocatedKVCache:
                                                          device=device))
         self._prefix_live = torch.zeros(2 * batch, dtype=torch.int32, device=device)
         self._rows: torch.Tensor | None = None            # destination rows of this forward
+        # This forward's cu_seqlens_k, one view handed to every layer: the kernels' value checks
+        # read an unchanged tensor once (sphinx_kernels._validation.values_checked).
+        self._forward_cu_k: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -164,7 +167,7 @@ class PreallocatedKVCache:
             for j, n in enumerate(counts):
                 bounds[j + 1] = bounds[j] + n
             cu_q = interleave_gaps(torch.tensor(bounds, dtype=torch.int32).to(start.device))
-        cu_k = self._cu_k[:2 * m + 1]
+        cu_k = self._forward_cu_k = self._cu_k[:2 * m + 1]
         cu_k[1::2].copy_(start)
         torch.index_select(self._lengths, 0, live_ids, out=length)
         cu_k[2::2].copy_(start.add_(length))  # start is scratch: it becomes each sequence's end
@@ -186,5 +189,4 @@ class PreallocatedKVCache:
         rows = self._rows.shape[0]
         self.keys[layer].index_copy_(0, self._rows, k[:rows])
         self.values[layer].index_copy_(0, self._rows, v[:rows])
-        return self.keys[layer], self.values[layer], self._cu_k[:2 * len(self._host_live) + 1], \
-            self.capacity
+        return self.keys[layer], self.values[layer], self._forward_cu_k, self.capacity

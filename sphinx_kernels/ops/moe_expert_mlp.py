@@ -13,15 +13,13 @@ import torch
 
 from sphinx_kernels._validation import (
     dtype_name,
-    host_values,
     require_device,
     require_tensor,
-    should_check_values,
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES
 from sphinx_kernels.kernel_op import kernel_op
-from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows
+from sphinx_kernels.ops.moe_routing import RoutingPlan, require_plan_rows, require_plan_segments
 from sphinx_kernels.platforms import CPP, REFERENCE, TRITON, native, triton_launcher
 
 __all__ = ["moe_expert_mlp", "moe_expert_mlp_reference", "moe_expert_mlp_backward_reference",
@@ -210,12 +208,4 @@ def _check_moe_expert_mlp(x_grouped, w1, w3, w2, plan, recompute) -> None:
                              f"the plan, H = {hidden} from x_grouped, F = {ffn} from w1)")
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
-    if should_check_values(plan.padded_offsets, plan.tokens_per_expert):
-        offsets, counts = host_values(plan.padded_offsets), host_values(plan.tokens_per_expert)
-        if num_experts and counts.min() < 0:
-            raise ValueError(f"plan.tokens_per_expert must be >= 0, got {int(counts.min())}")
-        if ((offsets[1:] - offsets[:-1] < counts).any() or offsets[0] != 0
-                or offsets[-1] > x_grouped.shape[0]):
-            raise ValueError("plan.padded_offsets must start at 0, leave each expert room for its "
-                             f"tokens_per_expert and end at most at R = {x_grouped.shape[0]}; "
-                             "the plan must come from moe_routing")
+    require_plan_segments(plan, x_grouped.shape[0])

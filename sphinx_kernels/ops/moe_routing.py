@@ -23,11 +23,15 @@ import torch
 from sphinx_kernels._validation import (
     INDEX_DTYPES,
     INT32_MAX,
+    host_values,
+    mark_index_range_checked,
+    mark_values_checked,
     require_device,
     require_index_range,
     require_int,
     require_tensor,
     should_check_values,
+    values_checked,
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES
@@ -35,8 +39,8 @@ from sphinx_kernels.kernel_op import kernel_op
 from sphinx_kernels.platforms import CPP, CUDA, REFERENCE, TRITON, native_ops, triton_module
 
 __all__ = ["RoutingPlan", "MoeRoutingRequest", "moe_routing", "moe_routing_reference",
-           "padded_rows_bound", "require_plan_rows", "MOE_ROUTING_BACKENDS",
-           "MAX_NATIVE_ROUTING_EXPERTS"]
+           "padded_rows_bound", "require_plan_rows", "require_plan_segments",
+           "MOE_ROUTING_BACKENDS", "MAX_NATIVE_ROUTING_EXPERTS"]
 
 
 class RoutingPlan(NamedTuple):
@@ -97,7 +101,10 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int, *, block_size: int =
     request = MOE_ROUTING_BACKENDS.request(expert_ids.device, expert_ids.dtype,
                                            num_experts=num_experts)
     chosen = MOE_ROUTING_BACKENDS.select(request, backend)
-    return RoutingPlan(*_moe_routing_op(expert_ids, num_experts, block_size, chosen.name))
+    plan = RoutingPlan(*_moe_routing_op(expert_ids, num_experts, block_size, chosen.name))
+    if should_check_values(expert_ids):  # the ids were checked: the plan is valid by construction
+        _mark_plan_checked(plan)
+    return plan
 
 
 def _padded_offsets(tokens_per_expert: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -186,6 +193,21 @@ def _check_moe_routing(expert_ids, num_experts, block_size) -> None:
     require_index_range("expert_ids", expert_ids, num_experts, "num_experts")
 
 
+def _segments_check(num_rows: int) -> tuple:
+    return ("moe_plan_segments", num_rows)
+
+
+def _mark_plan_checked(plan: RoutingPlan) -> None:
+    """Records the checks of :func:`require_plan_rows` and :func:`require_plan_segments` as passed
+    for a plan that ``moe_routing`` built from checked ids, so that ``moe_permute``,
+    ``moe_expert_mlp`` and ``moe_unpermute`` do not each read it back (see
+    ``sphinx_kernels._validation.values_checked``)."""
+    mark_index_range_checked(plan.position, plan.num_padded_rows)
+    mark_index_range_checked(plan.row_to_pair, plan.position.numel(), lowest=-1)
+    mark_values_checked(_segments_check(plan.num_padded_rows), plan.padded_offsets,
+                        plan.tokens_per_expert)
+
+
 def require_plan_rows(name: str, rows, plan, *, rows_of: str) -> None:
     """The checks of an op that takes rows and the routing plan that orders them: ``rows``
     ``[N, H]`` float on the plan's device, ``N`` matching ``plan.<rows_of>``'s first dim, the plan's
@@ -205,3 +227,21 @@ def require_plan_rows(name: str, rows, plan, *, rows_of: str) -> None:
                             "R = plan.row_to_pair rows", checked=True)
         require_index_range("plan.row_to_pair", plan.row_to_pair, plan.position.numel(), "T * k",
                             "-1: a padding row", lowest=-1, checked=True)
+
+
+def require_plan_segments(plan: RoutingPlan, num_rows: int) -> None:
+    """The value checks of an op that reads the plan's expert segments (``moe_expert_mlp``) on
+    ``num_rows`` grouped rows: counts >= 0, offsets from 0 that leave each expert room for its
+    rows and end at most at ``num_rows``. Metadata is the caller's to check."""
+    segments = (plan.padded_offsets, plan.tokens_per_expert)
+    check = _segments_check(num_rows)
+    if not should_check_values(*segments) or values_checked(check, *segments):
+        return
+    offsets, counts = host_values(plan.padded_offsets), host_values(plan.tokens_per_expert)
+    if counts.size and counts.min() < 0:
+        raise ValueError(f"plan.tokens_per_expert must be >= 0, got {int(counts.min())}")
+    if (offsets[1:] - offsets[:-1] < counts).any() or offsets[0] != 0 or offsets[-1] > num_rows:
+        raise ValueError("plan.padded_offsets must start at 0, leave each expert room for its "
+                         f"tokens_per_expert and end at most at R = {num_rows}; the plan must "
+                         "come from moe_routing")
+    mark_values_checked(check, *segments)

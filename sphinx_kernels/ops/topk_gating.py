@@ -12,7 +12,11 @@ from typing import NamedTuple
 
 import torch
 
-from sphinx_kernels._validation import require_tensor
+from sphinx_kernels._validation import (
+    mark_index_range_checked,
+    require_tensor,
+    should_check_values,
+)
 from sphinx_kernels.backends import Backend, Impl, OpBackends
 from sphinx_kernels.dtypes import KERNEL_DTYPES, accumulate_dtype
 from sphinx_kernels.kernel_op import kernel_op
@@ -65,7 +69,10 @@ def topk_gating(logits: torch.Tensor, k: int, *, renormalize: bool = True,
     _check_topk_gating(logits, k, renormalize)
     request = TOPK_GATING_BACKENDS.request(logits.device, logits.dtype)
     chosen = TOPK_GATING_BACKENDS.select(request, backend)
-    return Gating(*_topk_gating_op(logits, k, renormalize, chosen.name))
+    gating = Gating(*_topk_gating_op(logits, k, renormalize, chosen.name))
+    if should_check_values(gating.expert_ids):  # in [0, E) by construction: moe_routing's check
+        mark_index_range_checked(gating.expert_ids, logits.shape[1])  # need not read them back
+    return gating
 
 
 def _gating_losses(prob_sums: torch.Tensor, counts: torch.Tensor, lse_square_sum: torch.Tensor,

@@ -18,12 +18,14 @@ import torch
 from sphinx_kernels._validation import (
     dtype_name,
     host_values,
+    mark_values_checked,
     require_bool,
     require_device,
     require_float,
     require_tensor,
     require_unit_stride,
     should_check_values,
+    values_checked,
 )
 from sphinx_kernels.backends import Backend, Impl, OpBackends, Request
 from sphinx_kernels.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, accumulate_dtype
@@ -382,7 +384,8 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
             raise TypeError(f"{name} must be None or an int >= 0, got {bound!r}")
     softmax_scale = require_float("softmax_scale", softmax_scale, optional=True)
     extra = () if prefix_lens is None else (prefix_lens,)
-    if should_check_values(cu_q, cu_k, *extra):
+    check = ("varlen_attention", total_q, total_k, max_seqlen_q, max_seqlen_k)
+    if should_check_values(cu_q, cu_k, *extra) and not values_checked(check, cu_q, cu_k, *extra):
         lengths = {}
         for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
             offsets = host_values(cu)
@@ -410,4 +413,5 @@ def _check_varlen_attention(q, k, v, cu_q, cu_k, same_keys, max_seqlen_q, max_se
                 b = int(np.argmax(bad))
                 raise ValueError(f"prefix_lens[{b}] = {int(prefixes[b])} must be in [0, "
                                  f"{int(key_lengths[b])}] (the key length of sequence {b})")
+        mark_values_checked(check, cu_q, cu_k, *extra)
     return softmax_scale

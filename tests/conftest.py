@@ -74,3 +74,24 @@ def value_checks_on(monkeypatch):
     """Index-value checks on every device: on a GPU they are off by default (each costs a host
     sync), and bad-input tests must see the ValueError there too."""
     monkeypatch.setenv("SPHINX_KERNELS_CHECK_INPUTS", "1")
+
+
+@pytest.fixture
+def index_reads(monkeypatch):
+    """A function giving the number of index tensors the kernels' value checks have read back to
+    the host so far: every value check goes through ``sphinx_kernels._validation.host_values``."""
+    import sys
+
+    from sphinx_kernels import _validation
+
+    count = [0]
+    original = _validation.host_values
+
+    def counting(values):
+        count[0] += 1
+        return original(values)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("sphinx_kernels") and getattr(module, "host_values", None) is original:
+            monkeypatch.setattr(module, "host_values", counting)
+    return lambda: count[0]

@@ -128,7 +128,8 @@ def host_values(values: torch.Tensor) -> np.ndarray:
 
 # (check, its parameters, (id, version) of each tensor) -> weak references to the tensors, which
 # tell a live tensor from a new one that reuses a dead one's id. Every in-place op bumps the version
-# (resize_ and set_ included). Bounded: cleared when full.
+# (resize_ and set_ included). Bounded: when full, the entries of dead tensors go (most of them: a
+# decode step's indices die with the step), and all of them if that frees nothing.
 _CHECKED: dict[tuple, tuple[weakref.ref, ...]] = {}
 _CHECKED_CAPACITY = 256
 
@@ -156,7 +157,11 @@ def mark_values_checked(check: Hashable, *tensors: torch.Tensor) -> None:
     if key is None:
         return
     if len(_CHECKED) >= _CHECKED_CAPACITY:
-        _CHECKED.clear()
+        dead = [k for k, refs in _CHECKED.items() if any(ref() is None for ref in refs)]
+        for k in dead:
+            del _CHECKED[k]
+        if not dead:
+            _CHECKED.clear()
     _CHECKED[key] = tuple(weakref.ref(t) for t in tensors)
 
 

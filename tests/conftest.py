@@ -79,13 +79,15 @@ def value_checks_on(monkeypatch):
 @pytest.fixture
 def index_reads(monkeypatch):
     """A function giving the number of index tensors the kernels' value checks have read back to
-    the host so far: every value check goes through ``sphinx_kernels._validation.host_values``."""
+    the host so far (every value check goes through ``sphinx_kernels._validation.host_values``),
+    from an empty memory of passed checks: counts that do not depend on the tests run before."""
     import sys
 
     from sphinx_kernels import _validation
 
     count = [0]
     original = _validation.host_values
+    monkeypatch.setattr(_validation, "_CHECKED", {})
 
     def counting(values):
         count[0] += 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sphinx_kernels
+from sphinx_kernels import _validation
 from sphinx_kernels._validation import require_index_range
 
 
@@ -28,6 +29,16 @@ def test_a_tensor_written_in_place_is_read_again(index_reads):
     with pytest.raises(ValueError, match=r"ids must be in \[0, E\) = \[0, 4\)"):
         require_index_range("ids", ids, 4, "E")
     assert index_reads() == 2
+
+
+def test_a_full_memory_forgets_dead_tensors_first(index_reads, monkeypatch):
+    monkeypatch.setattr(_validation, "_CHECKED_CAPACITY", 8)
+    kept = torch.tensor([1, 2])
+    require_index_range("ids", kept, 4, "E")
+    for bound in range(5, 25):  # checked, then gone (a decode step's indices); each its own entry
+        require_index_range("ids", torch.tensor([0]), bound, "E")
+    require_index_range("ids", kept, 4, "E")
+    assert index_reads() == 1 + 20
 
 
 def test_inference_tensors_are_read_every_time(index_reads):

@@ -5,7 +5,7 @@ FakeTensor tracing, dispatch modes (``FlopCounterMode``, selective activation ch
 functorch transforms and tensor subclasses (DTensor) each see one opaque op with a fake
 implementation. Going through the dispatcher costs 20-30 us of Python per call (measured on a
 2-core x86-64 CPU, torch 2.14: a custom op returning an empty tensor, against its function called
-directly), which made up a tenth of a tiny Mixtral's CPU decode step (seven ops per layer).
+directly): 3-10% of a tiny Mixtral's CPU decode step in interleaved runs (seven ops a layer).
 
 When none of those can be involved, :class:`KernelOp` calls the op's function itself instead: the
 same function the custom op would run, with the same arguments, so the results are the same. That

@@ -79,13 +79,14 @@ struct RotaryInputs {
 };
 void apply_rotary_cpu(const RotaryInputs& inputs, const RotaryTensor* parts, int num_parts);
 
-// varlen_attention's forward on the CPU (mask and conventions: sphinx_kernels/ops/varlen_attention.py),
-// a sequence at a time (all its heads together), a query row at a time: scores of its visible keys,
-// softmax, weighted values, all in float. Meant for decode steps (one query row per sequence), where it reads
-// each sequence's keys and values in place, with no gather, padding or mask. q, k, v are read through
-// their token and head strides (unit stride along D); cu_seqlens_q / cu_seqlens_k are [num_seqs + 1]
-// and prefix_lens [num_seqs] or null, all already validated. out ([total_q, heads, D], contiguous) must
-// hold zeros and lse ([heads, total_q] float32) -inf: rows that see no key are left as they are.
+// varlen_attention's forward on the CPU (mask and conventions:
+// sphinx_kernels/ops/varlen_attention.py), a sequence at a time (all its heads together), a query
+// row at a time: scores of its visible keys, softmax, weighted values, all in float. Meant for
+// decode steps (one query row per sequence), where it reads each sequence's keys and values in
+// place, with no gather, padding or mask. q, k, v are read through their token and head strides
+// (unit stride along D); cu_seqlens_q / cu_seqlens_k are [num_seqs + 1] and prefix_lens [num_seqs]
+// or null, all already validated. out ([total_q, heads, D], contiguous) must hold zeros and lse
+// ([heads, total_q] float32) -inf: rows that see no key are left as they are.
 struct VarlenAttentionInputs {
   FloatKind kind;
   const void* q;

@@ -70,8 +70,9 @@ def topk_gating(logits: torch.Tensor, k: int, *, renormalize: bool = True,
     request = TOPK_GATING_BACKENDS.request(logits.device, logits.dtype)
     chosen = TOPK_GATING_BACKENDS.select(request, backend)
     gating = Gating(*_topk_gating_op(logits, k, renormalize, chosen.name))
-    if should_check_values(gating.expert_ids):  # in [0, E) by construction: moe_routing's check
-        mark_index_range_checked(gating.expert_ids, logits.shape[1])  # need not read them back
+    if should_check_values(gating.expert_ids):
+        # In [0, E) by construction: moe_routing's range check need not read them back.
+        mark_index_range_checked(gating.expert_ids, logits.shape[1])
     return gating
 
 

@@ -4,7 +4,8 @@ measured copy bandwidth; and the expert MLP and the whole MoEMLP layer, forward 
 TFLOP/s of useful FLOPs (3 GEMMs of 2*T*k*H*F forward, twice that backward): the expert MLP against
 the reference (a loop over experts), torch._grouped_mm (bf16 on sm90+, where this torch has it),
 megablocks' grouped GEMM when importable, and a dense GEMM of the same FLOPs (the ceiling); the
-layer against transformers' own MixtralSparseMoeBlock (its loop over experts) when installed.
+layer against transformers' own MixtralSparseMoeBlock when installed, with each of its experts
+implementations that matter: the eager loop over experts and grouped_mm (from_pretrained's pick).
 
     python -m benchmarks --family moe [--quick]
 
@@ -162,6 +163,7 @@ MEGABLOCKS = "megablocks gmm"
 DENSE = "dense GEMM (ceiling)"
 LAYER = "sphinx MoEMLP"
 HF_BLOCK = "transformers MixtralSparseMoeBlock"
+HF_BLOCK_GROUPED = "transformers MixtralSparseMoeBlock (grouped_mm)"
 
 
 def swiglu(h1, h3):
@@ -302,11 +304,15 @@ def bench_moe_mlp(device: torch.device, quick: bool,
     rows = mlp_rows("moe_layer", LAYER, shape, dtype, flops, time_forward_backward(
         lambda a: layer(a["x"])[0], lambda a: [a["x"], *layer.parameters()], sets, device))
     if peer_missing("transformers", device) is None:  # else listed with its reason
-        block = transformers_baselines.mixtral_moe_block(
-            weights["router"].detach(), *(weights[n].detach() for n in ("w1", "w3", "w2")), TOP_K)
-        rows += mlp_rows("moe_layer", HF_BLOCK, shape, dtype, flops, time_forward_backward(
-            lambda a: transformers_baselines.moe_block_output(block, a["x"]),
-            lambda a: [a["x"], *block.parameters()], sets, device))
+        # Both of transformers' experts: the eager loop a standalone block runs, and grouped_mm,
+        # which from_pretrained picks where torch has it (what a user loading Mixtral gets).
+        for name, experts in ((HF_BLOCK, "eager"), (HF_BLOCK_GROUPED, "grouped_mm")):
+            block = transformers_baselines.mixtral_moe_block(
+                weights["router"].detach(), *(weights[n].detach() for n in ("w1", "w3", "w2")),
+                TOP_K, experts_implementation=experts)
+            rows += mlp_rows("moe_layer", name, shape, dtype, flops, time_forward_backward(
+                lambda a, b=block: transformers_baselines.moe_block_output(b, a["x"]),
+                lambda a, b=block: [a["x"], *b.parameters()], sets, device))
     return rows
 
 
@@ -317,5 +323,6 @@ BENCHMARKS = (bench_topk_gating, bench_moe_routing, bench_moe_permute, bench_moe
 def run(device: torch.device, quick: bool, results_dir: str = RESULTS_DIR) -> list[Row]:
     return run_family("moe", device, quick, BENCHMARKS,
                       ("cpp", "triton", "triton (recompute)", LAYER),
-                      (EAGER, "reference", GROUPED_MM, MEGABLOCKS, DENSE, HF_BLOCK),
+                      (EAGER, "reference", GROUPED_MM, MEGABLOCKS, DENSE, HF_BLOCK,
+                       HF_BLOCK_GROUPED),
                       results_dir=results_dir)

@@ -37,17 +37,20 @@ def llama_attention(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, v_proj: to
 
 
 def mixtral_moe_block(router: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                      top_k: int) -> torch.nn.Module:
-    """transformers' ``MixtralSparseMoeBlock`` (its router, softmax / top-k, and its eager loop over
-    experts) holding copies of the router ``[E, H]`` and the stacked expert weights ``w1``, ``w3``
-    ``[E, F, H]`` and ``w2`` ``[E, H, F]``, in whichever layout the installed release keeps them
-    (one ``gate_up_proj`` from 5.0, one module per expert before). Call it with ``[B, L, H]``; it
-    returns the output (and, before 5.0, the router logits)."""
+                      top_k: int, experts_implementation: str = "eager") -> torch.nn.Module:
+    """transformers' ``MixtralSparseMoeBlock`` (its router, softmax / top-k, and its experts: the
+    eager loop over experts by default, or another of its ``experts_implementation`` values, such
+    as ``"grouped_mm"``, which ``from_pretrained`` picks where it can) holding copies of the router
+    ``[E, H]`` and the stacked expert weights ``w1``, ``w3`` ``[E, F, H]`` and ``w2`` ``[E, H, F]``,
+    in whichever layout the installed release keeps them (one ``gate_up_proj`` from 5.0, one module
+    per expert before, which knows only the eager loop). Call it with ``[B, L, H]``; it returns the
+    output (and, before 5.0, the router logits)."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     num_experts, ffn, hidden = w1.shape
     config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=num_experts,
                            num_experts_per_tok=top_k)
+    config._experts_implementation = experts_implementation
     block = MixtralSparseMoeBlock(config).to(device=w1.device, dtype=w1.dtype)
     with torch.no_grad():
         block.gate.weight.copy_(router)

@@ -402,6 +402,9 @@ TORCH_LIBRARY(sphinx_kernels, m) {
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_expert_mlp_native(Tensor x_grouped, Tensor w1, Tensor w3, Tensor w2, "
         "Tensor tokens_per_expert, Tensor padded_offsets, bool store_pre) -> (Tensor, Tensor, Tensor)");
+  m.def("moe_expert_mlp_backward_native(Tensor grad_y, Tensor x_grouped, Tensor w1, Tensor w3, "
+        "Tensor w2, Tensor tokens_per_expert, Tensor padded_offsets, Tensor h1, Tensor h3) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
@@ -415,6 +418,7 @@ TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("moe_pair_dots_native", &sphinx_kernels::moe_pair_dots_native);
   m.impl("topk_gating_native", &sphinx_kernels::topk_gating_native);
   m.impl("moe_expert_mlp_native", &sphinx_kernels::moe_expert_mlp_native);
+  m.impl("moe_expert_mlp_backward_native", &sphinx_kernels::moe_expert_mlp_backward_native);
 }
 
 #ifdef SPHINX_KERNELS_WITH_CUDA

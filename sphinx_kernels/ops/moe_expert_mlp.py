@@ -2,8 +2,8 @@
 GEMMs that skip padding blocks, the gate and up projections fused with the SwiGLU; forward and
 backward (optionally recomputing the activation).
 
-Backends: ``cpp`` (``csrc/moe/expert_mlp_cpu.cpp``: the reference's forward in C++, ATen's GEMMs
-per expert; its backward is the reference's), ``triton``
+Backends: ``cpp`` (``csrc/moe/expert_mlp_cpu.cpp``: forward and backward in C++, ATen's GEMMs per
+expert, the SwiGLU's gradient fused into one pass), ``triton``
 (``sphinx_kernels/triton/moe_expert_mlp.py``), ``reference`` (:func:`moe_expert_mlp_reference`, a
 loop over experts; its backward :func:`moe_expert_mlp_backward_reference`).
 """
@@ -116,7 +116,7 @@ def moe_expert_mlp_backward_reference(grad_y, x_grouped, w1, w3, w2, tokens_per_
 # w2, tokens_per_expert, padded_offsets, h1, h3) -> (grad_x, grad_w1, grad_w3, grad_w2). The
 # backward takes the forward's pre-activations (recomputed first when the forward kept none).
 MOE_EXPERT_MLP_BACKENDS = OpBackends("moe_expert_mlp", [
-    Backend(CPP, Impl(native("moe_expert_mlp_native"), moe_expert_mlp_backward_reference),
+    Backend(CPP, Impl(native("moe_expert_mlp_native"), native("moe_expert_mlp_backward_native")),
             FLOAT_DTYPES),
     Backend(TRITON, Impl(triton_launcher("moe_expert_mlp", "moe_expert_mlp_forward"),
                          triton_launcher("moe_expert_mlp", "moe_expert_mlp_backward")),
@@ -170,6 +170,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x_grouped, w1, w3, w2, tokens_per_expert, padded_offsets, h1, h3)
     ctx.backend = backend
     ctx.mark_non_differentiable(h1, h3)
+    # h1 and h3 get None in the backward, not two zero-filled [R, F] gradients (y, the only
+    # differentiable output, always has one).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_h1, _grad_h3):

@@ -338,6 +338,8 @@ def _setup_context(ctx, inputs, output):
     ctx.out_needs_grad = out is not None and out.requires_grad
     ctx.args = (grid_h, grid_w, eps, backend)
     ctx.mark_non_differentiable(pre_norm, mean, rstd)
+    # pre_norm, mean and rstd get None in the backward, not zero-filled gradients.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, _grad_pre_norm, _grad_mean, _grad_rstd):

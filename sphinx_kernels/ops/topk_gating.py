@@ -202,6 +202,9 @@ def _setup_context(ctx, inputs, output):
     ctx.renormalize = renormalize
     ctx.backend = backend
     ctx.mark_non_differentiable(expert_ids, tokens_per_expert)
+    # Outputs the loss did not reach get None in the backward, not zero-filled gradients: the
+    # ids and counts always, the weights or a loss term when unused (read as zero there).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_weights, _grad_ids, grad_lb, grad_z, _grad_counts):

@@ -316,6 +316,8 @@ def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, prefix, max_q, max_k, causal, scale, deterministic, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    # lse gets None in the backward, not a zero-filled gradient.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, prefix)
     ctx.arguments = (max_q, max_k, causal, scale, deterministic, backend)
 

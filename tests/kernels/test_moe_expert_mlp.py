@@ -180,6 +180,23 @@ def test_pre_activations_kept_only_for_a_backward(backend, seed):
     assert all(torch.equal(calls[0][1], y) for _, y in calls[1:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_gets_no_zero_filled_gradient_for_the_pre_activations(backend, seed):
+    """h1 and h3 are outputs for the backward only: autograd passes it None for them, not two
+    zero-filled [R, F] tensors (once a tenth of a CPU layer's forward and backward)."""
+    plan, x_grouped, weights, grad_y = make_case(97, 2, 1, 48, 100, 16, torch.float32,
+                                                 torch.Generator().manual_seed(seed))
+    inputs = [t.nan_to_num(0.0).requires_grad_(True) for t in (x_grouped, *weights)]
+    y = sphinx_kernels.moe_expert_mlp(*inputs, plan, backend=backend)
+    pre_activation_shape = [plan.num_padded_rows, weights[0].shape[1]]
+    with torch.profiler.profile(record_shapes=True) as profile:
+        y.backward(grad_y)
+    fills = [event.name for event in profile.events()
+             if event.name in ("aten::zeros_like", "aten::zeros", "aten::zero_", "aten::fill_")
+             and pre_activation_shape in event.input_shapes]
+    assert not fills and inputs[0].grad is not None
+
+
 def expert_mlp(backend):
     return lambda *args: sphinx_kernels.moe_expert_mlp(*args, backend=backend)
 

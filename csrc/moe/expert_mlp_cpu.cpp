@@ -1,9 +1,9 @@
-// moe_expert_mlp on the CPU: per expert, its GEMMs on its rows of the block-padded batch, written in
-// place into row slices of the outputs, without the reference's Python loop over experts (whose
+// moe_expert_mlp on the CPU: per expert, its GEMMs on its rows of the block-padded batch, written
+// in place into row slices of the outputs, without the reference's Python loop over experts (whose
 // per-expert dispatch dominated a decode step). The forward is the reference's ATen operations at
-// the same rounding points (sphinx_kernels/ops/moe_expert_mlp.py); the backward fuses the SwiGLU's
-// elementwise gradient into one pass in the accumulation type and accumulates the two input-gradient
-// GEMMs in place, so each weight gradient is written once instead of zero-filled first.
+// the same rounding points (sphinx_kernels/ops/moe_expert_mlp.py). The backward fuses the SwiGLU's
+// elementwise gradient into one pass in the accumulation type, accumulates the second GEMM of the
+// input gradient in place, and writes each weight gradient once instead of zero-filling it first.
 #include "expert_mlp_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -74,9 +74,11 @@ constexpr int64_t kSwigluGrain = 1 << 14;
 
 // Over `size` contiguous elements, with s = sigmoid(gate) given in `act` (ATen's vectorised
 // sigmoid: a scalar exp here would cost more than all of the rest) and silu = gate * s:
-// act = silu * up (grad_w2's operand), grad_up = grad_act * silu and grad_gate = grad_act * up * s *
-// (1 + gate * (1 - s)), in the accumulation type, rounded once. Non-finite inputs propagate as in
-// the reference's formula (sigmoid(-inf) = 0 makes silu NaN there too).
+//   act       = silu * up  (grad_w2's operand)
+//   grad_up   = grad_act * silu
+//   grad_gate = grad_act * up * s * (1 + gate * (1 - s))
+// in the accumulation type, each rounded once. Non-finite inputs propagate as in the reference's
+// formula (sigmoid(-inf) = 0 makes silu NaN there too).
 template <typename T>
 void swiglu_backward(const T* __restrict__ gate, const T* __restrict__ up,
                      const T* __restrict__ grad_act, T* __restrict__ act,

@@ -16,11 +16,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_native(
     const at::Tensor& x_grouped, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
     const at::Tensor& tokens_per_expert, const at::Tensor& padded_offsets, bool store_pre);
 
-// (grad_x [R, H], grad_w1 [E, F, H], grad_w3 [E, F, H], grad_w2 [E, H, F]), contiguous, in the data's
-// dtype: the gradients of moe_expert_mlp_native's y given grad_y [R, H] and the forward's
-// pre-activations h1, h3 [R, F]. Rows of grad_x outside the experts' rows are zero, as are the weight
-// gradients of experts with no rows; rows of grad_y, h1 and h3 there are never read. The SwiGLU's
-// elementwise gradient is computed in float (double for double) and rounded once. Any strides.
+// (grad_x [R, H], grad_w1 [E, F, H], grad_w3 [E, F, H], grad_w2 [E, H, F]), contiguous, in the
+// data's dtype: the gradients of moe_expert_mlp_native's y given grad_y [R, H] and the forward's
+// pre-activations h1, h3 [R, F]. Rows of grad_x outside the experts' rows are zero, as are the
+// weight gradients of experts with no rows; rows of grad_y, h1 and h3 there are never read. The
+// SwiGLU's elementwise gradient takes sigmoid(h1) from ATen in the data's dtype, computes the rest
+// in float (double for double) and rounds each result once. Any strides.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_backward_native(
     const at::Tensor& grad_y, const at::Tensor& x_grouped, const at::Tensor& w1,
     const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& tokens_per_expert,
